@@ -1,0 +1,83 @@
+"""The one codec: ``encode(msg) -> bytes`` and ``decode(data, Type) -> msg``.
+
+Decoding validates types, ranges and finiteness and raises :class:`DecodeError` (and nothing
+else) with a text that names the message type, the field and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+
+from kibble.bus_schema.messages import SCHEMA_VERSION, Message
+
+M = TypeVar("M", bound=Message)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+_NONFINITE = re.compile(r"Expected `float` [<>]= [-]?1\.7976931348623157e\+308")
+_TOP_INDEX = re.compile(r"^\$\[(\d+)\]")
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid message of the expected type.
+
+    ``str(err)`` says which type, which field (``$.field`` path) and why, e.g.
+    ``DaqFrame: $.coil_z_m must be a finite number (got NaN or inf)``.
+    """
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        super().__init__(f"{type_name}: {reason}")
+        self.type_name = type_name
+        self.reason = reason
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message to MessagePack bytes (a map keyed by field name)."""
+    return _encoder.encode(msg)
+
+
+def _decoder(msg_type: type[M]) -> msgspec.msgpack.Decoder:
+    dec = _decoders.get(msg_type)
+    if dec is None:
+        dec = _decoders[msg_type] = msgspec.msgpack.Decoder(msg_type)
+    return dec
+
+
+def _name_array_fields(text: str, msg_type: type) -> str:
+    """Rewrite the ``$[i]`` path of an array-encoded frame as ``$.field_name``."""
+    head, sep, path = text.rpartition(" - at `")
+    if not sep:
+        return text
+    fields = msg_type.__struct_fields__
+    match = _TOP_INDEX.match(path)
+    if match and int(match.group(1)) < len(fields):
+        path = f"$.{fields[int(match.group(1))]}" + path[match.end():]
+    return f"{head} - at `{path}"
+
+
+def decode(data: bytes | bytearray | memoryview, msg_type: type[M]) -> M:
+    """Decode and validate ``data`` as ``msg_type``.
+
+    Raises :class:`DecodeError` for anything that is not a valid message of that type and
+    schema version: truncated or random bytes, a wrong field type, a value out of range, a
+    non-finite float in a :data:`~kibble.bus_schema.messages.Finite` field, an unknown schema.
+    """
+    try:
+        msg = _decoder(msg_type).decode(data)
+    except msgspec.ValidationError as exc:
+        text = _name_array_fields(str(exc), msg_type)
+        if _NONFINITE.search(text):
+            where = text.rsplit(" - at ", 1)[-1] if " - at " in text else "a field"
+            text = f"{where} must be a finite number (got NaN or inf)"
+        raise DecodeError(msg_type.__name__, text) from None
+    except (msgspec.DecodeError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise DecodeError(msg_type.__name__, f"not valid MessagePack: {exc}") from None
+    if msg.schema != SCHEMA_VERSION:
+        raise DecodeError(
+            msg_type.__name__,
+            f"$.schema is {msg.schema}, this software speaks schema {SCHEMA_VERSION}",
+        )
+    return msg
