@@ -1,0 +1,165 @@
+"""Benchmarks behind ``kibble bench`` (and ``make bench``): flat JSON of measured figures.
+
+Groups:
+
+- ``bus``: ``bus_hop_p50_ms``, ``bus_hop_p99_ms``, ``bus_frames_lost`` (a DAQ frame at 1 kHz
+  for 30 s from one service process to another through a private mosquitto, both on the
+  runtime's own publish/subscribe path; one hop = publish call to handler call, on the shared
+  monotonic clock) and ``codec_roundtrip_ns`` (encode + decode of a DAQ frame).
+- ``control``: ``kibble.control.bench``; ``sim``: ``kibble.hil_sim.bench``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import multiprocessing
+import tempfile
+import time
+import timeit
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kibble.bus_schema.codec import decode, encode
+from kibble.bus_schema.messages import DaqFrame
+from kibble.services.broker import Broker
+from kibble.services.runtime import Service, ServiceConfig
+
+BUS_RATE_HZ = 1000.0
+BUS_DURATION_S = 30.0
+
+
+def bench_codec(repeats: int = 7, number: int = 100_000) -> float:
+    """Best-of-``repeats`` time of one encode + decode of a full DAQ frame, in ns."""
+    frame = DaqFrame(frame=123456, sim_time_s=123.456, coil_z_m=1.234e-9, coil_x_m=-2e-6,
+                     coil_theta_x_rad=3e-7, main_coil_current_a=9.8e-3, pressure_pa=1e-3)
+    best = min(timeit.repeat(lambda: decode(encode(frame), DaqFrame), number=number, repeat=repeats))
+    return best / number * 1e9
+
+
+class _HopSink(Service):
+    name = "bench_sink"
+
+    def __init__(self, config: ServiceConfig, n_frames: int, topic: str) -> None:
+        self.n_frames = n_frames
+        self.hop_topic = topic
+        self.latency_s = np.full(n_frames, np.nan)
+        super().__init__(config)
+
+    def setup(self) -> None:
+        self.subscribe(self.hop_topic, DaqFrame, self.on_frame)
+
+    def on_frame(self, frame: DaqFrame) -> None:
+        if 0 <= frame.frame < self.n_frames:
+            self.latency_s[frame.frame] = time.monotonic() - frame.t_mono_s
+        if frame.frame == self.n_frames - 1:
+            self.stop()
+
+
+def _sink_main(broker: str, state_dir: str, n_frames: int, topic: str, out: str, ready) -> None:
+    sink = _HopSink(ServiceConfig(broker=broker, state_dir=Path(state_dir), restore=False),
+                    n_frames, topic)
+
+    async def main() -> None:
+        async def signal_ready() -> None:
+            await sink.connected.wait()
+            ready.set()
+        task = asyncio.create_task(signal_ready())
+        run = asyncio.create_task(sink.run(install_signal_handlers=False))
+        done, _ = await asyncio.wait([run], timeout=BUS_DURATION_S * 3 + n_frames / BUS_RATE_HZ)
+        if not done:
+            sink.stop()
+            await run
+        task.cancel()
+    asyncio.run(main())
+    np.save(out, sink.latency_s)
+
+
+class _HopSource(Service):
+    name = "bench_source"
+
+
+async def _bus_hop(broker: str, n_frames: int, rate_hz: float) -> np.ndarray:
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="kibble-bench-") as tmp:
+        topic = "kb/bench/bench_source/frame"
+        out = str(Path(tmp) / "latency.npy")
+        ready = ctx.Event()
+        proc = ctx.Process(target=_sink_main, args=(broker, tmp, n_frames, topic, out, ready))
+        proc.start()
+        source = _HopSource(ServiceConfig(broker=broker, instrument="bench", state_dir=Path(tmp),
+                                          restore=False))
+        run = asyncio.create_task(source.run(install_signal_handlers=False))
+        await source.connected.wait()
+        while not ready.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        period = 1.0 / rate_hz
+        t0 = time.monotonic()
+        for k in range(n_frames):
+            delay = t0 + k * period - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            source.publish(topic, DaqFrame(frame=k, sim_time_s=k * period, coil_z_m=1e-9))
+        await asyncio.get_running_loop().run_in_executor(None, proc.join, 30.0)
+        source.stop()
+        await run
+        if proc.is_alive():
+            proc.kill()
+        return np.load(out) if Path(out).exists() else np.full(n_frames, np.nan)
+
+
+def bench_bus(broker: str | None = None, duration_s: float = BUS_DURATION_S,
+              rate_hz: float = BUS_RATE_HZ) -> dict[str, float]:
+    """One-hop latency and loss at ``rate_hz`` for ``duration_s`` through the runtime."""
+    n_frames = int(duration_s * rate_hz)
+
+    async def main() -> np.ndarray:
+        if broker is not None:
+            return await _bus_hop(broker, n_frames, rate_hz)
+        async with Broker(backend="mosquitto") as private:
+            return await _bus_hop(private.url, n_frames, rate_hz)
+
+    latency = asyncio.run(main())
+    got = latency[np.isfinite(latency)]
+    return {
+        "bus_hop_p50_ms": float(np.percentile(got, 50) * 1e3) if got.size else float("nan"),
+        "bus_hop_p99_ms": float(np.percentile(got, 99) * 1e3) if got.size else float("nan"),
+        "bus_hop_max_ms": float(got.max() * 1e3) if got.size else float("nan"),
+        "bus_frames_lost": int(n_frames - got.size),
+        "bus_frames_sent": n_frames,
+        "codec_roundtrip_ns": bench_codec(),
+    }
+
+
+def _external(target: str) -> Callable[[], dict[str, float]]:
+    def run() -> dict[str, float]:
+        module_name, _, func = target.partition(":")
+        return getattr(importlib.import_module(module_name), func)()
+    return run
+
+
+GROUPS: dict[str, Callable[..., dict[str, float]]] = {
+    "bus": bench_bus,
+    "control": _external("kibble.control.bench:run"),
+    "sim": _external("kibble.hil_sim.bench:run"),
+}
+
+
+def run_benchmarks(only: list[str] | None = None, broker: str | None = None,
+                   progress: Callable[[str], None] = print) -> dict[str, float]:
+    """Run the named groups (default all) and merge their figures into one flat dict."""
+    names = only or list(GROUPS)
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown benchmark group(s) {unknown}; known: {', '.join(GROUPS)}")
+    results: dict[str, float] = {}
+    for name in names:
+        progress(f"bench {name} ...")
+        t0 = time.monotonic()
+        figures = GROUPS[name](broker) if name == "bus" else GROUPS[name]()
+        results.update(figures)
+        progress(f"bench {name}: done in {time.monotonic() - t0:.1f} s")
+    return results

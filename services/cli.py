@@ -1,0 +1,286 @@
+"""The ``kibble`` command line.
+
+Every command that talks to the bus takes ``--broker mqtt://host:port`` and
+``--instrument ID``. Exit status: 0 on success, 1 when a request was rejected or timed out,
+2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import msgspec
+
+from kibble.bus_schema.codec import DecodeError, decode
+from kibble.bus_schema.messages import (
+    Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, ParamList, Reply, Setpoint, Status,
+)
+from kibble.services.bus import DEFAULT_BROKER, BusClient, BusError
+
+
+def _env_broker() -> str:
+    return os.environ.get("KIBBLE_BROKER", DEFAULT_BROKER)
+
+
+def _env_instrument() -> str:
+    return os.environ.get("KIBBLE_INSTRUMENT", "nist4")
+
+
+def parse_value(text: str) -> Any:
+    """Turn a CLI word into a scalar: true/false, an int, a float, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"kibble: expected NAME=VALUE, got {item!r}")
+        out[key] = parse_value(value)
+    return out
+
+
+# ---------------------------------------------------------------------------- decoding for display
+
+_LEAF_TYPES = {"status": Status, "params": ParamList, "cmd": Command, "reply": Reply,
+               "event": Event, "setpoint": Setpoint}
+
+
+def decode_for_display(topic: str, payload: bytes) -> tuple[str, Any]:
+    """Best-effort typed decode of any bus message from its topic; (type name, builtins)."""
+    parts = topic.split("/")
+    msg_type = None
+    if len(parts) >= 4 and parts[2] == "hw":
+        msg_type = HwSensorFrame if parts[3] == "sensors" else HwActuatorCommand
+    elif len(parts) >= 4 and parts[3] == "frame" and parts[2] == "daq":
+        msg_type = DaqFrame
+    elif len(parts) >= 4:
+        msg_type = _LEAF_TYPES.get(parts[3])
+    if msg_type is not None:
+        try:
+            return msg_type.__name__, msgspec.to_builtins(decode(payload, msg_type))
+        except DecodeError:
+            pass
+    try:
+        return "msgpack", msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return "bytes", payload.hex()
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with BusClient(args.broker, args.instrument) as bus:
+        items = await bus.collect(bus.topics.all_of("status"), args.wait)
+    rows = {}
+    for topic, payload in items:
+        try:
+            rows[topic] = decode(payload, Status)
+        except DecodeError as exc:
+            print(f"kibble: {topic}: {exc}", file=sys.stderr)
+    if not rows:
+        print(f"no services seen on instrument {args.instrument!r} at {args.broker}")
+        return 0
+    now = time.time()
+    header = f"{'service':<16}{'state':<10}{'online':<8}{'session':>8}{'hb age s':>10}{'in':>10}{'out':>10}{'rej':>6}{'late':>6}{'jitter us':>11}  detail"
+    print(header)
+    print("-" * len(header))
+    for status in sorted(rows.values(), key=lambda s: s.service):
+        c = status.counters
+        age = now - status.t_utc_s if status.t_utc_s else float("nan")
+        detail = " ".join(f"{k}={v}" for k, v in status.detail.items())
+        print(f"{status.service:<16}{status.state:<10}{str(status.online).lower():<8}{status.session:>8}"
+              f"{age:>10.1f}{c.get('frames_in', 0):>10}{c.get('frames_out', 0):>10}"
+              f"{c.get('rejected', 0):>6}{c.get('late', 0):>6}{status.loop_period_jitter_s * 1e6:>11.1f}  {detail}")
+    return 0
+
+
+def _print_reply(reply: Reply) -> int:
+    if not reply.ok:
+        print(f"kibble: {reply.service} rejected the request: {reply.error}", file=sys.stderr)
+        return 1
+    result = reply.result
+    if "params" in result:
+        print(f"{'name':<28}{'value':>16}  {'unit':<10}{'range':<26}doc")
+        for p in result["params"]:
+            rng = f"[{p['min']}, {p['max']}]" if p["min"] is not None or p["max"] is not None else ""
+            print(f"{p['name']:<28}{p['value']!s:>16}  {p['unit']:<10}{rng:<26}{p['doc']}")
+    elif "old" in result:
+        print(f"{result['name']}: {result['old']!r} -> {result['value']!r}")
+    elif "value" in result:
+        print(f"{result['name']} = {result['value']!r} {result.get('unit', '')}".rstrip())
+    else:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+async def cmd_param(args: argparse.Namespace) -> int:
+    if args.action in ("get", "set") and not args.name:
+        raise SystemExit(f"kibble: param {args.action} needs a parameter NAME")
+    if args.action == "set" and args.value is None:
+        raise SystemExit("kibble: param set needs a VALUE")
+    request = {"list": ("param.list", {}), "get": ("param.get", {"name": args.name}),
+               "set": ("param.set", {"name": args.name, "value": parse_value(args.value or "")}),
+               "revert": ("param.revert", {})}[args.action]
+    async with BusClient(args.broker, args.instrument, client_id=args.client_id) as bus:
+        reply = await bus.request(args.service, *request, timeout_s=args.timeout)
+    return _print_reply(reply)
+
+
+async def cmd_cmd(args: argparse.Namespace) -> int:
+    async with BusClient(args.broker, args.instrument, client_id=args.client_id) as bus:
+        reply = await bus.request(args.service, args.command, parse_assignments(args.args),
+                                  timeout_s=args.timeout)
+    return _print_reply(reply)
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    count = 0
+    async with BusClient(args.broker, args.instrument) as bus:
+        async for topic, payload in bus.subscribe(args.pattern):
+            kind, body = decode_for_display(topic, payload)
+            print(f"{topic} {kind} {json.dumps(body, default=str, separators=(',', ':'))}", flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                return 0
+    return 0
+
+
+async def cmd_service(args: argparse.Namespace) -> int:
+    from kibble.services.registry import service_class
+    from kibble.services.runtime import load_config
+
+    cls = service_class(args.name)
+    config = load_config(cls.name, args.config, broker=args.broker, instrument=args.instrument,
+                         state_dir=args.state_dir, params=parse_assignments(args.param),
+                         restore=False if args.no_restore else None)
+    service = cls(config)
+    print(f"{cls.name}: session {service.session} on {config.broker}, instrument {config.instrument}",
+          flush=True)
+    await service.run()
+    return 0
+
+
+async def cmd_broker(args: argparse.Namespace) -> int:
+    from kibble.services.broker import serve_forever
+
+    await serve_forever(args.host, args.port, args.backend)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kibble.services.bench import run_benchmarks
+
+    results = run_benchmarks(args.only, broker=args.broker_url, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    text = json.dumps(results, indent=2, sort_keys=True)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kibble", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def bus_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", default=_env_broker(),
+                       help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
+        p.add_argument("--instrument", default=_env_instrument(),
+                       help="instrument id, first topic level after kb/ (default %(default)s)")
+        p.add_argument("--timeout", type=float, default=5.0, help="reply timeout in s")
+        p.add_argument("--client-id", default=None, help="client id recorded in audit events")
+
+    p = sub.add_parser("broker", help="run an MQTT broker in the foreground")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883, help="TCP port, 0 for a free one")
+    p.add_argument("--backend", choices=("auto", "mosquitto", "amqtt"), default="auto")
+    p.set_defaults(func=cmd_broker, is_async=True)
+
+    p = sub.add_parser("service", help="run one daemon (a registered NAME or module:Class)")
+    p.add_argument("name")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="initial parameter value (repeatable; wins over the state file)")
+    p.add_argument("--state-dir", type=Path, default=None, help="where tuned values persist")
+    p.add_argument("--no-restore", action="store_true", help="ignore the saved state file")
+    bus_args(p)
+    p.set_defaults(func=cmd_service, is_async=True)
+
+    p = sub.add_parser("status", help="table of every service seen on the bus")
+    p.add_argument("--wait", type=float, default=0.5, help="how long to collect retained status (s)")
+    bus_args(p)
+    p.set_defaults(func=cmd_status, is_async=True)
+
+    p = sub.add_parser("param", help="list, get, set or revert a service's parameters")
+    p.add_argument("action", choices=("list", "get", "set", "revert"))
+    p.add_argument("service")
+    p.add_argument("name", nargs="?")
+    p.add_argument("value", nargs="?")
+    bus_args(p)
+    p.set_defaults(func=cmd_param, is_async=True)
+
+    p = sub.add_parser("cmd", help="send a command to a service: kibble cmd SERVICE COMMAND [k=v ...]")
+    p.add_argument("service")
+    p.add_argument("command")
+    p.add_argument("args", nargs="*", metavar="NAME=VALUE")
+    bus_args(p)
+    p.set_defaults(func=cmd_cmd, is_async=True)
+
+    p = sub.add_parser("watch", help="print every message on a topic pattern, decoded")
+    p.add_argument("pattern", help="MQTT pattern, e.g. 'kb/nist4/+/status' or 'kb/#'")
+    p.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
+    bus_args(p)
+    p.set_defaults(func=cmd_watch, is_async=True)
+
+    p = sub.add_parser("bench", help="run benchmarks and print (or write) flat JSON")
+    p.add_argument("--only", action="append", default=None, metavar="GROUP",
+                   help="bus, control, sim (repeatable; default all)")
+    p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
+    p.add_argument("--broker", dest="broker_url", default=None,
+                   help="use this broker instead of starting a private mosquitto")
+    p.set_defaults(func=cmd_bench, is_async=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.is_async:
+            return asyncio.run(args.func(args))
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (BusError, ValueError, FileNotFoundError) as exc:
+        print(f"kibble: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
