@@ -1,0 +1,166 @@
+"""Plant parameters: loaded from a TOML file per model, every value with unit, range and source.
+
+File format (``hil_sim/nist4.toml``, ``hil_sim/efb.toml``)::
+
+    [wheel]
+    radius_m = { value = 0.305, unit = "m", min = 0.1, max = 1.0, source = "seed 001: ..." }
+
+A leaf is an inline table with at least ``value`` and ``source``; ``unit``, ``min``, ``max``
+and ``doc`` are optional. A value is a bool, an int, a float, a string or a list of numbers
+(fixed length: an override must keep the length). Parameters are addressed by dotted names
+(``"wheel.radius_m"``). Overrides come as a dict ``{dotted_name: value}`` (tests) or as
+``"name=value"`` strings (command line, the value parsed as TOML). Unknown names, wrong types,
+non-finite numbers and out-of-range values raise :class:`ParamError` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = ["ParamError", "ParamSpec", "Params", "load_params", "parse_override"]
+
+_HERE = Path(__file__).resolve().parent
+
+
+class ParamError(ValueError):
+    """A plant parameter name or value was rejected; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    value: Any
+    unit: str
+    min: float | None
+    max: float | None
+    source: str
+    doc: str
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Params:
+    """Validated, flat (dotted-name) view of one model's parameters. Read-only mapping."""
+
+    def __init__(self, model: str, specs: dict[str, ParamSpec]):
+        self.model = model
+        self._specs = specs
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._specs[name].value
+        except KeyError:
+            raise ParamError(f"{self.model}: unknown parameter {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> ParamSpec:
+        if name not in self._specs:
+            raise ParamError(f"{self.model}: unknown parameter {name!r}")
+        return self._specs[name]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: s.value for k, s in self._specs.items()}
+
+    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None) -> "Params":
+        if not overrides:
+            return self
+        if not isinstance(overrides, Mapping):
+            overrides = dict(parse_override(s) for s in overrides)
+        specs = dict(self._specs)
+        for name, value in overrides.items():
+            if name not in specs:
+                raise ParamError(f"{self.model}: unknown parameter {name!r} in overrides")
+            old = specs[name]
+            specs[name] = _checked(self.model, ParamSpec(name, value, old.unit, old.min, old.max, old.source + " [overridden]", old.doc), old.value)
+        return Params(self.model, specs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"wheel.q=300"`` -> ``("wheel.q", 300)``; the value is parsed as TOML, else a string."""
+    if "=" not in text:
+        raise ParamError(f"override {text!r} is not of the form name=value")
+    name, raw = text.split("=", 1)
+    name, raw = name.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return name, value
+
+
+def _checked(model: str, spec: ParamSpec, template: Any) -> ParamSpec:
+    v, name = spec.value, spec.name
+
+    def check_num(x: Any, where: str) -> float:
+        if not _is_num(x):
+            raise ParamError(f"{model}: parameter {where} must be a number, got {x!r}")
+        if not math.isfinite(x):
+            raise ParamError(f"{model}: parameter {where} must be finite, got {x!r}")
+        if spec.min is not None and x < spec.min:
+            raise ParamError(f"{model}: parameter {where} = {x!r} below minimum {spec.min} {spec.unit}")
+        if spec.max is not None and x > spec.max:
+            raise ParamError(f"{model}: parameter {where} = {x!r} above maximum {spec.max} {spec.unit}")
+        return x
+
+    if isinstance(template, bool):
+        if not isinstance(v, bool):
+            raise ParamError(f"{model}: parameter {name} must be a bool, got {v!r}")
+    elif isinstance(template, str):
+        if not isinstance(v, str):
+            raise ParamError(f"{model}: parameter {name} must be a string, got {v!r}")
+    elif isinstance(template, list):
+        if not isinstance(v, (list, tuple)) or len(v) != len(template):
+            raise ParamError(f"{model}: parameter {name} must be a list of {len(template)} numbers, got {v!r}")
+        v = [check_num(x, f"{name}[{i}]") for i, x in enumerate(v)]
+    elif _is_num(template):
+        check_num(v, name)
+        if isinstance(template, float):
+            v = float(v)
+        elif not isinstance(v, int):
+            if float(v).is_integer():
+                v = int(v)
+            else:
+                raise ParamError(f"{model}: parameter {name} must be an integer, got {v!r}")
+    else:  # pragma: no cover - TOML gives nothing else
+        raise ParamError(f"{model}: parameter {name} has unsupported type {type(template)}")
+    return ParamSpec(name, v, spec.unit, spec.min, spec.max, spec.source, spec.doc)
+
+
+def _walk(model: str, table: dict, prefix: str, out: dict[str, ParamSpec]) -> None:
+    for key, val in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, dict) and "value" in val:
+            if "source" not in val:
+                raise ParamError(f"{model}: parameter {name} has no source")
+            extra = set(val) - {"value", "unit", "min", "max", "source", "doc"}
+            if extra:
+                raise ParamError(f"{model}: parameter {name} has unknown keys {sorted(extra)}")
+            spec = ParamSpec(name, val["value"], val.get("unit", ""), val.get("min"), val.get("max"),
+                             val["source"], val.get("doc", ""))
+            out[name] = _checked(model, spec, val["value"])
+        elif isinstance(val, dict):
+            _walk(model, val, name + ".", out)
+        else:
+            raise ParamError(f"{model}: {name} is neither a parameter table nor a section")
+
+
+def load_params(model: str, overrides: Mapping[str, Any] | Iterable[str] | None = None,
+                path: str | Path | None = None) -> Params:
+    """Load ``hil_sim/<model>.toml`` (or ``path``) and apply ``overrides``."""
+    p = Path(path) if path is not None else _HERE / f"{model}.toml"
+    with open(p, "rb") as fh:
+        raw = tomllib.load(fh)
+    specs: dict[str, ParamSpec] = {}
+    _walk(model, raw, "", specs)
+    return Params(model, specs).with_overrides(overrides)
