@@ -43,7 +43,7 @@ from kibble.bus_schema.messages import (
     Command, Event, Message, ParamList, Reply, Severity, State, Status,
 )
 from kibble.bus_schema.topics import Topics, check_name
-from kibble.services.bus import DEFAULT_BROKER, make_client, parse_broker_url, publish_now
+from kibble.bus_schema.transport import DEFAULT_BROKER, make_client, parse_broker_url, publish_now
 from kibble.services.params import Change, ParamError, ParamRegistry, declared_params
 
 M = TypeVar("M", bound=Message)
