@@ -1,0 +1,136 @@
+"""current_source logic without a broker: handlers called directly, devices recorded.
+
+The devices sit behind the driver interface; a recording driver stands in for the bus driver
+here (the bus path is tested in the HIL tests). Frames are the hardware frame clock.
+"""
+
+import numpy as np
+import pytest
+
+from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame, Setpoint
+from kibble.services.current_source import CurrentSource
+from kibble.services.runtime import ServiceConfig
+
+
+class Recorder:
+    def __init__(self):
+        self.writes = []
+
+    def write(self, frame, codes, relays):
+        self.writes.append((frame, tuple(codes), tuple(relays)))
+
+
+@pytest.fixture
+def cs(tmp_path):
+    svc = CurrentSource(ServiceConfig(state_dir=tmp_path, restore=False))
+    svc.main_driver, svc.cm_driver = Recorder(), Recorder()
+    return svc
+
+
+def tick(svc, k, main_a=None, cm_a=0.0, vz=0.0, connected=None):
+    svc.on_clock(HwSensorFrame(frame=k))
+    svc.on_daq_frame(DaqFrame(frame=k, coil_vz_m_s=vz))
+    if main_a is not None:
+        values = {"main_coil_current_a": main_a, "counter_mass_current_a": cm_a}
+        if connected is not None:
+            values["main_coil_connected"] = connected
+        svc.on_setpoint(Setpoint(frame=k, values=values))
+
+
+def main_current(svc, i=-1):
+    frame, codes, relays = svc.main_driver.writes[i]
+    return svc.main_dac.to_value(*codes)
+
+
+def arm(svc):
+    svc.cmd_arm(Command(id="1", command="arm"))
+
+
+def test_boots_safe_and_outputs_zero_until_armed(cs):
+    for k in range(20):
+        tick(cs, k, main_a=0.005)
+    assert cs.guard.state == "safe"
+    assert all(codes == (0, 0) for _, codes, _ in cs.main_driver.writes)
+    arm(cs)
+    for k in range(20, 200):
+        tick(cs, k, main_a=0.005)
+    assert main_current(cs) == pytest.approx(0.005, abs=cs.main_dac.fine_lsb)
+    # slew-limited: 0.1 A/s at 1 kHz is 100 uA per frame
+    steps = np.diff([cs.main_dac.to_value(*c) for _, c, _ in cs.main_driver.writes])
+    assert np.max(np.abs(steps)) <= 1e-4 + 2 * cs.main_dac.fine_lsb
+
+
+def test_every_frame_answered_once_when_fresh(cs):
+    arm(cs)
+    for k in range(50):
+        tick(cs, k, main_a=0.001)
+    frames = [f for f, _, _ in cs.main_driver.writes]
+    assert frames == list(range(50))
+
+
+@pytest.mark.parametrize("bad", [0.5, -0.02, float("inf")])
+def test_out_of_range_setpoint_rejected_last_good_kept(cs, bad):
+    arm(cs)
+    for k in range(100):
+        tick(cs, k, main_a=0.002)
+    before = cs.counters["rejected"]
+    cs.on_clock(HwSensorFrame(frame=100))
+    cs.on_setpoint(Setpoint(frame=100, values={"main_coil_current_a": bad, "counter_mass_current_a": 0.0}))
+    assert cs.counters["rejected"] == before + 1
+    tick(cs, 101)                      # clock only: still fresh, nothing written for 101 yet
+    tick(cs, 102, main_a=0.002)
+    assert main_current(cs) == pytest.approx(0.002, abs=cs.main_dac.fine_lsb)
+
+
+def test_setpoint_missing_a_current_is_rejected(cs):
+    arm(cs)
+    cs.on_setpoint(Setpoint(frame=0, values={"main_coil_current_a": 0.001}))
+    assert cs.counters["rejected"] == 1
+    assert cs.main_driver.writes == []
+
+
+def test_dead_servo_holds_then_ramps_to_zero_on_the_frame_clock(cs):
+    arm(cs)
+    for k in range(300):
+        tick(cs, k, main_a=0.007)
+    assert main_current(cs) == pytest.approx(0.007, abs=cs.main_dac.fine_lsb)
+    n_before = len(cs.main_driver.writes)
+    for k in range(300, 4000):        # servo gone: only the clock and the DAQ
+        tick(cs, k)
+    after = [cs.main_dac.to_value(*c) for _, c, _ in cs.main_driver.writes[n_before:]]
+    frames = [f for f, _, _ in cs.main_driver.writes[n_before:]]
+    assert frames[0] == 300 + cs.stale_frames       # answers on its own once stale
+    hold = int(1.0 * 1000)                          # hold_s = 1 s at 1 kHz
+    assert all(v == pytest.approx(0.007, abs=cs.main_dac.fine_lsb) for v in after[:hold - 1])
+    assert after[-1] == 0.0
+    assert np.max(np.abs(np.diff(after))) <= 0.005 / 1000 + 2 * cs.main_dac.fine_lsb
+    assert cs.guard.state == "safe"
+
+
+def test_watchdog_trips_ramps_down_and_needs_reset(cs):
+    arm(cs)
+    for k in range(100):
+        tick(cs, k, main_a=0.004)
+    for k in range(100, 1300):
+        tick(cs, k, main_a=0.004, vz=0.02 * np.sin(k / 10))
+    assert cs.guard.state == "tripped" and "coil_vz_m_s" in cs.guard.trip_reason
+    for k in range(1300, 2300):      # 4 mA at the 5 mA/s safe slew: 0.8 s
+        tick(cs, k, main_a=0.004)
+    assert main_current(cs) == 0.0
+    with pytest.raises(ValueError, match="reset before arming"):
+        arm(cs)
+    cs.cmd_reset(Command(id="2", command="reset"))
+    arm(cs)
+    assert cs.guard.state == "armed"
+
+
+def test_switchbox_follows_setpoint(cs):
+    arm(cs)
+    tick(cs, 0, main_a=0.0, connected=0.0)
+    assert cs.main_driver.writes[-1][2] == (False,)
+    tick(cs, 1, main_a=0.0)
+    assert cs.main_driver.writes[-1][2] == (False,)
+    tick(cs, 2, main_a=0.0, connected=1.0)
+    assert cs.main_driver.writes[-1][2] == (True,)
+    tick(cs, 3, main_a=0.0, connected=0.5)
+    assert cs.counters["rejected"] == 1
