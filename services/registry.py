@@ -6,7 +6,9 @@ import importlib
 
 from kibble.services.runtime import Service
 
-SERVICES: dict[str, str] = {}
+SERVICES: dict[str, str] = {
+    "current_source": "kibble.services.current_source:CurrentSource",
+}
 """Service name -> ``module:Class``. Filled as the daemons land (DESIGN.md section 5)."""
 
 
