@@ -7,11 +7,12 @@ more hardware devices behind an :class:`ActuatorDriver`. The runtime delivers:
   simulator's lockstep or realtime clock). When the service's own input has gone stale, the
   clock alone drives the guard (hold, then ramp to zero) and answers frame k, so a dead
   upstream service never leaves an actuator at its last value and never stalls a lockstep run;
-- ``daq/frame``: the coil motion for the excess-motion watchdog (and the input of the
-  services that control from it);
+- ``daq/frame``: the coil motion for the excess-motion watchdog and the readings of the
+  interlocks (pressure for HV), and the input of the services that control from it;
 - the subclass's own input, which calls :meth:`ActuatorService.drive`.
 
-Commands: ``arm``, ``disarm``, ``reset`` (clear a trip), plus the runtime's ``param.*``.
+Commands: ``arm`` (refused while an interlock holds), ``disarm``, ``reset`` (clear a trip),
+plus the runtime's ``param.*``. An interlock that engages while armed trips the guard.
 Every guard transition is published as an event and in the status ``detail``.
 """
 
@@ -70,6 +71,7 @@ class ActuatorService(Service):
     def __init__(self, config: ServiceConfig | None = None) -> None:
         self.guard: ActuatorGuard | None = None
         self.stale_frames = 1
+        self.interlock_reason: str | None = None
         self.last_frame = -1
         self.last_input_frame = -1
         super().__init__(config)
@@ -84,6 +86,10 @@ class ActuatorService(Service):
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
         """The watched DOF of a DAQ frame, in the guard's ``watch_names`` order."""
         return ()
+
+    def interlock(self, frame: DaqFrame) -> str | None:
+        """Why the outputs must not be live now (e.g. pressure too high for HV), or None."""
+        return None
 
     def write_outputs(self, frame: int, outputs: np.ndarray) -> None:
         """Convert guarded physical outputs to codes and write them to the devices."""
@@ -104,8 +110,12 @@ class ActuatorService(Service):
     def on_daq_frame(self, frame: DaqFrame) -> None:
         assert self.guard is not None
         reason = self.guard.observe(self.watch_motion(frame))
+        self.interlock_reason = self.interlock(frame)
+        if reason is None and self.interlock_reason is not None and self.guard.state == "armed":
+            reason = f"interlock: {self.interlock_reason}"
+            self.guard.trip(reason)
         if reason is not None:
-            self.event("trip", f"watchdog tripped: {reason}; ramping to safe, reset to clear",
+            self.event("trip", f"tripped: {reason}; ramping to safe, reset to clear",
                        severity="alarm", data={"reason": reason, "frame": frame.frame},
                        rate_limited=False)
             self.set_state("tripped")
@@ -166,6 +176,8 @@ class ActuatorService(Service):
     @command("arm")
     def cmd_arm(self, cmd: Command) -> dict[str, Any]:
         assert self.guard is not None
+        if self.interlock_reason is not None:
+            raise ValueError(f"arm refused: {self.interlock_reason}")
         self.guard.arm()
         self.set_state("armed")
         return {"state": self.guard.state}

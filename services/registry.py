@@ -8,6 +8,7 @@ from kibble.services.runtime import Service
 
 SERVICES: dict[str, str] = {
     "current_source": "kibble.services.current_source:CurrentSource",
+    "hv_source": "kibble.services.hv_source:HvSource",
 }
 """Service name -> ``module:Class``. Filled as the daemons land (DESIGN.md section 5)."""
 

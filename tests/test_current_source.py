@@ -11,13 +11,7 @@ from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame, Setpoin
 from kibble.services.current_source import CurrentSource
 from kibble.services.runtime import ServiceConfig
 
-
-class Recorder:
-    def __init__(self):
-        self.writes = []
-
-    def write(self, frame, codes, relays):
-        self.writes.append((frame, tuple(codes), tuple(relays)))
+from .recording import Recorder
 
 
 @pytest.fixture

@@ -1,0 +1,63 @@
+"""hv_source logic without a broker: pressure interlock, trip, ramp to zero, relay opening."""
+
+import pytest
+
+from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame, Setpoint
+from kibble.services.hv_source import HvSource
+from kibble.services.runtime import ServiceConfig
+
+from .recording import Recorder
+
+
+@pytest.fixture
+def hv(tmp_path):
+    svc = HvSource(ServiceConfig(instrument="efb", state_dir=tmp_path, restore=False))
+    svc.driver = Recorder()
+    return svc
+
+
+def tick(svc, k, volts=None, pressure_pa=1e-3, z_m=0.0):
+    svc.on_clock(HwSensorFrame(frame=k))
+    svc.on_daq_frame(DaqFrame(frame=k, pressure_pa=pressure_pa, coil_z_m=z_m))
+    if volts is not None:
+        svc.on_setpoint(Setpoint(frame=k, values={"hv_voltage_v": volts}))
+
+
+def volts(svc, i=-1):
+    return svc.dac.to_value(svc.driver.writes[i][1][0])
+
+
+def test_arm_refused_above_the_pressure_limit(hv):
+    tick(hv, 0, 100.0, pressure_pa=5.0)
+    with pytest.raises(ValueError, match=r"arm refused: pressure 5 Pa is not below the HV limit 0.1 Pa"):
+        hv.cmd_arm(Command(id="1", command="arm"))
+    assert hv.guard.state == "safe"
+    assert all(w[1] == (0,) and w[2] == (True, False) for w in hv.driver.writes)
+
+
+def test_pressure_rise_while_armed_trips_and_ramps_to_zero(hv):
+    tick(hv, 0, 0.0)
+    hv.cmd_arm(Command(id="1", command="arm"))
+    for k in range(1, 300):
+        tick(hv, k, 150.0)
+    assert volts(hv) == pytest.approx(150.0, abs=hv.dac.lsb)
+    assert hv.driver.writes[-1][2] == (True, True)
+    for k in range(300, 900):
+        tick(hv, k, 150.0, pressure_pa=0.5)
+    assert hv.guard.state == "tripped" and "pressure" in hv.guard.trip_reason
+    ramp = [volts(hv, i) for i in range(-600, 0)]
+    assert ramp[-1] == 0.0
+    assert max(abs(a - b) for a, b in zip(ramp, ramp[1:])) <= 500.0 / 1000 + hv.dac.lsb
+    assert hv.driver.writes[-1][2] == (True, False)      # amplifier disabled once at zero
+
+
+def test_stale_setpoint_ramps_hv_down_without_hold(hv):
+    tick(hv, 0, 0.0)
+    hv.cmd_arm(Command(id="1", command="arm"))
+    for k in range(1, 200):
+        tick(hv, k, 100.0)
+    for k in range(200, 600):
+        tick(hv, k)
+    after = [volts(hv, i) for i in range(len(hv.driver.writes)) if hv.driver.writes[i][0] >= 200]
+    assert after[0] < 100.0 - 0.4          # ramping from the first stale frame on
+    assert after[-1] == 0.0
