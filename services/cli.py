@@ -171,6 +171,7 @@ async def cmd_service(args: argparse.Namespace) -> int:
     cls = service_class(args.name)
     config = load_config(cls.name, args.config, broker=args.broker, instrument=args.instrument,
                          state_dir=args.state_dir, params=parse_assignments(args.param),
+                         settings=parse_assignments(args.setting),
                          restore=False if args.no_restore else None)
     service = cls(config)
     print(f"{cls.name}: session {service.session} on {config.broker}, instrument {config.instrument}",
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="initial parameter value (repeatable; wins over the state file)")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="service setting (repeatable; wins over the configuration file)")
     p.add_argument("--state-dir", type=Path, default=None, help="where tuned values persist")
     p.add_argument("--no-restore", action="store_true", help="ignore the saved state file")
     bus_args(p)
