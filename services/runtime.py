@@ -240,6 +240,7 @@ class Service:
         self.loop_timer = LoopTimer()
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._local_sink: Callable[[str, bytes, int, bool], None] | None = None
         self._subs: dict[str, tuple[type[Message], Handler, bool]] = {}
         self._seq = 0
         self._heartbeats = 0
@@ -298,6 +299,9 @@ class Service:
 
     def publish(self, topic: str, msg: Message, qos: int = 0, retain: bool = False) -> bool:
         """Stamp and publish now (no await). False, and counted, when not connected."""
+        if self._local_sink is not None:
+            self._local_sink(topic, encode(self.stamp(msg)), qos, retain)
+            return True
         if self._client is None:
             self.counters["publish_failed"] += 1
             return False
@@ -332,6 +336,15 @@ class Service:
     def stop(self) -> None:
         """Ask the service to stop gracefully (as SIGTERM does)."""
         self._stop.set()
+
+    def attach_local(self, sink: Callable[[str, bytes, int, bool], None]) -> list[str]:
+        """Run without a broker: every publish goes to ``sink(topic, payload, qos, retain)``.
+
+        For the in-process closed loop (:mod:`kibble.services.inprocess`), which delivers
+        messages with :meth:`dispatch`. Returns the topics this service subscribes to.
+        """
+        self._local_sink = sink
+        return list(self._subs)
 
     # ------------------------------------------------------------------ status and params
 
