@@ -225,6 +225,33 @@ class Event(Message, kw_only=True):
     data: dict[str, Any] = {}
 
 
+class SimTruth(Message, kw_only=True, array_like=True):
+    """Ground truth of the HIL simulator for one frame, topic ``sim/truth`` (tests and
+    benchmarks only; controllers never subscribe to it).
+
+    ``values`` maps a true plant quantity, SI unit in its name (``z_m``, ``i_main_a``,
+    ``m_test_kg``, ...), to its value at the end of frame ``frame``; the names per model are
+    listed in ``hil_sim/README.md``.
+    """
+
+    frame: Frame
+    sim_time_s: Finite = 0.0
+    model: Name = ""
+    values: dict[Name, Finite] = {}
+
+
+class LoopFrame(Message, kw_only=True, array_like=True):
+    """A control loop's monitor for one frame, topic ``<service>/frame`` (e.g. the servo).
+
+    ``values`` maps a loop signal, SI unit in its name (``z_ref_m``, ``error_m``, ``force_n``,
+    ``feedforward_n``, ...), to its value at frame ``frame``; ``mode`` is the loop's mode.
+    """
+
+    frame: Frame
+    mode: Name
+    values: dict[Name, Finite] = {}
+
+
 def frame_fields(msg_type: type[Message]) -> tuple[str, ...]:
     """Field names of a message type in wire order (the array order of the high-rate frames)."""
     return msg_type.__struct_fields__
@@ -240,4 +267,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Command,
     Reply,
     Event,
+    SimTruth,
+    LoopFrame,
 )

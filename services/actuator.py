@@ -151,6 +151,12 @@ class ActuatorService(Service):
         assert self.guard is not None
         return self.guard.state
 
+    async def on_connected(self) -> None:
+        """Say hello to the hardware (frame -1, the present outputs: zero at boot); this also
+        registers the devices with a lockstep simulator."""
+        assert self.guard is not None
+        self.write_outputs(-1, self.guard.out.copy())
+
     async def on_disconnect(self) -> None:
         """A lost broker is stale input: disarm (the outputs ramp down at the next frames)."""
         if self.guard is not None and self.guard.state == "armed":

@@ -27,7 +27,7 @@ import numpy as np
 from kibble.bus_schema.messages import DaqFrame, Setpoint
 from kibble.services.actuator import ActuatorService, BusDriver, typed_settings
 from kibble.services.dac import Dac
-from kibble.services.safety import GuardConfig
+from kibble.services.safety import GuardConfig, pressure_interlock
 
 
 class HvSourceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -75,15 +75,11 @@ class HvSource(ActuatorService):
         self.drive(sp.frame, [sp.values["hv_voltage_v"]])
 
     def interlock(self, frame: DaqFrame) -> str | None:
-        limit = self.settings.pressure_limit_pa
-        if frame.pressure_pa >= limit:
-            return f"pressure {frame.pressure_pa:.3g} Pa is not below the HV limit {limit:.3g} Pa"
-        return None
+        return pressure_interlock(frame.pressure_pa, self.settings.pressure_limit_pa)
 
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
         return (frame.coil_z_m,)
 
     def write_outputs(self, frame: int, outputs: np.ndarray) -> None:
         assert self.guard is not None
-        enable = self.guard.state == "armed" or not self.guard.at_zero
-        self.driver.write(frame, [self.dac.to_code(float(outputs[0]))], [self.to_main, enable])
+        self.driver.write(frame, [self.dac.to_code(float(outputs[0]))], [self.to_main, self.guard.live])

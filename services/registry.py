@@ -7,10 +7,14 @@ import importlib
 from kibble.services.runtime import Service
 
 SERVICES: dict[str, str] = {
+    "daq": "kibble.services.daq:Daq",
     "current_source": "kibble.services.current_source:CurrentSource",
+    "servo": "kibble.services.servo:Servo",
+    "damping": "kibble.services.damping:Damping",
+    "theta_z": "kibble.services.theta_z:ThetaZ",
     "hv_source": "kibble.services.hv_source:HvSource",
 }
-"""Service name -> ``module:Class``. Filled as the daemons land (DESIGN.md section 5)."""
+"""Service name -> ``module:Class`` of every daemon (DESIGN.md section 5)."""
 
 
 def service_class(name: str) -> type[Service]:

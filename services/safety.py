@@ -198,3 +198,15 @@ class ActuatorGuard:
     @property
     def at_zero(self) -> bool:
         return not np.any(self.out)
+
+    @property
+    def live(self) -> bool:
+        """Whether the output stage should be enabled: armed, or still ramping down."""
+        return self.state == "armed" or not self.at_zero
+
+
+def pressure_interlock(pressure_pa: float, limit_pa: float) -> str | None:
+    """Why high voltage is not allowed at ``pressure_pa`` (corona region), or None."""
+    if not pressure_pa < limit_pa:
+        return f"pressure {pressure_pa:.3g} Pa is not below the HV limit {limit_pa:.3g} Pa"
+    return None

@@ -1,0 +1,172 @@
+"""``daq``: raw hardware sensor frames (``hw/sensors``) to ``daq/frame`` in SI units.
+
+NIST-4 (``kind = "nist4"``): the three main-coil interferometers (fringe count + phase,
+``(N + phase/2pi) lambda/2``) are fused into z, theta-x, theta-y at the optical centre (Abbe
+weights, :func:`kibble.control.geometry.ifo_fusion_matrix`); the fourth interferometer is the
+counter-mass; the two beam-translation PSDs give x, y, theta-z (the optical lever's theta-x,
+theta-y are redundant with the interferometers and are not used); velocities are the frame
+differences through a first-order low-pass of ``velocity_filter_s``; the DVM reading gets the
+PJVS voltage added back; the source monitors are divided by their transimpedance.
+
+EFB (``kind = "efb"``): one interferometer gives z; the capacitance bridge and the DVM (the
+applied high voltage) are passed on.
+
+Command ``zero``: the present pose becomes the origin (the weighing position), so the servo's
+null is ``coil_z_m = 0``; ``unzero`` clears it. The offsets persist as parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame
+from kibble.control.geometry import ifo_fusion_matrix, psd_matrix
+from kibble.services.actuator import typed_settings
+from kibble.services.params import Param
+from kibble.services.runtime import Service, command
+
+ZERO_FIELDS = ("coil_x_m", "coil_y_m", "coil_z_m", "coil_theta_x_rad", "coil_theta_y_rad",
+               "coil_theta_z_rad")
+
+
+class DaqSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Sensor geometry and scaling (configuration; defaults are NIST-4's, see nist4.toml)."""
+
+    kind: Literal["nist4", "efb"] = "nist4"
+    frame_rate_hz: float = 1000.0
+    wavelength_m: float = 532.0e-9
+    ifo_angles_deg: list[float] = msgspec.field(default_factory=lambda: [0.0, 120.0, 240.0])
+    ifo_radius_m: float = 0.25
+    optical_centre_x_m: float = 0.0
+    optical_centre_y_m: float = 0.0
+    psd_retro_angles_deg: list[float] = msgspec.field(default_factory=lambda: [60.0, 180.0])
+    psd_radius_m: float = 0.25
+    psd_gain_v_per_m: float = 1000.0
+    psd_lever_arm_m: float = 0.5
+    main_monitor_v_per_a: float = 500.0
+    cm_monitor_v_per_a: float = 200.0
+    std_resistor_ohm: float = 100.0
+
+
+class Daq(Service):
+    name = "daq"
+
+    pjvs_voltage_v = Param(0.0, unit="V", min=-20.0, max=20.0,
+                           doc="PJVS reference voltage subtracted in hardware, added back to the DVM reading")
+    velocity_filter_s = Param(0.01, unit="s", min=0.0, max=10.0,
+                              doc="time constant of the velocity low-pass (0: raw frame differences)")
+    zero_coil_x_m = Param(0.0, unit="m", min=-0.1, max=0.1, doc="origin of x (set by zero)")
+    zero_coil_y_m = Param(0.0, unit="m", min=-0.1, max=0.1, doc="origin of y (set by zero)")
+    zero_coil_z_m = Param(0.0, unit="m", min=-0.1, max=0.1, doc="origin of z, the weighing position (set by zero)")
+    zero_coil_theta_x_rad = Param(0.0, unit="rad", min=-0.1, max=0.1, doc="origin of theta-x (set by zero)")
+    zero_coil_theta_y_rad = Param(0.0, unit="rad", min=-0.1, max=0.1, doc="origin of theta-y (set by zero)")
+    zero_coil_theta_z_rad = Param(0.0, unit="rad", min=-0.1, max=0.1, doc="origin of theta-z (set by zero)")
+
+    def setup(self) -> None:
+        s = self.settings = typed_settings(self.config.settings, DaqSettings, self.name)
+        self.dt_s = 1.0 / s.frame_rate_hz
+        self.fusion = ifo_fusion_matrix(np.radians(s.ifo_angles_deg), s.ifo_radius_m,
+                                        s.optical_centre_x_m, s.optical_centre_y_m)
+        self.psd = psd_matrix(np.radians(s.psd_retro_angles_deg), s.psd_radius_m,
+                              s.psd_gain_v_per_m, s.psd_lever_arm_m)
+        self.n_ifo = len(s.ifo_angles_deg) if s.kind == "nist4" else 1
+        self.n_psd = 2 * len(s.psd_retro_angles_deg) + 2 if s.kind == "nist4" else 0
+        self.pose = np.zeros(6)
+        """Last raw pose (x, y, z, theta_x, theta_y, theta_z) before zeroing."""
+        self.vel = np.zeros(6)
+        self._last_pose: np.ndarray | None = None
+        self._last_frame = -1
+        self.cm_z_m = 0.0
+        self.subscribe(self.topics.hw("sensors"), HwSensorFrame, self.on_sensors)
+
+    def _check(self, hw: HwSensorFrame) -> str | None:
+        need = {"fringe_count": self.n_ifo + (1 if self.settings.kind == "nist4" else 0),
+                "fringe_phase_rad": self.n_ifo + (1 if self.settings.kind == "nist4" else 0),
+                "psd_v": self.n_psd}
+        for field, n in need.items():
+            if len(getattr(hw, field)) < n:
+                return f"{field} has {len(getattr(hw, field))} channels, {self.settings.kind} needs {n}"
+        return None
+
+    def on_sensors(self, hw: HwSensorFrame) -> None:
+        problem = self._check(hw)
+        if problem is not None:
+            self.reject(self.topics.hw("sensors"), problem)
+            return
+        s = self.settings
+        half = 0.5 * s.wavelength_m
+        disp = [(hw.fringe_count[i] + hw.fringe_phase_rad[i] / (2 * math.pi)) * half
+                for i in range(len(hw.fringe_count))]
+        pose = self.pose
+        if s.kind == "nist4":
+            pose[2:5] = self.fusion @ np.asarray(disp[:3])
+            xyt = self.psd @ np.asarray(hw.psd_v[:self.n_psd])
+            pose[0], pose[1], pose[5] = xyt[0], xyt[1], xyt[4]
+            self.cm_z_m = disp[3]
+        else:
+            pose[2] = disp[0]
+        self._update_velocity(hw.frame)
+        values = self.params.values
+        p = [float(v) - values[f"zero_{n}"] for v, n in zip(pose, ZERO_FIELDS)]
+        v = self.vel.tolist()
+        out = DaqFrame(
+            frame=hw.frame, sim_time_s=hw.sim_time_s, coil_x_m=p[0], coil_y_m=p[1],
+            coil_z_m=p[2], coil_theta_x_rad=p[3], coil_theta_y_rad=p[4], coil_theta_z_rad=p[5],
+            coil_vx_m_s=v[0], coil_vy_m_s=v[1], coil_vz_m_s=v[2], coil_wx_rad_s=v[3],
+            coil_wy_rad_s=v[4], coil_wz_rad_s=v[5], counter_mass_z_m=float(self.cm_z_m),
+            temperature_k=hw.temperature_k, pressure_pa=hw.pressure_pa)
+        if s.kind == "nist4":
+            dvm = (hw.dvm_v[0] if hw.dvm_v else 0.0) + self.pjvs_voltage_v
+            out.coil_voltage_v = dvm
+            if len(hw.current_monitor_v) >= 2:
+                out.main_coil_current_a = hw.current_monitor_v[0] / s.main_monitor_v_per_a
+                out.counter_mass_current_a = hw.current_monitor_v[1] / s.cm_monitor_v_per_a
+        else:
+            out.coil_voltage_v = hw.dvm_v[0] if hw.dvm_v else 0.0
+            out.capacitance_f = hw.capacitance_f[0] if hw.capacitance_f else 0.0
+        self.publish(self.topics.frame(self.name), out)
+        self.counters["frames_out"] += 1
+        self.loop_timer.tick(time.monotonic())
+        if self.state != "running":
+            self.set_state("running")
+
+    def _update_velocity(self, frame: int) -> None:
+        gap = frame - self._last_frame
+        if self._last_pose is None or gap <= 0:
+            self._last_pose = self.pose.copy()
+            self._last_frame = frame
+            return
+        if gap > 1:
+            self.counters["late"] += gap - 1
+        raw = (self.pose - self._last_pose) / (gap * self.dt_s)
+        tau = self.velocity_filter_s
+        alpha = 1.0 if tau <= 0 else min(1.0, gap * self.dt_s / (tau + gap * self.dt_s))
+        self.vel += alpha * (raw - self.vel)
+        self._last_pose[:] = self.pose
+        self._last_frame = frame
+
+    @command("zero")
+    def cmd_zero(self, cmd: Command) -> dict[str, Any]:
+        """Make the present pose the origin (the weighing position)."""
+        if self._last_pose is None:
+            raise ValueError("no sensor frame received yet: nothing to zero on")
+        changed = {}
+        for i, name in enumerate(ZERO_FIELDS):
+            change = self.params.set(f"zero_{name}", float(self.pose[i]), cmd.client_id or "?", cmd.t_utc_s)
+            self._apply_change(change)
+            changed[name] = float(self.pose[i])
+        return {"origin": changed}
+
+    @command("unzero")
+    def cmd_unzero(self, cmd: Command) -> dict[str, Any]:
+        for name in ZERO_FIELDS:
+            self._apply_change(self.params.set(f"zero_{name}", 0.0, cmd.client_id or "?", cmd.t_utc_s))
+        return {"origin": dict.fromkeys(ZERO_FIELDS, 0.0)}
+
+    def status_detail(self) -> dict[str, Any]:
+        return {"frame": self._last_frame, "coil_z_m": float(self.pose[2] - self.params.values["zero_coil_z_m"])}

@@ -1,0 +1,363 @@
+"""``servo``: holds the balance. DAQ frames in, actuator setpoints out, one per frame.
+
+The control law is the numba loop of :mod:`kibble.control` (filter module + PID) working in
+force units: the PID turns the coil-position error (m) into a force on the coil (N), which the
+instrument's actuator map turns into the setpoint of its actuator service:
+
+=========  ============================================  ======================================
+kind       force mode (null)                             velocity mode (sweep)
+=========  ============================================  ======================================
+nist4      main coil: ``I = F / Bl``                     counter-mass motor: ``I = -F / Bl_m``
+efb        electrodes: ``V = sqrt(F / kappa) + V_s``     (none)
+=========  ============================================  ======================================
+
+Modes (command ``mode``; every change is bumpless: the new loop starts from the force the
+actuator is producing now):
+
+``idle``      no control; zero actuator setpoints (the actuator services slew to them).
+``force``     hold ``z_ref`` (the weighing position, default 0) with the force loop plus the
+              feedforward of announced load steps (command ``mass``: the servo drives the mass
+              lift itself and ramps the feedforward ``delta_m g`` over ``lift_ramp_s``).
+``velocity``  track a trajectory with the velocity loop (command ``sweep`` or ``move``); the main
+              coil is open (switchbox), the feedforward is inertia + knife-edge spring.
+``erase``     the force loop tracks a damped sinusoid about ``z_ref`` (command ``erase``), then
+              returns to ``force`` by itself.
+
+Output: ``servo/setpoint`` each frame (tagged with the DAQ frame index), ``servo/frame``
+(:class:`~kibble.bus_schema.messages.LoopFrame`: reference, error, force, feedforward) every
+``frame_decimation`` frames, and the loop statistics in the status detail.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, LoopFrame, Setpoint
+from kibble.control import pid as P
+from kibble.control.electrostatic import efb_force_to_voltage
+from kibble.control.trajectory import (
+    erase_duration_s, erase_eval, load_step_feedforward, sweep_duration_s, sweep_eval,
+)
+from kibble.services.actuator import typed_settings
+from kibble.services.params import Param
+from kibble.services.runtime import Service, command
+
+MODES: dict[str, tuple[str, ...]] = {"nist4": ("idle", "force", "velocity", "erase"),
+                                     "efb": ("idle", "force")}
+
+
+class ServoSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Which instrument and its fixed limits (configuration, not live-tunable)."""
+
+    kind: Literal["nist4", "efb"] = "nist4"
+    frame_rate_hz: float = 1000.0
+    force_limit_n: float = 10.0
+    """Largest force the loop may ask for (N): NIST-4 1 kg exchange needs 4.9 N either way."""
+    force_min_n: float | None = None
+    """Smallest force (N); None: -force_limit_n. The EFB's electrostatic force only pulls: 0."""
+    main_limit_a: float = 0.015
+    cm_limit_a: float = 0.045
+    hv_limit_v: float = 1000.0
+    mass_lift_device: str = "mass_lift"
+    initial_test_mass_on: bool = False
+    initial_aux_on: bool = True
+    """NIST-4 boots in the velocity-mode configuration (auxiliary mass on the pan)."""
+
+
+class Servo(Service):
+    name = "servo"
+
+    # ---- the loop (force units; one PID, the mode picks the actuator)
+    z_ref_m = Param(0.0, unit="m", min=-0.045, max=0.045, doc="weighing position held in force mode")
+    kp_n_m = Param(5.33e4, unit="N/m", min=0.0, max=1e7, doc="proportional gain")
+    ki_n_m_s = Param(2.78e5, unit="N/(m s)", min=0.0, max=1e8, doc="integral gain")
+    kd_n_s_m = Param(2.54e3, unit="N s/m", min=0.0, max=1e6, doc="derivative gain (on the measurement)")
+    derivative_filter_s = Param(3.2e-3, unit="s", min=0.0, max=1.0, doc="derivative low-pass time constant")
+    force_slew_n_s = Param(50.0, unit="N/s", min=1e-9, max=1e4, doc="slew limit of the loop force")
+    # ---- actuator maps and feedforward (calibrated constants of the instrument)
+    bl_t_m = Param(710.2, unit="T m", min=1.0, max=5000.0, doc="main-coil Bl used to turn force into current")
+    motor_bl_t_m = Param(20.0, unit="T m", min=0.01, max=500.0, doc="counter-mass motor force per ampere at the coil")
+    effective_mass_kg = Param(89.6, unit="kg", min=1e-3, max=1000.0, doc="wheel inertia referred to the coil (velocity feedforward)")
+    spring_n_m = Param(3.76, unit="N/m", min=-1e3, max=1e3, doc="knife-edge stiffness referred to the coil (velocity feedforward)")
+    kappa_f_m = Param(4.735e-10, unit="F/m", min=1e-15, max=1e-6, doc="EFB kappa = dC/dz / 2")
+    surface_potential_v = Param(0.0, unit="V", min=-10.0, max=10.0, doc="EFB surface potential estimate")
+    polarity = Param("+", choices=("+", "-"), doc="EFB electrode polarity (reversed between weighings)")
+    tare_force_n = Param(0.0, unit="N", min=-10.0, max=10.0, doc="force feedforward at zero load (EFB preload)")
+    current_lag_s = Param(1e-3, unit="s", min=0.0, max=1.0, doc="source lag cancelled by the load feedforward")
+    # ---- masses and procedures
+    g_m_s2 = Param(9.801031394, unit="m/s^2", min=9.7, max=9.9, doc="local gravity at the mass centre")
+    test_mass_kg = Param(1.0, unit="kg", min=0.0, max=5.0, doc="test mass (NIST-4) or small artifact (EFB)")
+    aux_mass_kg = Param(0.5, unit="kg", min=0.0, max=5.0, doc="auxiliary mass (NIST-4) or large artifact (EFB)")
+    lift_ramp_s = Param(2.0, unit="s", min=0.01, max=100.0, doc="duration of the mass-lift load ramp")
+    sweep_speed_m_s = Param(1e-3, unit="m/s", min=1e-6, max=0.01, doc="velocity-mode speed")
+    sweep_accel_m_s2 = Param(5e-4, unit="m/s^2", min=1e-6, max=0.1, doc="velocity-mode acceleration")
+    sweep_jerk_m_s3 = Param(0.0, unit="m/s^3", min=0.0, max=100.0, doc="jerk limit of sweeps (0: none, trapezoid)")
+    sweep_travel_m = Param(0.08, unit="m", min=1e-4, max=0.09, doc="sweep travel")
+    erase_amplitude_m = Param(380e-6, unit="m", min=0.0, max=2e-3, doc="erase amplitude")
+    erase_decay_s = Param(20.0, unit="s", min=0.1, max=1000.0, doc="erase decay time")
+    erase_freq_hz = Param(0.1, unit="Hz", min=0.001, max=10.0, doc="erase oscillation frequency")
+    erase_n_decay = Param(8.0, min=1.0, max=20.0, doc="erase length in decay times")
+    frame_decimation = Param(1, min=1, max=100000, doc="publish servo/frame every n-th frame")
+
+    def setup(self) -> None:
+        s = self.settings = typed_settings(self.config.settings, ServoSettings, self.name)
+        self.dt_s = 1.0 / s.frame_rate_hz
+        self.mode: str = "idle"
+        f_min = -s.force_limit_n if s.force_min_n is None else s.force_min_n
+        self.pid_par = P.pid_params(1, dt_s=self.dt_s, u_min=f_min, u_max=s.force_limit_n)
+        self._load_gains()
+        self.pid_st = P.pid_state(self.pid_par)
+        self.io = P.io_block(1, 1)
+        self.force_n = 0.0
+        self.cm_hold_a = 0.0
+        self.v_out = 0.0
+        self.frame = -1
+        self.mass_on = [s.initial_test_mass_on, s.initial_aux_on]
+        self.load_steps: list[tuple[float, float]] = []
+        """(start time s, delta mass kg) of every announced load change since force mode began."""
+        self.traj: tuple[str, float, float, tuple] | None = None
+        """(kind, start time s, duration s, arguments) of the running trajectory."""
+        self.ref = np.zeros((1, 3))
+        self.ref[0, 0] = self.z_ref_m
+        self._t = np.zeros(1)
+        self._ff = np.zeros(1)
+        self._v = np.zeros(1)
+        self._v_out = np.zeros(1)
+        self.err_sq = 0.0
+        self.err_n = 0
+        self.mass_topic = self.topics.hw(s.mass_lift_device)
+        self.subscribe(self.topics.frame("daq"), DaqFrame, self.on_frame)
+
+    # ---------------------------------------------------------------- parameters
+
+    def _load_gains(self) -> None:
+        par = self.pid_par
+        par[0, P.KP], par[0, P.KI], par[0, P.KD] = self.kp_n_m, self.ki_n_m_s, self.kd_n_s_m
+        par[0, P.TF_S], par[0, P.SLEW] = self.derivative_filter_s, self.force_slew_n_s
+
+    def on_param_changed(self, name: str, old: Any, new: Any) -> None:
+        """Gains change between frames; the kernel absorbs the step (bumpless)."""
+        self._load_gains()
+        if name == "z_ref_m" and self.mode == "force" and self.traj is None:
+            self.ref[0] = (new, 0.0, 0.0)
+
+    # ---------------------------------------------------------------- the loop
+
+    @property
+    def t_s(self) -> float:
+        return self.frame * self.dt_s
+
+    def on_frame(self, daq: DaqFrame) -> None:
+        self.frame = daq.frame
+        t = self.t_s
+        z = daq.coil_z_m
+        self._advance_reference(t)
+        if self.mode == "idle":
+            self._publish(daq.frame, z, 0.0)
+            return
+        ff = self._feedforward(t)
+        io = self.io
+        io[0, 0, P.IO_R], io[0, 0, P.IO_Y], io[0, 0, P.IO_FF] = self.ref[0, 0], z, ff
+        P.pid_run(self.pid_par, self.pid_st, io)
+        self.force_n = float(io[0, 0, P.IO_U])
+        err = self.ref[0, 0] - z
+        if math.isfinite(err):
+            self.err_sq += err * err
+            self.err_n += 1
+        self._publish(daq.frame, z, ff)
+
+    def _advance_reference(self, t: float) -> None:
+        if self.traj is None:
+            return
+        kind, t0, duration, args = self.traj
+        self._t[0] = t - t0
+        if kind == "erase":
+            erase_eval(self._t, *args, self.ref)
+        else:
+            sweep_eval(self._t, *args, self.ref)
+        if t - t0 >= duration:
+            self.traj = None
+            self.event("trajectory_done", f"{kind} finished at frame {self.frame}",
+                       data={"kind": kind, "frame": self.frame, "z_m": float(self.ref[0, 0])})
+            if kind == "erase":
+                self._switch("force")
+
+    def _feedforward(self, t: float) -> float:
+        """Force (N): announced load steps in force/erase modes, inertia + spring in velocity."""
+        if self.mode == "velocity":
+            return float(self.effective_mass_kg * self.ref[0, 2] + self.spring_n_m * self.ref[0, 0])
+        ff = self.tare_force_n
+        self._t[0] = t
+        for t0, dm in self.load_steps:
+            load_step_feedforward(self._t, t0, self.lift_ramp_s, dm, self.g_m_s2, 1.0,
+                                  self.current_lag_s, self._ff)
+            ff += float(self._ff[0])
+        return ff
+
+    def _actuator_force(self) -> float:
+        """The force (N) the actuators produce now, from the last setpoint."""
+        return self.force_n if self.mode != "idle" else 0.0
+
+    def _publish(self, frame: int, z: float, ff: float) -> None:
+        s = self.settings
+        f = self.force_n if self.mode != "idle" else 0.0
+        if s.kind == "nist4":
+            if self.mode in ("force", "erase"):
+                values = {"main_coil_current_a": _clip(f / self.bl_t_m, s.main_limit_a),
+                          "counter_mass_current_a": self.cm_hold_a, "main_coil_connected": 1.0}
+            elif self.mode == "velocity":
+                values = {"main_coil_current_a": 0.0,
+                          "counter_mass_current_a": _clip(-f / self.motor_bl_t_m, s.cm_limit_a),
+                          "main_coil_connected": 0.0}
+            else:
+                values = {"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0,
+                          "main_coil_connected": 1.0}
+        else:
+            self._v[0] = f
+            efb_force_to_voltage(self._v, self.kappa_f_m, self.surface_potential_v,
+                                 1.0 if self.polarity == "+" else -1.0, s.hv_limit_v, self.v_out, self._v_out)
+            self.v_out = float(self._v_out[0]) if self.mode != "idle" else 0.0
+            values = {"hv_voltage_v": self.v_out}
+        self.publish(self.topics.setpoint(self.name), Setpoint(frame=frame, values=values))
+        self.counters["frames_out"] += 1
+        if frame % self.frame_decimation == 0:
+            self.publish(self.topics.frame(self.name), LoopFrame(frame=frame, mode=self.mode, values={
+                "z_ref_m": float(self.ref[0, 0]), "v_ref_m_s": float(self.ref[0, 1]),
+                "z_m": z if math.isfinite(z) else 0.0,
+                "error_m": float(self.ref[0, 0] - z) if math.isfinite(z) else 0.0,
+                "force_n": f, "feedforward_n": ff}))
+
+    # ---------------------------------------------------------------- modes
+
+    def _switch(self, mode: str) -> None:
+        """Bumpless: the loop starts from the force the actuators produce now."""
+        if mode == self.mode:
+            return
+        old = self.mode
+        force_now = self._actuator_force()
+        if old == "velocity" and mode != "velocity":
+            self.cm_hold_a = _clip(-force_now / self.motor_bl_t_m, self.settings.cm_limit_a)
+            force_now = 0.0           # the main coil takes over from zero; the motor holds
+        if mode == "force" or (mode == "velocity" and old == "idle"):
+            self.load_steps = []
+        self.mode = mode
+        if mode != "idle":
+            ff = self._feedforward(self.t_s + self.dt_s)
+            P.pid_reset(self.pid_par, self.pid_st, u0=force_now - ff)
+        self.force_n = force_now
+        if mode in ("force", "idle") and self.traj is None:
+            self.ref[0] = (self.z_ref_m if mode == "force" else self.ref[0, 0], 0.0, 0.0)
+        self.set_state("running" if mode != "idle" else "idle")
+        self.event("mode", f"{old} -> {mode} at frame {self.frame}",
+                   data={"old": old, "new": mode, "frame": self.frame})
+
+    @command("mode")
+    def cmd_mode(self, cmd: Command) -> dict[str, Any]:
+        mode = str(cmd.args.get("mode", ""))
+        allowed = MODES[self.settings.kind]
+        if mode not in allowed or mode == "erase":
+            raise ValueError(f"mode must be one of {', '.join(m for m in allowed if m != 'erase')} "
+                             f"(erase: use the erase command), got {mode!r}")
+        if self.traj is not None:
+            raise ValueError(f"a {self.traj[0]} is running; wait for it to finish")
+        self._switch(mode)
+        return {"mode": self.mode, "frame": self.frame}
+
+    @command("mass")
+    def cmd_mass(self, cmd: Command) -> dict[str, Any]:
+        """Put masses on or off: ``test=true|false``, ``aux=true|false`` (either or both).
+
+        The servo drives the mass lift and feeds the load change forward over ``lift_ramp_s``;
+        allowed only in force mode with no trajectory running."""
+        if self.mode != "force" or self.traj is not None:
+            raise ValueError(f"mass exchange needs force mode at rest (mode {self.mode})")
+        new = list(self.mass_on)
+        for i, key in enumerate(("test", "aux")):
+            if key in cmd.args:
+                value = cmd.args[key]
+                if not isinstance(value, bool):
+                    raise ValueError(f"{key} must be true or false, got {value!r}")
+                new[i] = value
+        masses = (self.test_mass_kg, self.aux_mass_kg)
+        delta = sum(m * (n - o) for m, n, o in zip(masses, new, self.mass_on))
+        self.mass_on = new
+        self.publish(self.mass_topic, HwActuatorCommand(frame=self.frame, device=self.settings.mass_lift_device,
+                                                        relays=list(new)), qos=1)
+        t0 = self.t_s + self.dt_s
+        if delta:
+            self.load_steps.append((t0, delta))
+        self.event("mass", f"masses on pan: test={new[0]} aux={new[1]} (load {delta:+g} kg) at frame {self.frame}",
+                   data={"test": new[0], "aux": new[1], "delta_kg": delta, "frame": self.frame})
+        return {"test": new[0], "aux": new[1], "delta_kg": delta, "ramp_end_frame":
+                self.frame + 1 + int(math.ceil(self.lift_ramp_s / self.dt_s))}
+
+    @command("erase")
+    def cmd_erase(self, cmd: Command) -> dict[str, Any]:
+        """Run the erase motion about ``z_ref_m`` (force loop), then hold the null again."""
+        if self.mode != "force" or self.traj is not None:
+            raise ValueError(f"erase needs force mode at rest (mode {self.mode})")
+        duration = erase_duration_s(self.erase_decay_s, self.erase_freq_hz, self.erase_n_decay)
+        self.traj = ("erase", self.t_s + self.dt_s, duration,
+                     (self.z_ref_m, self.erase_amplitude_m, self.erase_decay_s, self.erase_freq_hz, duration))
+        self.mode = "erase"
+        self.event("mode", f"force -> erase at frame {self.frame} for {duration:g} s",
+                   data={"old": "force", "new": "erase", "frame": self.frame})
+        return {"duration_s": duration, "end_frame": self.frame + 1 + int(math.ceil(duration / self.dt_s))}
+
+    def _start_move(self, start: float, direction: float, travel: float, kind: str) -> dict[str, Any]:
+        if self.mode != "velocity" or self.traj is not None:
+            raise ValueError(f"{kind} needs velocity mode at rest (mode {self.mode})")
+        end = start + direction * travel
+        if abs(end) > 0.045:
+            raise ValueError(f"{kind} would end at {end * 1e3:.1f} mm, beyond +-45 mm")
+        speed = min(self.sweep_speed_m_s, 0.9 * math.sqrt(self.sweep_accel_m_s2 * travel))
+        jerk = self.sweep_jerk_m_s3 or math.inf
+        duration = sweep_duration_s(speed, self.sweep_accel_m_s2, travel, jerk)
+        self.traj = (kind, self.t_s + self.dt_s, duration,
+                     (start, direction, speed, self.sweep_accel_m_s2, jerk, travel))
+        self.event(kind, f"{kind} from {start * 1e3:.3f} mm to {end * 1e3:.3f} mm at {speed * 1e3:g} mm/s "
+                         f"({duration:.1f} s) from frame {self.frame}",
+                   data={"start_m": start, "end_m": end, "speed_m_s": speed, "frame": self.frame})
+        return {"start_m": start, "end_m": end, "speed_m_s": speed, "duration_s": duration,
+                "end_frame": self.frame + 1 + int(math.ceil(duration / self.dt_s))}
+
+    @command("sweep")
+    def cmd_sweep(self, cmd: Command) -> dict[str, Any]:
+        """One velocity-mode sweep of ``sweep_travel_m`` from the present reference,
+        ``direction=down|up``."""
+        direction = {"down": -1.0, "up": 1.0}.get(str(cmd.args.get("direction", "")))
+        if direction is None:
+            raise ValueError("sweep needs direction=down or direction=up")
+        return self._start_move(float(self.ref[0, 0]), direction, self.sweep_travel_m, "sweep")
+
+    @command("move")
+    def cmd_move(self, cmd: Command) -> dict[str, Any]:
+        """Velocity mode: move the coil to ``z_m`` along a sweep-shaped profile."""
+        try:
+            target = float(cmd.args["z_m"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("move needs z_m=<position in m>") from None
+        if not math.isfinite(target):
+            raise ValueError(f"move target {target} is not finite")
+        start = float(self.ref[0, 0])
+        travel = abs(target - start)
+        if travel < 1e-9:
+            return {"start_m": start, "end_m": target, "duration_s": 0.0, "end_frame": self.frame}
+        return self._start_move(start, math.copysign(1.0, target - start), travel, "move")
+
+    # ---------------------------------------------------------------- status
+
+    def status_detail(self) -> dict[str, Any]:
+        rms = math.sqrt(self.err_sq / self.err_n) if self.err_n else 0.0
+        self.err_sq, self.err_n = 0.0, 0
+        return {"mode": self.mode, "frame": self.frame, "error_rms_m": rms, "force_n": self.force_n,
+                "trajectory": self.traj[0] if self.traj else "", "test_mass_on": self.mass_on[0],
+                "aux_on": self.mass_on[1]}
+
+
+def _clip(v: float, limit: float) -> float:
+    return min(max(v, -limit), limit)

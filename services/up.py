@@ -1,0 +1,286 @@
+"""``kibble up``: the whole stack on the simulator, supervised.
+
+:class:`Stack` starts (in this order) a broker unless one is given, the HIL simulator
+(``kibble sim``) and every daemon of the instrument (``kibble service NAME``) as child
+processes, waits until each one is online on the bus, arms the actuators, and supervises them:
+a child that exits unexpectedly is reported and restarted with back-off. Leaving the context
+stops the daemons first (SIGTERM: actuators go safe, status goes offline), then the simulator,
+then the broker. Each child's output goes to ``<run_dir>/logs/<name>.log``.
+
+::
+
+    async with Stack("nist4", clock="lockstep", rate_hz=200) as stack:
+        async with BusClient(stack.broker_url, stack.instrument) as bus:
+            await bus.request("servo", "mode", {"mode": "force"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kibble.bus_schema.codec import DecodeError, decode
+from kibble.bus_schema.messages import Status
+from kibble.services.broker import Broker
+from kibble.services.bus import BusClient, BusError
+
+log = logging.getLogger(__name__)
+
+STACKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "nist4": {"services": ("daq", "current_source", "servo", "damping", "theta_z"),
+              "actuators": ("current_source", "damping", "theta_z"),
+              "devices": ("main_source", "cm_source", "damping", "theta_z_hv")},
+    "efb": {"services": ("daq", "servo", "hv_source"),
+            "actuators": ("hv_source",),
+            "devices": ("hv",)},
+}
+"""Per simulated instrument: the daemons, the ones to arm, and the lockstep devices they drive."""
+
+
+def stack_config(model: str) -> Path:
+    """The packaged configuration of an instrument's daemons (``services/<model>.toml``)."""
+    return Path(__file__).with_name(f"{model}.toml")
+
+
+@dataclass
+class Child:
+    """One supervised child process."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    async def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = self.log_path.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                start_new_session=True)
+        finally:
+            logf.close()
+        self.started_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.0f s: killing it", self.name, timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+@dataclass
+class Stack:
+    """Broker + simulator + daemons of one simulated instrument (see the module docstring).
+
+    :param model: ``nist4`` or ``efb`` (also the instrument id unless ``instrument`` is given).
+    :param clock: the simulator's clock, ``lockstep`` or ``realtime``.
+    :param rate_hz: frame (loop) rate of the simulator and every daemon.
+    :param broker_url: use this broker; None starts an embedded one on a free port.
+    :param run_dir: logs and the daemons' state files.
+    :param progress: called with one line of text at every step of the start-up.
+    """
+
+    model: str = "nist4"
+    clock: str = "lockstep"
+    rate_hz: float = 1000.0
+    broker_url: str | None = None
+    instrument: str = ""
+    seed: int = 0
+    run_dir: Path = field(default_factory=lambda: Path(".state") / "up")
+    sim_args: list[str] = field(default_factory=list)
+    arm: bool = True
+    progress: Callable[[str], None] = print
+    startup_timeout_s: float = 60.0
+    max_restarts: int = 5
+    children: dict[str, Child] = field(default_factory=dict, init=False)
+    _broker: Broker | None = field(default=None, init=False)
+    _supervisor: asyncio.Task | None = field(default=None, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.model not in STACKS:
+            raise ValueError(f"unknown simulated instrument {self.model!r}; one of {', '.join(STACKS)}")
+        if self.clock not in ("lockstep", "realtime"):
+            raise ValueError(f"unknown clock {self.clock!r}; lockstep or realtime")
+        if not 1.0 <= self.rate_hz <= 10000.0:
+            raise ValueError(f"rate {self.rate_hz} Hz outside 1..10000 Hz")
+        self.instrument = self.instrument or self.model
+        self.run_dir = Path(self.run_dir)
+
+    @property
+    def spec(self) -> dict[str, tuple[str, ...]]:
+        return STACKS[self.model]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _kibble(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kibble.services.cli", *args]
+
+    def _bus_args(self) -> list[str]:
+        assert self.broker_url is not None
+        return ["--broker", self.broker_url, "--instrument", self.instrument]
+
+    async def __aenter__(self) -> "Stack":
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self) -> None:
+        if self.broker_url is None:
+            self._broker = Broker()
+            await self._broker.__aenter__()
+            self.broker_url = self._broker.url
+            self.progress(f"broker: {self._broker.backend} on {self.broker_url}")
+        logs = self.run_dir / "logs"
+        rate = f"{self.rate_hz:g}"
+        sim = Child("sim", self._kibble("sim", "--model", self.model, "--clock", self.clock,
+                                        "--rate", rate, "--seed", str(self.seed),
+                                        "--expect", ",".join(self.spec["devices"]),
+                                        *self.sim_args, *self._bus_args()),
+                    logs / "sim.log")
+        self.children["sim"] = sim
+        for name in self.spec["services"]:
+            self.children[name] = Child(name, self._kibble(
+                "service", name, "--config", str(stack_config(self.model)),
+                "--setting", f"frame_rate_hz={rate}", "--state-dir", str(self.run_dir / "state"),
+                *self._bus_args()), logs / f"{name}.log")
+        env = self._env()
+        for child in self.children.values():
+            await child.start(env)
+        self.progress(f"started sim ({self.model}, {self.clock}, {rate} Hz) and "
+                      f"{', '.join(self.spec['services'])}; logs in {logs}")
+        await self.wait_online(self.startup_timeout_s)
+        if self.arm:
+            await self.arm_all()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def wait_online(self, timeout_s: float) -> None:
+        """Wait until the simulator and every daemon publish an online status."""
+        want = {"sim", *self.spec["services"]}
+        seen: set[str] = set()
+        assert self.broker_url is not None
+        deadline = time.monotonic() + timeout_s
+        async with BusClient(self.broker_url, self.instrument) as bus:
+            pattern = f"kb/{self.instrument}/+/status"
+            async for topic, payload in _with_deadline(bus.subscribe(pattern), deadline):
+                try:
+                    status = decode(payload, Status)
+                except DecodeError:
+                    continue
+                if status.online:
+                    seen.add(status.service)
+                if want <= seen:
+                    break
+                self._check_alive()
+        missing = want - seen
+        if missing:
+            raise TimeoutError(f"not online after {timeout_s:.0f} s: {', '.join(sorted(missing))} "
+                               f"(see {self.run_dir / 'logs'})")
+        self.progress(f"online: {', '.join(sorted(seen))}")
+
+    def _check_alive(self) -> None:
+        for child in self.children.values():
+            if not child.running:
+                code = child.proc.returncode if child.proc else None
+                raise RuntimeError(f"{child.name} exited with code {code} during start-up; "
+                                   f"its log: {child.log_path}")
+
+    async def request(self, service: str, command: str, args: dict | None = None,
+                      timeout_s: float = 10.0) -> dict:
+        """Send one command; the reply's result, or ``BusError`` with the service's reason."""
+        assert self.broker_url is not None
+        async with BusClient(self.broker_url, self.instrument) as bus:
+            reply = await bus.request(service, command, args or {}, timeout_s=timeout_s)
+        if not reply.ok:
+            raise BusError(f"{service} refused {command}: {reply.error}")
+        return reply.result
+
+    async def arm_all(self) -> None:
+        """Arm every actuator daemon (retrying while their interlocks still lack readings)."""
+        for name in self.spec["actuators"]:
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    await self.request(name, "arm")
+                    break
+                except BusError as exc:
+                    if time.monotonic() > deadline:
+                        raise
+                    log.info("arming %s: %s; retrying", name, exc)
+                    await asyncio.sleep(0.2)
+        self.progress(f"armed: {', '.join(self.spec['actuators'])}")
+
+    async def _supervise(self) -> None:
+        env = self._env()
+        while not self._stopping:
+            for child in self.children.values():
+                if child.running or self._stopping:
+                    continue
+                code = child.proc.returncode if child.proc else None
+                if child.restarts >= self.max_restarts:
+                    self.progress(f"supervisor: {child.name} exited (code {code}) and has been "
+                                  f"restarted {child.restarts} times: giving up, see {child.log_path}")
+                    continue
+                delay = min(5.0, 0.5 * 2 ** child.restarts)
+                self.progress(f"supervisor: {child.name} exited with code {code}; "
+                              f"restarting in {delay:.1f} s (see {child.log_path})")
+                await asyncio.sleep(delay)
+                child.restarts += 1
+                await child.start(env)
+            await asyncio.sleep(0.5)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        services = [c for n, c in self.children.items() if n != "sim"]
+        await asyncio.gather(*(c.stop() for c in services))
+        if "sim" in self.children:
+            await self.children["sim"].stop()
+        if self._broker is not None:
+            await self._broker.__aexit__(None, None, None)
+            self._broker = None
+
+
+async def _with_deadline(agen, deadline: float):
+    """Iterate ``agen`` until ``deadline`` (monotonic), then stop quietly."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            item = await asyncio.wait_for(agen.__anext__(), remaining)
+        except (asyncio.TimeoutError, StopAsyncIteration):
+            return
+        yield item
