@@ -36,7 +36,7 @@ class HvSourceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     dac_bits: int = 24
     full_scale_v: float = 1000.0
     limit_v: float = 1000.0
-    slew_v_s: float = 2000.0
+    slew_v_s: float = 20000.0
     safe_slew_v_s: float = 500.0
     stale_after_s: float = 0.05
     pressure_limit_pa: float = 0.1
