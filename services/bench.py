@@ -39,6 +39,12 @@ def bench_codec(repeats: int = 7, number: int = 100_000) -> float:
     return best / number * 1e9
 
 
+READY_TIMEOUT_S = 30.0
+"""How long the sink process may take to start, connect and subscribe."""
+DRAIN_S = 2.0
+"""After the last frame is sent, how long the sink waits for stragglers before it stops."""
+
+
 class _HopSink(Service):
     name = "bench_sink"
 
@@ -58,21 +64,23 @@ class _HopSink(Service):
             self.stop()
 
 
-def _sink_main(broker: str, state_dir: str, n_frames: int, topic: str, out: str, ready) -> None:
-    sink = _HopSink(ServiceConfig(broker=broker, state_dir=Path(state_dir), restore=False),
-                    n_frames, topic)
+def _sink_main(broker: str, state_dir: str, n_frames: int, topic: str, out: str, ready, sent) -> None:
+    """The receiving service, in a process of its own: ``ready`` once subscribed; it stops
+    at the last frame, or ``DRAIN_S`` after the source set ``sent``, whichever comes first."""
+    sink = _HopSink(ServiceConfig(broker=broker, instrument="bench", state_dir=Path(state_dir),
+                                  restore=False), n_frames, topic)
 
     async def main() -> None:
-        async def signal_ready() -> None:
+        async def supervise() -> None:
             await sink.connected.wait()
             ready.set()
-        task = asyncio.create_task(signal_ready())
-        run = asyncio.create_task(sink.run(install_signal_handlers=False))
-        done, _ = await asyncio.wait([run], timeout=BUS_DURATION_S * 3 + n_frames / BUS_RATE_HZ)
-        if not done:
+            while not sent.is_set():
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(DRAIN_S)
             sink.stop()
-            await run
-        task.cancel()
+        watcher = asyncio.create_task(supervise())
+        await sink.run(install_signal_handlers=False)
+        watcher.cancel()
     asyncio.run(main())
     np.save(out, sink.latency_s)
 
@@ -85,30 +93,43 @@ async def _bus_hop(broker: str, n_frames: int, rate_hz: float) -> np.ndarray:
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="kibble-bench-") as tmp:
         topic = "kb/bench/bench_source/frame"
-        out = str(Path(tmp) / "latency.npy")
-        ready = ctx.Event()
-        proc = ctx.Process(target=_sink_main, args=(broker, tmp, n_frames, topic, out, ready))
+        out = Path(tmp) / "latency.npy"
+        ready, sent = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_sink_main, args=(broker, tmp, n_frames, topic, str(out), ready, sent),
+                           daemon=True)
         proc.start()
         source = _HopSource(ServiceConfig(broker=broker, instrument="bench", state_dir=Path(tmp),
                                           restore=False))
         run = asyncio.create_task(source.run(install_signal_handlers=False))
-        await source.connected.wait()
-        while not ready.is_set():
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
-        period = 1.0 / rate_hz
-        t0 = time.monotonic()
-        for k in range(n_frames):
-            delay = t0 + k * period - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            source.publish(topic, DaqFrame(frame=k, sim_time_s=k * period, coil_z_m=1e-9))
-        await asyncio.get_running_loop().run_in_executor(None, proc.join, 30.0)
-        source.stop()
-        await run
-        if proc.is_alive():
-            proc.kill()
-        return np.load(out) if Path(out).exists() else np.full(n_frames, np.nan)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not (ready.is_set() and source.connected.is_set()):
+                if not proc.is_alive():
+                    raise RuntimeError(f"bus bench: the sink process exited with code {proc.exitcode} "
+                                       "before it subscribed")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"bus bench: sink ready {ready.is_set()}, source connected "
+                                       f"{source.connected.is_set()} after {READY_TIMEOUT_S} s at {broker}")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            period = 1.0 / rate_hz
+            t0 = time.monotonic()
+            for k in range(n_frames):
+                delay = t0 + k * period - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                source.publish(topic, DaqFrame(frame=k, sim_time_s=k * period, coil_z_m=1e-9))
+            sent.set()
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, DRAIN_S + 10.0)
+        finally:
+            source.stop()
+            await run
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if proc.exitcode != 0 or not out.exists():
+            raise RuntimeError(f"bus bench: the sink process failed (exit code {proc.exitcode})")
+        return np.load(out)
 
 
 def bench_bus(broker: str | None = None, duration_s: float = BUS_DURATION_S,

@@ -127,22 +127,32 @@ class BusClient:
         finally:
             self._pending.pop(cid, None)
 
-    async def subscribe(self, pattern: str, qos: int = 1) -> AsyncIterator[tuple[str, bytes]]:
-        """Yield ``(topic, payload)`` for every message matching ``pattern``."""
-        queue: asyncio.Queue = asyncio.Queue()
-        entry = (pattern, queue)
+    @contextlib.asynccontextmanager
+    async def listen(self, pattern: str, qos: int = 1) -> AsyncIterator["Subscription"]:
+        """A :class:`Subscription` to ``pattern``, acknowledged by the broker on entry.
+
+        Use it when the order matters: everything published after ``async with`` is entered
+        is caught (unlike a lazily started :meth:`subscribe` generator).
+        """
+        sub = Subscription(pattern)
+        entry = (pattern, sub.queue)
         self._queues.append(entry)
-        await self._client.subscribe(pattern, qos=qos)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            try:
+                await self._client.subscribe(pattern, qos=qos)
+            except aiomqtt.MqttError as exc:
+                raise BusError(f"cannot subscribe to {pattern!r} at {self.url}: {exc}") from None
+            yield sub
         finally:
             self._queues.remove(entry)
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._client.unsubscribe(pattern)
+
+    async def subscribe(self, pattern: str, qos: int = 1) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield ``(topic, payload)`` for every message matching ``pattern``."""
+        async with self.listen(pattern, qos) as sub:
+            while True:
+                yield await sub.get()
 
     async def collect(self, pattern: str, duration_s: float) -> list[tuple[str, bytes]]:
         """Every message matching ``pattern`` (retained ones included) for ``duration_s``."""
@@ -157,10 +167,51 @@ class BusClient:
         return out
 
 
+class Subscription:
+    """Messages matching one pattern, queued as they arrive (see :meth:`BusClient.listen`)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def get(self, timeout_s: float | None = None) -> tuple[str, bytes]:
+        """The next ``(topic, payload)``; ``BusError`` on timeout or when the broker is lost."""
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout_s)
+        except asyncio.TimeoutError:
+            raise BusError(f"no message on {self.pattern!r} within {timeout_s} s") from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def expect(self, msg_type: type[M], predicate=lambda msg: True,
+                     timeout_s: float = 5.0) -> M:
+        """The next message that decodes as ``msg_type`` and satisfies ``predicate``.
+
+        Messages that do not decode or do not match are skipped; ``BusError`` at the deadline.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BusError(f"no matching {msg_type.__name__} on {self.pattern!r} "
+                               f"within {timeout_s} s") from None
+            if isinstance(item, Exception):
+                raise item
+            _, payload = item
+            try:
+                msg = decode(payload, msg_type)
+            except DecodeError:
+                continue
+            if predicate(msg):
+                return msg
+
+
 def topic_matches(pattern: str, topic: str) -> bool:
     """MQTT wildcard match (``+`` one level, ``#`` the rest)."""
     return aiomqtt.Topic(topic).matches(pattern)
 
 
-__all__ = ["BusClient", "BusError", "DEFAULT_BROKER", "make_client", "parse_broker_url",
+__all__ = ["BusClient", "BusError", "Subscription", "DEFAULT_BROKER", "make_client", "parse_broker_url",
            "publish_now", "topic_matches", "new_client_id"]

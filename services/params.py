@@ -199,20 +199,26 @@ class ParamRegistry:
 
     # ----------------------------------------------------------------- persistence
 
-    def load(self) -> list[str]:
-        """Read the state file: session number and tuned values, each validated again.
+    def load(self, restore_values: bool = True) -> list[str]:
+        """Read the state file: the session number and (``restore_values``) the tuned values,
+        each validated again.
 
         Returns one warning per value that was not restored (unknown name, now out of range).
-        A missing file is a first start; an unreadable one raises :class:`ParamError`.
+        A missing file is a first start. An unreadable one raises :class:`ParamError` when
+        values are to be restored, else it is a warning (the session count starts again).
         """
         if self.state_path is None or not self.state_path.exists():
             return []
         try:
             state = msgspec.json.decode(self.state_path.read_bytes(), type=StateFile)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ParamError(f"state file {self.state_path} is unreadable: {exc}; "
-                             "move it away to start from the configured values") from None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            text = f"state file {self.state_path} is unreadable: {exc}"
+            if not restore_values:
+                return [f"{text}; it will be overwritten"]
+            raise ParamError(f"{text}; move it away to start from the configured values") from None
         self.session = state.session
+        if not restore_values:
+            return []
         warnings = []
         for name, value in state.params.items():
             try:

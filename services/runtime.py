@@ -34,7 +34,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 import aiomqtt
 
@@ -43,7 +43,9 @@ from kibble.bus_schema.messages import (
     Command, Event, Message, ParamList, Reply, Severity, State, Status,
 )
 from kibble.bus_schema.topics import Topics, check_name
-from kibble.bus_schema.transport import DEFAULT_BROKER, make_client, parse_broker_url, publish_now
+from kibble.bus_schema.transport import (
+    DEFAULT_BROKER, deliver_directly, make_client, parse_broker_url, publish_now,
+)
 from kibble.services.params import Change, ParamError, ParamRegistry, declared_params
 
 M = TypeVar("M", bound=Message)
@@ -62,8 +64,9 @@ def default_state_dir() -> Path:
 class ServiceConfig:
     """Where a service runs and how: broker, instrument, state directory, initial values.
 
-    ``params`` are initial parameter values (validated); a value tuned live and saved in the
-    state file wins over them unless ``restore`` is False. ``settings`` holds service-specific
+    ``params`` are initial parameter values (validated, from the TOML file); a value tuned live
+    and saved in the state file wins over them unless ``restore`` is False. ``param_overrides``
+    (``--param`` on the command line) win over both. ``settings`` holds service-specific
     configuration that is not live-tunable (device ranges, channel maps).
     """
 
@@ -73,6 +76,7 @@ class ServiceConfig:
     heartbeat_s: float = 1.0
     restore: bool = True
     params: dict[str, Any] = field(default_factory=dict)
+    param_overrides: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     client_id: str = ""
     event_burst: int = 5
@@ -108,7 +112,8 @@ def load_config(service: str, path: Path | str | None = None, **overrides: Any) 
         [services.damping.settings]
         dac_bits = 16
 
-    Unknown keys raise ``ValueError`` naming the key and the file.
+    Unknown keys raise ``ValueError`` naming the key and the file. ``params=`` among the
+    overrides become :attr:`ServiceConfig.param_overrides` (they win over the state file).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -126,10 +131,11 @@ def load_config(service: str, path: Path | str | None = None, **overrides: Any) 
                          f"(known: {sorted(_CONFIG_KEYS | {'params', 'settings'})})")
     params = dict(merged.pop("params", {}))
     settings = dict(merged.pop("settings", {}))
-    params.update(overrides.pop("params", None) or {})
+    param_overrides = dict(overrides.pop("params", None) or {})
     settings.update(overrides.pop("settings", None) or {})
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    return ServiceConfig(params=params, settings=settings, **merged)
+    return ServiceConfig(params=params, param_overrides=param_overrides, settings=settings,
+                         **merged)
 
 
 def command(name: str) -> Callable[[Callable], Callable]:
@@ -227,9 +233,8 @@ class Service:
         state_path = self.config.state_dir / self.config.instrument / f"{self.name}.json"
         self.params = ParamRegistry(declared_params(type(self)), self.name, state_path)
         self.params.apply_overrides(self.config.params)
-        self._restore_warnings: list[str] = []
-        if self.config.restore:
-            self._restore_warnings = self.params.load()
+        self._restore_warnings = self.params.load(restore_values=self.config.restore)
+        self.params.apply_overrides(self.config.param_overrides)
         self.params.session += 1
         self.params.save()
         self.session = self.params.session
@@ -242,6 +247,7 @@ class Service:
         self._client: aiomqtt.Client | None = None
         self._local_sink: Callable[[str, bytes, int, bool], None] | None = None
         self._subs: dict[str, tuple[type[Message], Handler, bool]] = {}
+        self._handler_tasks: set[asyncio.Task] = set()
         self._seq = 0
         self._heartbeats = 0
         self._t_start = time.monotonic()
@@ -423,28 +429,57 @@ class Service:
                        severity="warning", data={"command": cmd.command, "error": reply.error})
         self.publish(cmd.reply_to or self.topics.reply(self.name), reply, qos=1)
 
-    async def dispatch(self, topic: str, payload: bytes) -> None:
-        """Decode one message and call its handler; never raises for bad input."""
+    def dispatch_now(self, topic: str, payload: bytes) -> Awaitable[None] | None:
+        """Decode one message and call its handler at once; never raises for bad input.
+
+        Returns the still-to-be-awaited work of an ``async`` handler (handler errors inside
+        it are caught and reported too), or None when the handler was synchronous.
+        """
         entry = self._subs.get(topic)
         if entry is None:
-            return
+            return None
         msg_type, handler, is_frame = entry
         try:
             msg = decode(payload, msg_type)
         except DecodeError as exc:
             self.reject(topic, str(exc))
-            return
+            return None
         if is_frame:
             self.counters["frames_in"] += 1
         try:
             result = handler(msg)
-            if inspect.isawaitable(result):
-                await result
         except Exception as exc:  # a handler bug must not stop the daemon: count, report, go on
-            self.counters["handler_errors"] += 1
-            log.exception("%s: handler for %s failed", self.name, topic)
-            self.event("handler_error", f"{type(exc).__name__} handling {topic}: {exc}",
-                       severity="alarm", data={"topic": topic})
+            self._handler_failed(topic, exc)
+            return None
+        if inspect.isawaitable(result):
+            return self._finish_handler(topic, result)
+        return None
+
+    async def dispatch(self, topic: str, payload: bytes) -> None:
+        """:meth:`dispatch_now`, then await an ``async`` handler to its end."""
+        pending = self.dispatch_now(topic, payload)
+        if pending is not None:
+            await pending
+
+    async def _finish_handler(self, topic: str, awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except Exception as exc:
+            self._handler_failed(topic, exc)
+
+    def _handler_failed(self, topic: str, exc: Exception) -> None:
+        self.counters["handler_errors"] += 1
+        log.error("%s: handler for %s failed", self.name, topic, exc_info=exc)
+        self.event("handler_error", f"{type(exc).__name__} handling {topic}: {exc}",
+                   severity="alarm", data={"topic": topic})
+
+    def _on_bus_message(self, topic: str, payload: bytes) -> None:
+        """Called from the socket-readable callback for every message (no queue, no task)."""
+        pending = self.dispatch_now(topic, payload)
+        if pending is not None:
+            task = asyncio.get_running_loop().create_task(pending)
+            self._handler_tasks.add(task)
+            task.add_done_callback(self._handler_tasks.discard)
 
     # ------------------------------------------------------------------ run loop
 
@@ -464,9 +499,12 @@ class Service:
             first = False
             connected_at = None
             try:
-                will = aiomqtt.Will(self.topics.status(self.name), encode(self.status(online=False)),
-                                    qos=1, retain=True)
-                async with make_client(self.config.broker, self.client_id, will=will) as client:
+                # Stamped now, so the will carries this session's last connect time.
+                will = aiomqtt.Will(self.topics.status(self.name),
+                                    encode(self.stamp(self.status(online=False))), qos=1, retain=True)
+                client = make_client(self.config.broker, self.client_id, will=will)
+                deliver_directly(client, self._on_bus_message)
+                async with client:
                     connected_at = time.monotonic()
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
@@ -497,7 +535,7 @@ class Service:
         self._restore_warnings = []
         self.connected.set()
         await self.on_connected()
-        tasks = [asyncio.create_task(self._read(client)), asyncio.create_task(self._heartbeat()),
+        tasks = [asyncio.create_task(self._watch_connection(client)), asyncio.create_task(self._heartbeat()),
                  asyncio.create_task(self.background()), asyncio.create_task(self._stop.wait())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -505,6 +543,8 @@ class Service:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._handler_tasks:  # commands in progress finish (their replies may go out)
+                await asyncio.wait(list(self._handler_tasks), timeout=5.0)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
@@ -514,9 +554,14 @@ class Service:
             self.state = "offline"
             self.publish(self.topics.status(self.name), self.status(online=False), qos=1, retain=True)
 
-    async def _read(self, client: aiomqtt.Client) -> None:
+    async def _watch_connection(self, client: aiomqtt.Client) -> None:
+        """Return (by raising ``MqttError``) when the connection drops.
+
+        Messages do not come through ``client.messages`` (see :func:`deliver_directly`); its
+        iterator stays empty and raises as soon as aiomqtt sees the connection close.
+        """
         async for message in client.messages:
-            await self.dispatch(message.topic.value, message.payload)
+            raise RuntimeError(f"unexpected message on {message.topic} through aiomqtt's queue")
 
     async def _heartbeat(self) -> None:
         while True:
