@@ -73,10 +73,12 @@ def thetaz_voltages(torque_nm, bias_v, gain_nm_per_v2, v_limit_v, u_hold_v, out_
     umax = max(v_limit_v - abs(bias_v), 0.0)
     bias = min(max(bias_v, -v_limit_v), v_limit_v)
     last = min(max(u_hold_v, -umax), umax)
+    # a subnormal bias can underflow gain * bias to 0: the plates then have no authority
+    gain_v = gain_nm_per_v2 * bias if gain_nm_per_v2 > 0.0 else 0.0
     for k in range(torque_nm.shape[0]):
         t = torque_nm[k]
-        if math.isfinite(t) and bias != 0.0 and gain_nm_per_v2 > 0.0:
-            u = t / (gain_nm_per_v2 * bias)
+        if math.isfinite(t) and gain_v != 0.0:
+            u = t / gain_v
             if u > umax or u < -umax:
                 u = min(max(u, -umax), umax)
                 n_flag += 1

@@ -4,7 +4,7 @@ non-finite or out-of-limit output from the control kernels."""
 import math
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -74,6 +74,7 @@ def test_matrix_run_finite_and_limited(x):
 @SETTINGS
 @given(f=arrays(np.float64, 20, elements=WILD), pol=st.sampled_from([1.0, -1.0]),
        vs=st.floats(-10, 10), hold=WILD, bias=st.floats(-2000, 2000))
+@example(f=np.zeros(20), pol=1.0, vs=0.0, hold=0.0, bias=5e-324)  # gain * bias underflows to 0
 def test_electrostatic_finite_and_limited(f, pol, vs, hold, bias):
     out = np.empty(20)
     hold = hold if math.isfinite(hold) else 0.0
