@@ -6,7 +6,8 @@ Groups:
   for 30 s from one service process to another through a private mosquitto, both on the
   runtime's own publish/subscribe path; one hop = publish call to handler call, on the shared
   monotonic clock) and ``codec_roundtrip_ns`` (encode + decode of a DAQ frame).
-- ``control``: ``kibble.control.bench``; ``sim``: ``kibble.hil_sim.bench``.
+- ``control``: ``kibble.control.bench``; ``sim``: ``kibble.hil_sim.bench``; ``loop``:
+  ``kibble.services.loopbench`` (closed loop in process and over the bus, ~10 minutes).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "bus": bench_bus,
     "control": _external("kibble.control.bench:run"),
     "sim": _external("kibble.hil_sim.bench:run"),
+    "loop": _external("kibble.services.loopbench:run"),
 }
 
 

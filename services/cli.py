@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -87,6 +88,24 @@ def decode_for_display(topic: str, payload: bytes) -> tuple[str, Any]:
 # ---------------------------------------------------------------------------- commands
 
 
+def status_table(statuses: list[Status]) -> str:
+    """One line per service: state, heartbeat age, counters, jitter and its detail."""
+    now = time.time()
+    header = (f"{'service':<16}{'state':<10}{'online':<8}{'session':>8}{'hb age s':>10}{'in':>10}"
+              f"{'out':>10}{'rej':>6}{'late':>6}{'jitter us':>11}  detail")
+    lines = [header, "-" * len(header)]
+    for status in sorted(statuses, key=lambda s: s.service):
+        c = status.counters
+        age = now - status.t_utc_s if status.t_utc_s else float("nan")
+        detail = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in status.detail.items())
+        lines.append(f"{status.service:<16}{status.state:<10}{str(status.online).lower():<8}"
+                     f"{status.session:>8}{age:>10.1f}{c.get('frames_in', 0):>10}"
+                     f"{c.get('frames_out', 0):>10}{c.get('rejected', 0):>6}{c.get('late', 0):>6}"
+                     f"{status.loop_period_jitter_s * 1e6:>11.1f}  {detail}")
+    return "\n".join(lines)
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     async with BusClient(args.broker, args.instrument) as bus:
         items = await bus.collect(bus.topics.all_of("status"), args.wait)
@@ -99,17 +118,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no services seen on instrument {args.instrument!r} at {args.broker}")
         return 0
-    now = time.time()
-    header = f"{'service':<16}{'state':<10}{'online':<8}{'session':>8}{'hb age s':>10}{'in':>10}{'out':>10}{'rej':>6}{'late':>6}{'jitter us':>11}  detail"
-    print(header)
-    print("-" * len(header))
-    for status in sorted(rows.values(), key=lambda s: s.service):
-        c = status.counters
-        age = now - status.t_utc_s if status.t_utc_s else float("nan")
-        detail = " ".join(f"{k}={v}" for k, v in status.detail.items())
-        print(f"{status.service:<16}{status.state:<10}{str(status.online).lower():<8}{status.session:>8}"
-              f"{age:>10.1f}{c.get('frames_in', 0):>10}{c.get('frames_out', 0):>10}"
-              f"{c.get('rejected', 0):>6}{c.get('late', 0):>6}{status.loop_period_jitter_s * 1e6:>11.1f}  {detail}")
+    print(status_table(list(rows.values())))
     return 0
 
 
@@ -187,6 +196,70 @@ async def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_sim(args: argparse.Namespace) -> int:
+    from kibble.hil_sim.bus import SimServer, load_overrides_file
+    from kibble.hil_sim.params import parse_override
+
+    overrides = load_overrides_file(args.params) if args.params else {}
+    overrides.update(dict(parse_override(item) for item in args.param))
+    expect = [d for item in args.expect for d in item.split(",") if d]
+    server = SimServer(model=args.model, clock=args.clock, rate_hz=args.rate, seed=args.seed,
+                       params=overrides, broker_url=args.broker, instrument=args.instrument,
+                       expect=expect, lockstep_timeout_s=args.lockstep_timeout,
+                       drop_after_misses=args.drop_after, truth_every=args.truth_every,
+                       max_frames=args.frames, client_id=args.client_id)
+    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, on {args.broker}, "
+          f"instrument {args.instrument}", flush=True)
+    await server.run()
+    return 0
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from kibble.services.up import Stack
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
+                  seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm)
+    async with stack:
+        assert stack.broker_url is not None
+        print(f"up: {args.sim} on {stack.broker_url} (instrument {stack.instrument}); "
+              f"Ctrl-C stops everything", flush=True)
+        async with BusClient(stack.broker_url, stack.instrument) as bus:
+            statuses: dict[str, Status] = {}
+
+            async def follow() -> None:
+                async for topic, payload in bus.subscribe(bus.topics.all_of("status")):
+                    with contextlib.suppress(DecodeError):
+                        statuses[topic] = decode(payload, Status)
+
+            follower = asyncio.create_task(follow())
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), args.status_every)
+                if statuses and not stop.is_set():
+                    print(status_table(list(statuses.values())), "\n", flush=True)
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BusError):
+                await follower
+    print("up: stopped", flush=True)
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from kibble.services.demo import format_table, run_demo
+
+    rows = await run_demo(rate_hz=args.rate, run_dir=args.run_dir,
+                          say=lambda line: print(line, flush=True))
+    print()
+    print(format_table(rows))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kibble.services.bench import run_benchmarks
 
@@ -259,9 +332,53 @@ def build_parser() -> argparse.ArgumentParser:
     bus_args(p)
     p.set_defaults(func=cmd_watch, is_async=True)
 
+    p = sub.add_parser("sim", help="run the HIL simulator on the bus (speaks hw/ and sim/ topics)")
+    p.add_argument("--model", choices=("nist4", "efb"), default="nist4")
+    p.add_argument("--clock", choices=("realtime", "lockstep"), default="realtime")
+    p.add_argument("--rate", type=float, default=1000.0,
+                   help="frame (loop) rate in Hz, a whole number of 10 kHz steps (default %(default)s)")
+    p.add_argument("--params", type=Path, help="TOML file of plant parameter overrides")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="plant parameter override, e.g. wheel.q=300 (repeatable; wins over --params)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (lockstep runs are reproducible)")
+    p.add_argument("--expect", action="append", default=[], metavar="DEV[,DEV]",
+                   help="lockstep: devices that must register before frame 0")
+    p.add_argument("--lockstep-timeout", type=float, default=1.0,
+                   help="lockstep: wall-clock wait for the answers to a frame before a miss (s)")
+    p.add_argument("--drop-after", type=int, default=3,
+                   help="lockstep: unregister a device after N consecutive misses (0: never)")
+    p.add_argument("--truth-every", type=int, default=1,
+                   help="publish sim/truth every N frames (0: never)")
+    p.add_argument("--frames", type=int, default=0, help="stop after N frames (0: run until stopped)")
+    p.add_argument("--broker", default=_env_broker(),
+                   help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
+    p.add_argument("--instrument", default=_env_instrument(),
+                   help="instrument id, first topic level after kb/ (default %(default)s)")
+    p.add_argument("--client-id", default=None, help="MQTT client id of the simulator")
+    p.set_defaults(func=cmd_sim, is_async=True)
+
+    p = sub.add_parser("up", help="start broker, simulator and every daemon; arm and supervise them")
+    p.add_argument("--sim", choices=("nist4", "efb"), default="nist4", help="simulated instrument")
+    p.add_argument("--clock", choices=("lockstep", "realtime"), default="lockstep")
+    p.add_argument("--rate", type=float, default=1000.0, help="frame (loop) rate in Hz")
+    p.add_argument("--broker", default=None,
+                   help="use this broker (mqtt://host:port); default: start an embedded one")
+    p.add_argument("--seed", type=int, default=0, help="simulator random seed")
+    p.add_argument("--run-dir", type=Path, default=Path(".state") / "up",
+                   help="logs and state files of the daemons")
+    p.add_argument("--no-arm", action="store_true", help="leave the actuators disarmed")
+    p.add_argument("--status-every", type=float, default=5.0, help="status table period (s)")
+    p.set_defaults(func=cmd_up, is_async=True)
+
+    p = sub.add_parser("demo", help="the main job: the whole stack on the simulator, scripted (make run)")
+    p.add_argument("--rate", type=float, default=200.0, help="frame (loop) rate in Hz")
+    p.add_argument("--run-dir", type=Path, default=Path(".state") / "demo",
+                   help="logs and state files of the daemons")
+    p.set_defaults(func=cmd_demo, is_async=True)
+
     p = sub.add_parser("bench", help="run benchmarks and print (or write) flat JSON")
     p.add_argument("--only", action="append", default=None, metavar="GROUP",
-                   help="bus, control, sim (repeatable; default all)")
+                   help="bus, control, sim, loop (repeatable; default all)")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")

@@ -155,6 +155,12 @@ class Stack:
         return self
 
     async def _start(self) -> None:
+        from kibble.services.inprocess import warm_kernels
+
+        t0 = time.monotonic()
+        self.progress("loading the numba kernels (compiled once per machine, cached after)")
+        await warm_kernels()
+        self.progress(f"kernels ready in {time.monotonic() - t0:.1f} s")
         if self.broker_url is None:
             self._broker = Broker()
             await self._broker.__aenter__()
@@ -174,18 +180,21 @@ class Stack:
                 "--setting", f"frame_rate_hz={rate}", "--state-dir", str(self.run_dir / "state"),
                 *self._bus_args()), logs / f"{name}.log")
         env = self._env()
-        for child in self.children.values():
-            await child.start(env)
+        # the simulator first: the actuators' hello (their registration with the lockstep
+        # clock) must find it subscribed
+        await sim.start(env)
+        await self.wait_online(self.startup_timeout_s, {"sim"})
+        for name in self.spec["services"]:
+            await self.children[name].start(env)
         self.progress(f"started sim ({self.model}, {self.clock}, {rate} Hz) and "
                       f"{', '.join(self.spec['services'])}; logs in {logs}")
-        await self.wait_online(self.startup_timeout_s)
+        await self.wait_online(self.startup_timeout_s, set(self.spec["services"]))
         if self.arm:
             await self.arm_all()
         self._supervisor = asyncio.create_task(self._supervise())
 
-    async def wait_online(self, timeout_s: float) -> None:
-        """Wait until the simulator and every daemon publish an online status."""
-        want = {"sim", *self.spec["services"]}
+    async def wait_online(self, timeout_s: float, want: set[str]) -> None:
+        """Wait until every child named in ``want`` publishes an online status."""
         seen: set[str] = set()
         assert self.broker_url is not None
         deadline = time.monotonic() + timeout_s
@@ -200,15 +209,15 @@ class Stack:
                     seen.add(status.service)
                 if want <= seen:
                     break
-                self._check_alive()
+                self._check_alive(want)
         missing = want - seen
         if missing:
             raise TimeoutError(f"not online after {timeout_s:.0f} s: {', '.join(sorted(missing))} "
                                f"(see {self.run_dir / 'logs'})")
         self.progress(f"online: {', '.join(sorted(seen))}")
 
-    def _check_alive(self) -> None:
-        for child in self.children.values():
+    def _check_alive(self, names: set[str]) -> None:
+        for child in (self.children[n] for n in names):
             if not child.running:
                 code = child.proc.returncode if child.proc else None
                 raise RuntimeError(f"{child.name} exited with code {code} during start-up; "

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kibble.services.broker import Broker
+from kibble.services.inprocess import compile_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,14 @@ class BrokerHandle:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5.0)
             self._loop.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def numba_cache():
+    """Every numba kernel compiled into the on-disk cache before the first test: a cold cache
+    would otherwise make the first process to step a plant (a test's or a ``kibble sim``
+    child's) slower than the test's timeouts."""
+    compile_kernels()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,101 @@
+"""``kibble bench --only loop``: the closed-loop figures of DESIGN.md section 7.
+
+In process (real daemons + plant, :class:`~kibble.services.inprocess.InProcessStack`, 1 kHz,
+default noise): ``null_rms_nm`` (force mode, 600 s, 0.1 Hz bandwidth), ``mass_exchange_peak_um``
+and ``mass_exchange_settle_s`` (worst of two on/off cycles), ``velocity_err_rel_rms`` (one full
+80 mm sweep each way), ``damping_decay_ratio_min``, ``theta_z_rms_urad``, ``efb_null_rms_nm``
+(1 mg loaded, 300 s). Over the bus (:class:`~kibble.services.up.Stack`, every daemon a process,
+private broker): ``hil_chain_steps_per_s`` (lockstep) and ``hil_latency_p99_ms`` (realtime,
+1 kHz, sensor frame to the last actuator command at the simulator, from its ``stats``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from kibble.services import scenarios as S
+from kibble.services.busloop import BusLoop
+from kibble.services.inprocess import InProcessStack
+from kibble.services.up import Stack
+
+RATE_HZ = 1000.0
+
+
+async def _in_process(say: Callable[[str], None], null_s: float, efb_s: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    stack = InProcessStack("nist4", rate_hz=RATE_HZ, seed=101)
+    try:
+        await stack.start()
+        t0 = time.monotonic()
+        null = await S.force_null(stack, null_s)
+        out["null_rms_nm"] = null["null_rms_m"] * 1e9
+        out["inprocess_frames_per_s"] = (null_s + 10.0) * RATE_HZ / (time.monotonic() - t0)
+        say(f"  null {out['null_rms_nm']:.4f} nm over {null_s:g} s")
+        ex = await S.mass_exchanges(stack, cycles=2)
+        out["mass_exchange_peak_um"] = max(ex["peaks_m"]) * 1e6
+        out["mass_exchange_settle_s"] = max(ex["settle_s"])
+        say(f"  mass exchange peak {out['mass_exchange_peak_um']:.3f} um")
+        sw = await S.velocity_sweeps(stack, travel_m=0.08)
+        out["velocity_err_rel_rms"] = max(sw["velocity_err_rel_rms"])
+        say(f"  velocity error {out['velocity_err_rel_rms']:.3g}")
+        dm = await S.damping_ratios(stack)
+        out["damping_decay_ratio_min"] = min(dm["ratios"].values())
+        for dof, ratio in dm["ratios"].items():
+            out[f"damping_decay_ratio_{dof}"] = ratio
+        tz = await stack.run_seconds(60.0)
+        out["theta_z_rms_urad"] = float(np.sqrt(np.mean(tz["theta_z_rad"] ** 2))) * 1e6
+    finally:
+        stack.close()
+    efb = InProcessStack("efb", rate_hz=RATE_HZ, seed=102)
+    try:
+        await efb.start()
+        res = await S.efb_null(efb, efb_s)
+        out["efb_null_rms_nm"] = res["null_rms_m"] * 1e9
+        say(f"  EFB null {out['efb_null_rms_nm']:.4f} nm over {efb_s:g} s")
+    finally:
+        efb.close()
+    return out
+
+
+async def _over_the_bus(say: Callable[[str], None], seconds: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="kibble-loopbench-") as tmp:
+        for clock in ("lockstep", "realtime"):
+            async with Stack("nist4", clock=clock, rate_hz=RATE_HZ, run_dir=f"{tmp}/{clock}",
+                             progress=lambda s: None) as stack:
+                assert stack.broker_url is not None
+                async with BusLoop(stack.broker_url, stack.instrument, RATE_HZ) as loop:
+                    await loop.wait_frames()
+                    await loop.command("servo", "mode", mode="force")
+                    await loop.run_seconds(1.0, record=False)
+                    f0, t0 = loop.frame, time.monotonic()
+                    await loop.run_seconds(seconds, record=False)
+                    rate = (loop.frame - f0) / (time.monotonic() - t0)
+                    stats = await loop.sim("stats")
+            if clock == "lockstep":
+                out["hil_chain_steps_per_s"] = rate
+                say(f"  lockstep chain {rate:.0f} steps/s")
+            else:
+                out["hil_latency_p50_ms"] = float(stats["latency_p50_ms"])
+                out["hil_latency_p99_ms"] = float(stats["latency_p99_ms"])
+                out["hil_realtime_frames_per_s"] = rate
+                say(f"  realtime latency p99 {out['hil_latency_p99_ms']:.2f} ms")
+    return out
+
+
+def run(null_s: float = 600.0, efb_s: float = 300.0, bus_s: float = 20.0,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every loop figure (flat dict). Long: ~10 minutes at the default durations."""
+
+    async def main() -> dict[str, float]:
+        figures = await _in_process(say, null_s, efb_s)
+        figures.update(await _over_the_bus(say, bus_s))
+        figures["loop_rate_hz"] = RATE_HZ
+        return figures
+
+    return asyncio.run(main())
