@@ -257,6 +257,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                           say=lambda line: print(line, flush=True))
     print()
     print(format_table(rows))
+    missed = [r[0] for r in rows if r[4] == "MISSED"]
+    if missed:
+        print(f"demo: missed the target of {', '.join(missed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,10 +65,11 @@ async def force_null(loop: Loop, seconds: float, settle_s: float = 10.0) -> dict
 
 
 async def mass_exchanges(loop: Loop, cycles: int = 1, window_s: float = 12.0,
-                         erase: bool = True) -> dict[str, Any]:
+                         erase: bool = True, erase_tail_s: float = 3.0) -> dict[str, Any]:
     """Force mode: auxiliary mass off, then the test mass on and off ``cycles`` times, each
-    exchange followed by an erase. Peak excursion (m), settling time to 1 um (s) per exchange,
-    and the mean current and Bl at the end of each window."""
+    exchange followed by an erase (and ``erase_tail_s`` at rest after it). Peak excursion (m),
+    settling time to 1 um (s) per exchange, the mean current and Bl at the end of each window,
+    and the largest |z| over the last second after each erase (m)."""
     await loop.command("servo", "mode", mode="force")
     await loop.command("servo", "mass", aux=False)
     await loop.run_seconds(window_s, record=False)
@@ -84,20 +85,21 @@ async def mass_exchanges(loop: Loop, cycles: int = 1, window_s: float = 12.0,
             ends.append((test_on, float(tr["i_main_a"][tail].mean()), float(tr["bl_t_m"][tail].mean())))
             if erase:
                 info = await loop.command("servo", "erase")
-                tr = await loop.run_seconds(info["duration_s"] + 3.0)
+                tr = await loop.run_seconds(info["duration_s"] + erase_tail_s)
                 erase_end.append(float(np.abs(tr["z_m"][-int(loop.rate_hz):]).max()))
     return {"peaks_m": peaks, "settle_s": settles, "currents": ends, "erase_end_m": erase_end}
 
 
 async def velocity_sweeps(loop: Loop, travel_m: float = 0.08, directions=("down", "up"),
-                          accel_m_s2: float = 5e-4, speed_m_s: float = 1e-3) -> dict[str, Any]:
+                          accel_m_s2: float = 5e-4, speed_m_s: float = 1e-3,
+                          settle_s: float = 6.0) -> dict[str, Any]:
     """Velocity mode with the auxiliary mass on: move to the top of the travel, open the
     damping, sweep each way; the velocity error RMS relative to the speed over the
     constant-velocity part of each sweep (1 s of margin after the acceleration and before the
     deceleration). Ends back at the null in force mode, damping closed."""
     await loop.command("servo", "mode", mode="force")
     await loop.command("servo", "mass", aux=True, test=False)
-    await loop.run_seconds(6.0, record=False)
+    await loop.run_seconds(settle_s, record=False)
     await loop.command("servo", "mode", mode="velocity")
     await loop.command("servo", "param.set", name="sweep_travel_m", value=travel_m)
     move = await loop.command("servo", "move", z_m=travel_m / 2)

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Status
@@ -60,6 +60,7 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
+    given_up: bool = False
 
     async def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,8 @@ class Stack:
     seed: int = 0
     run_dir: Path = field(default_factory=lambda: Path(".state") / "up")
     sim_args: list[str] = field(default_factory=list)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings per daemon, ``{"damping": {"watchdog_xy_rms_m": 1e-4}}`` (``--setting``)."""
     arm: bool = True
     progress: Callable[[str], None] = print
     startup_timeout_s: float = 60.0
@@ -127,6 +130,10 @@ class Stack:
             raise ValueError(f"unknown clock {self.clock!r}; lockstep or realtime")
         if not 1.0 <= self.rate_hz <= 10000.0:
             raise ValueError(f"rate {self.rate_hz} Hz outside 1..10000 Hz")
+        unknown = set(self.settings) - set(self.spec["services"])
+        if unknown:
+            raise ValueError(f"settings for {', '.join(sorted(unknown))}: not daemons of the "
+                             f"{self.model} stack ({', '.join(self.spec['services'])})")
         self.instrument = self.instrument or self.model
         self.run_dir = Path(self.run_dir)
 
@@ -178,6 +185,7 @@ class Stack:
             self.children[name] = Child(name, self._kibble(
                 "service", name, "--config", str(stack_config(self.model)),
                 "--setting", f"frame_rate_hz={rate}", "--state-dir", str(self.run_dir / "state"),
+                *(f"--setting={key}={value}" for key, value in self.settings.get(name, {}).items()),
                 *self._bus_args()), logs / f"{name}.log")
         env = self._env()
         # the simulator first: the actuators' hello (their registration with the lockstep
@@ -256,14 +264,17 @@ class Stack:
                     continue
                 code = child.proc.returncode if child.proc else None
                 if child.restarts >= self.max_restarts:
-                    self.progress(f"supervisor: {child.name} exited (code {code}) and has been "
-                                  f"restarted {child.restarts} times: giving up, see {child.log_path}")
+                    if not child.given_up:
+                        child.given_up = True
+                        self.progress(f"supervisor: {child.name} exited (code {code}) and has been "
+                                      f"restarted {child.restarts} times: giving up, see {child.log_path}")
                     continue
                 delay = min(5.0, 0.5 * 2 ** child.restarts)
                 self.progress(f"supervisor: {child.name} exited with code {code}; "
                               f"restarting in {delay:.1f} s (see {child.log_path})")
                 await asyncio.sleep(delay)
                 child.restarts += 1
+                child.given_up = False
                 await child.start(env)
             await asyncio.sleep(0.5)
 
