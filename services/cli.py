@@ -223,8 +223,17 @@ async def cmd_up(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
-                  seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm)
+    settings: dict[str, dict[str, Any]] = {}
+    for key, value in parse_assignments(args.setting).items():
+        service, dot, name = key.partition(".")
+        if not dot or not service or not name:
+            raise SystemExit(f"kibble up: --setting wants SERVICE.NAME=VALUE, got {key!r}")
+        settings.setdefault(service, {})[name] = value
+    try:
+        stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
+                      seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings)
+    except ValueError as exc:
+        raise SystemExit(f"kibble up: {exc}") from None
     async with stack:
         assert stack.broker_url is not None
         print(f"up: {args.sim} on {stack.broker_url} (instrument {stack.instrument}); "
@@ -371,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "up",
                    help="logs and state files of the daemons")
     p.add_argument("--no-arm", action="store_true", help="leave the actuators disarmed")
+    p.add_argument("--setting", action="append", default=[], metavar="SERVICE.NAME=VALUE",
+                   help="a daemon's setting, e.g. damping.watchdog_xy_rms_m=1e-4 (repeatable)")
     p.add_argument("--status-every", type=float, default=5.0, help="status table period (s)")
     p.set_defaults(func=cmd_up, is_async=True)
 
