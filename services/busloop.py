@@ -17,8 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode
-from kibble.bus_schema.messages import SimTruth
+from kibble.bus_schema.messages import DaqFrame, SimTruth
 from kibble.services.bus import BusClient, BusError, Subscription
+from kibble.services.plans import daq_arrays
 
 
 class BusLoop:
@@ -41,11 +42,15 @@ class BusLoop:
         self._stack = contextlib.AsyncExitStack()
         self.bus: BusClient | None = None
         self._truth: Subscription | None = None
+        self._daq: Subscription | None = None
+        self._daq_ahead: list[DaqFrame] = []
 
     async def __aenter__(self) -> "BusLoop":
         self.bus = await self._stack.enter_async_context(BusClient(self.broker_url, self.instrument))
         self._truth = await self._stack.enter_async_context(
             self.bus.listen(self.bus.topics.sim("truth"), qos=0))
+        self._daq = await self._stack.enter_async_context(
+            self.bus.listen(self.bus.topics.frame("daq"), qos=0))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -64,6 +69,11 @@ class BusLoop:
     async def run_seconds(self, seconds: float, record: bool = True) -> dict[str, np.ndarray]:
         """Wait for ``seconds`` of simulated time (frames counted on ``sim/truth``); the truth
         of those frames as arrays (``t_s`` and every truth value) if ``record``."""
+        out = await self._run(seconds, record)
+        self._drop_old_daq()
+        return out
+
+    async def _run(self, seconds: float, record: bool) -> dict[str, np.ndarray]:
         assert self._truth is not None
         n = int(math.ceil(seconds * self.rate_hz - 1e-9))
         rows: list[SimTruth] = []
@@ -92,6 +102,53 @@ class BusLoop:
         for name in names:
             out[name] = np.array([r.values[name] for r in rows])
         return out
+
+    async def measure(self, seconds: float) -> dict[str, np.ndarray]:
+        """The DAQ frames of the next ``seconds`` of simulated time (what a measurement sees,
+        not the truth): one array per :class:`DaqFrame` field."""
+        first = self.frame + 1
+        await self._run(seconds, record=False)
+        return daq_arrays(await self._daq_frames(first, self.frame))
+
+    async def _daq_frames(self, first: int, last: int) -> list[DaqFrame]:
+        """DAQ frames ``first..last`` from the DAQ subscription (older ones are dropped)."""
+        assert self._daq is not None
+        out = [f for f in self._daq_ahead if first <= f.frame <= last]
+        self._daq_ahead = [f for f in self._daq_ahead if f.frame > last]
+        newest = max((f.frame for f in out), default=first - 1)
+        while newest < last:
+            _, payload = await self._daq.get(self.frame_timeout_s)
+            try:
+                frame = decode(payload, DaqFrame)
+            except DecodeError as exc:
+                raise BusError(f"undecodable daq/frame: {exc}") from None
+            if frame.frame > last:
+                self._daq_ahead.append(frame)
+                break
+            newest = frame.frame
+            if frame.frame >= first:
+                out.append(frame)
+        missing = (last - first + 1) - len(out)
+        if missing:
+            raise BusError(f"{missing} DAQ frames of {first}..{last} not received")
+        return out
+
+    def _drop_old_daq(self) -> None:
+        """Discard queued DAQ frames up to the present frame (nobody is measuring them)."""
+        assert self._daq is not None
+        queue = self._daq.queue
+        while not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, Exception):
+                raise item
+            try:
+                frame = decode(item[1], DaqFrame)
+            except DecodeError:
+                continue
+            if frame.frame > self.frame:
+                self._daq_ahead.append(frame)
+                break
+        self._daq_ahead = [f for f in self._daq_ahead if f.frame > self.frame]
 
     async def wait_frames(self, timeout_s: float = 30.0) -> None:
         """Wait until truth frames flow (the simulator is publishing)."""

@@ -30,11 +30,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode, encode
-from kibble.bus_schema.messages import Command, HwActuatorCommand, Reply
+from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, Reply
 from kibble.bus_schema.topics import Topics
 from kibble.hil_sim.bus import adapter_for, frame_overrides, plant_control
 from kibble.hil_sim.efb import EfbPlant
 from kibble.hil_sim.nist4 import Nist4Plant
+from kibble.services.plans import daq_arrays
 from kibble.services.registry import service_class
 from kibble.services.runtime import Service, load_config
 from kibble.services.up import STACKS, stack_config
@@ -181,6 +182,17 @@ class InProcessStack:
 
     async def run_seconds(self, seconds: float, record: bool = True) -> dict[str, np.ndarray]:
         return await self.run_frames(int(math.ceil(seconds * self.rate_hz - 1e-9)), record)
+
+    async def measure(self, seconds: float) -> dict[str, np.ndarray]:
+        """The DAQ frames of the next ``seconds`` (what a measurement sees, not the truth):
+        one array per :class:`DaqFrame` field."""
+        topic = self.topics.frame("daq")
+        frames = self.taps[topic] = []
+        try:
+            await self.run_seconds(seconds, record=False)
+        finally:
+            del self.taps[topic]
+        return daq_arrays([decode(p, DaqFrame) for p in frames])
 
     def close(self) -> None:
         if self._tmp is not None:

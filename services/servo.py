@@ -255,6 +255,16 @@ class Servo(Service):
         self.event("mode", f"{old} -> {mode} at frame {self.frame}",
                    data={"old": old, "new": mode, "frame": self.frame})
 
+    @command("state")
+    def cmd_state(self, cmd: Command) -> dict[str, Any]:
+        """Mode, running trajectory (if any, with the seconds it has left) and masses."""
+        left = 0.0
+        if self.traj is not None:
+            left = max(self.traj[1] + self.traj[2] - self.t_s, 0.0)
+        return {"mode": self.mode, "trajectory": self.traj[0] if self.traj else "",
+                "trajectory_left_s": left, "z_ref_m": self.z_ref_m, "frame": self.frame,
+                "test_mass_on": self.mass_on[0], "aux_on": self.mass_on[1]}
+
     @command("mode")
     def cmd_mode(self, cmd: Command) -> dict[str, Any]:
         mode = str(cmd.args.get("mode", ""))

@@ -69,6 +69,9 @@ async def test_null_and_a_mass_exchange_through_every_daemon(nist4):
     null = await S.force_null(loop, 10.0, settle_s=5.0)
     assert null["null_rms_m"] <= 1e-9
     assert abs(null["null_mean_m"]) <= 2e-9
+    daq = await loop.measure(1.0)                  # what a measurement plan sees: DAQ frames
+    assert np.array_equal(daq["frame"], np.arange(daq["frame"][0], daq["frame"][0] + RATE_HZ))
+    assert np.abs(daq["coil_z_m"]).max() < 5e-9
     ex = await S.mass_exchanges(loop, cycles=1, window_s=6.0, erase_tail_s=2.0)
     assert max(ex["peaks_m"]) <= 10e-6
     assert max(ex["settle_s"]) <= 6.0

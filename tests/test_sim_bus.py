@@ -365,19 +365,20 @@ async def test_sim_control_commands_and_pause(broker):
         assert reply.ok and reply.result["test_mass_on_pan"] is True
         reply = await bus.request("sim", "lift_aux", {"on_pan": False})
         assert reply.ok
-        await asyncio.sleep(0.3)                    # > the 0.05 s ramp
-        v = echo.truth[-1].values
-        assert v["m_test_kg"] == pytest.approx(1.0) and v["m_aux_kg"] == 0.0
+        # effects are awaited on the frames (a loaded machine delays them), never on a sleep
+        await wait_until(lambda: echo.truth[-1].values["m_test_kg"] == pytest.approx(1.0)
+                         and echo.truth[-1].values["m_aux_kg"] == 0.0, 5, "the masses moved")
         reply = await bus.request("sim", "set_temperature", {"temperature_k": 300.0})
         assert reply.ok
-        await asyncio.sleep(0.1)
-        assert echo.truth[-1].values["magnet_temperature_k"] == pytest.approx(300.0, abs=0.01)
-        assert echo.frames[-1].temperature_k == pytest.approx(300.0, abs=0.01)
+        await wait_until(lambda: echo.truth[-1].values["magnet_temperature_k"]
+                         == pytest.approx(300.0, abs=0.01)
+                         and echo.frames[-1].temperature_k == pytest.approx(300.0, abs=0.01),
+                         5, "the magnet and its sensor at 300 K")
         vx0 = echo.truth[-1].values["vx_m_s"]
         reply = await bus.request("sim", "inject_impulse", {"dof": "x", "impulse": 0.05})
         assert reply.ok
-        await asyncio.sleep(0.05)
-        assert abs(echo.truth[-1].values["vx_m_s"] - vx0) > 1e-3
+        await wait_until(lambda: abs(echo.truth[-1].values["vx_m_s"] - vx0) > 1e-3, 5,
+                         "the impulse in vx")
         for command, args, err in (
                 ("inject_force", {"dof": "q", "value": 1.0, "duration_s": 0.1}, "bad disturbance"),
                 ("set_temperature", {}, "missing argument 'temperature_k'"),
@@ -403,7 +404,7 @@ async def test_sim_control_commands_and_pause(broker):
 
 @pytest.mark.broker
 async def test_realtime_rate_hold_and_latency(broker):
-    rate = 250.0   # sim, echo and test share one process and one core: keep it well below its limit
+    rate = 100.0   # sim, echo and test share one process and one core: keep it well below its limit
     sim = SimServer("efb", "realtime", rate_hz=rate, seed=4, broker_url=broker.url,
                     instrument="rt", params=QUIET_EFB, heartbeat_s=0.2)
     code = 123_456
@@ -433,7 +434,7 @@ async def test_realtime_rate_hold_and_latency(broker):
         reply = await bus.request("sim", "stats")
         items = await bus.collect(bus.topics.status("sim"), 0.3)
     lat = reply.result["latency"]["hv"]
-    assert lat["n"] > 200
+    assert lat["n"] > 120
     assert 0.0 < lat["p50_ms"] <= lat["p99_ms"] < 50.0
     assert reply.result["latency_p99_ms"] == lat["p99_ms"]
     assert reply.result["held"]["hv"] == {"codes": [code], "relays": [True, True]}

@@ -1,0 +1,363 @@
+"""Measurement procedures as plans, run by an engine (the bluesky idea).
+
+A plan is a generator of :class:`Msg`; the :class:`RunEngine` carries each one out on a
+:class:`Loop` (the in-process closed loop for offline runs and tests, or the real daemons over
+MQTT) and sends the result back into the generator, so a procedure reads like the paper::
+
+    def force_set(weighings=17, window_s=58.0):
+        yield from cmd("servo", "mass", aux=False)
+        for k in range(weighings):
+            yield from cmd("servo", "mass", test=k % 2 == 0)
+            yield from cmd("servo", "erase")
+            data = yield from measure("weighing", window_s)
+
+The engine emits the run's documents as bluesky's event model does: ``start`` (plan name,
+arguments, a SHA-256 of the configuration), one ``descriptor`` per stream, one ``event`` per
+measurement, ``stop`` (``success``, ``abort`` or ``fail`` and the reason). Between messages it
+honours ``pause``, ``resume`` and ``abort``; an abort runs the plan's safe ending (the NIST-4 at
+the null in force mode, damping closed) before the ``stop`` document.
+
+Counts and durations default to the papers' (seed 001, NIST-4: 30 sweeps per velocity set, 17
+weighings of 78 readings in 58 s). The EFB's gradient procedure (11 points within 2 mm, held by
+the auxiliary electrode) waits for a gradient mode of the servo; its weighing procedure is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Mapping, Protocol
+
+import numpy as np
+
+from kibble.bus_schema.messages import DaqFrame
+
+Plan = Generator["Msg", Any, Any]
+
+
+def daq_arrays(frames: list[DaqFrame]) -> dict[str, np.ndarray]:
+    """DAQ frames as one array per field (``frame``, ``sim_time_s``, ``coil_z_m``, ...)."""
+    names = [n for n in DaqFrame.__struct_fields__ if n not in ("schema", "seq", "t_mono_s", "t_utc_s")]
+    return {n: np.array([getattr(f, n) for f in frames]) for n in names}
+
+
+class Loop(Protocol):
+    """What the engine drives (:class:`~kibble.services.inprocess.InProcessStack`,
+    :class:`~kibble.services.busloop.BusLoop`)."""
+
+    rate_hz: float
+
+    async def command(self, service: str, command: str, **args: Any) -> dict[str, Any]: ...
+
+    async def sim(self, command: str, **args: Any) -> dict[str, Any]: ...
+
+    async def run_seconds(self, seconds: float, record: bool = True) -> dict[str, np.ndarray]: ...
+
+    async def measure(self, seconds: float) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Msg:
+    """One step of a plan: ``verb`` (``cmd``, ``sim``, ``wait``, ``measure``, ``estimate``),
+    its target service (``cmd``) and arguments."""
+
+    verb: str
+    target: str = ""
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+def cmd(service: str, command: str, **args: Any) -> Plan:
+    """Send ``command`` to ``service``; the plan gets the reply's result."""
+    return (yield Msg("cmd", service, args | {"_command": command}))
+
+
+def sim(command: str, **args: Any) -> Plan:
+    """A simulator control command (offline runs only; a real balance has no ``sim``)."""
+    return (yield Msg("sim", "sim", args | {"_command": command}))
+
+
+def wait(seconds: float) -> Plan:
+    """Let the balance run for ``seconds`` (simulated or real)."""
+    yield Msg("wait", args={"seconds": float(seconds)})
+
+
+def measure(stream: str, seconds: float, **info: Any) -> Plan:
+    """Record the DAQ frames of the next ``seconds`` as one event of ``stream``; the plan gets
+    the frames (arrays of the DAQ frame's fields, SI)."""
+    return (yield Msg("measure", stream, {"seconds": float(seconds), "info": info}))
+
+
+def estimate(seconds: float) -> Plan:
+    """Announce the plan's nominal duration (s) for the engine's progress and ETA."""
+    yield Msg("estimate", args={"seconds": float(seconds)})
+
+
+# ================================================================================ NIST-4 plans
+
+
+def sweep_duration_s(travel_m: float, speed_m_s: float = 1e-3, accel_m_s2: float = 5e-4) -> float:
+    """Duration (s) of a trapezoidal sweep of ``travel_m`` (accelerate, cruise, decelerate)."""
+    t_acc = speed_m_s / accel_m_s2
+    return 2 * t_acc + (travel_m - speed_m_s * t_acc) / speed_m_s
+
+
+def velocity_set(sweeps: int = 30, travel_m: float = 0.08, speed_m_s: float = 1e-3,
+                 accel_m_s2: float = 5e-4, margin_s: float = 1.0) -> Plan:
+    """NIST-4 velocity set: ``sweeps`` sweeps alternating in direction, down first; the damping
+    is on before each sweep and opened once the coil moves at constant velocity. Each sweep's
+    constant-velocity part is one event of stream ``sweep``."""
+    t_acc = speed_m_s / accel_m_s2
+    sweep_s = sweep_duration_s(travel_m, speed_m_s, accel_m_s2)
+    cruise_s = sweep_s - 2 * t_acc - 2 * margin_s
+    if cruise_s <= 0:
+        raise ValueError(f"a {travel_m} m sweep has no constant-velocity part to measure")
+    yield from estimate(sweeps * (sweep_s + 1.0) + 2 * travel_m / speed_m_s)
+    yield from cmd("servo", "mode", mode="force")
+    yield from cmd("servo", "mass", aux=True)
+    yield from cmd("servo", "mode", mode="velocity")
+    yield from cmd("servo", "param.set", name="sweep_travel_m", value=travel_m)
+    move = yield from cmd("servo", "move", z_m=travel_m / 2)
+    yield from wait(move["duration_s"] + 0.5)
+    for k in range(sweeps):
+        direction = "down" if k % 2 == 0 else "up"
+        yield from cmd("damping", "close")
+        sweep = yield from cmd("servo", "sweep", direction=direction)
+        yield from wait(t_acc + margin_s)
+        yield from cmd("damping", "open")
+        yield from measure("sweep", cruise_s, direction=direction, index=k)
+        yield from wait(sweep["duration_s"] - t_acc - margin_s - cruise_s + 0.5)
+        yield from cmd("damping", "close")
+    back = yield from cmd("servo", "move", z_m=0.0)
+    yield from wait(back["duration_s"] + 0.5)
+    yield from cmd("servo", "mode", mode="force")
+
+
+def force_set(weighings: int = 17, window_s: float = 58.0, settle_s: float = 5.0,
+              erase: bool = True, erase_s: float = 170.0) -> Plan:
+    """NIST-4 force set: the auxiliary mass removed, then ``weighings`` weighings alternating
+    mass on / mass off, on first (9 on, 8 off for 17), an erase after every exchange, each
+    weighing averaging over ``window_s`` (the paper: 78 readings in 58 s). Stream ``weighing``."""
+    yield from estimate(settle_s + weighings * (window_s + settle_s + (erase_s if erase else 0.0)))
+    yield from cmd("servo", "mode", mode="force")
+    yield from cmd("servo", "mass", aux=False)
+    yield from wait(settle_s)
+    for k in range(weighings):
+        on = k % 2 == 0
+        yield from cmd("servo", "mass", test=on)
+        yield from wait(settle_s)
+        if erase:
+            info = yield from cmd("servo", "erase")
+            yield from wait(info["duration_s"] + 1.0)
+        yield from measure("weighing", window_s, mass_on=on, index=k)
+    yield from cmd("servo", "mass", test=False)
+    yield from wait(settle_s)
+
+
+def nist4_run(force_sets: int = 1, velocity: Mapping[str, Any] | None = None,
+              force: Mapping[str, Any] | None = None) -> Plan:
+    """A run: velocity and force sets alternating, each force set bracketed by velocity sets."""
+    yield from velocity_set(**(velocity or {}))
+    for _ in range(force_sets):
+        yield from force_set(**(force or {}))
+        yield from velocity_set(**(velocity or {}))
+
+
+def nist4_safe_ending() -> Plan:
+    """Where an aborted NIST-4 plan leaves the balance: damping closed, a running trajectory
+    (sweep, move, erase) finished, the coil moved back to the weighing position if it was in
+    velocity mode, then at the null in force mode."""
+    yield from cmd("damping", "close")
+    state = yield from cmd("servo", "state")
+    if state["trajectory"]:
+        yield from wait(state["trajectory_left_s"] + 0.5)
+    if state["mode"] == "velocity":
+        back = yield from cmd("servo", "move", z_m=state["z_ref_m"])
+        yield from wait(back["duration_s"] + 0.5)
+    yield from cmd("servo", "mode", mode="force")
+
+
+# ================================================================================ EFB plans
+
+
+def efb_weighing(settle_s: float = 10.0, window_s: float = 20.0) -> Plan:
+    """EFB weighing: unloaded, loaded, unloaded, for each polarity (+ then -); stream
+    ``weighing``."""
+    yield from estimate(2 * 3 * (settle_s + window_s))
+    yield from cmd("servo", "mode", mode="force")
+    for polarity in ("+", "-"):
+        yield from cmd("servo", "param.set", name="polarity", value=polarity)
+        for k, loaded in enumerate((False, True, False)):
+            yield from cmd("servo", "mass", test=loaded)
+            yield from wait(settle_s)
+            yield from measure("weighing", window_s, loaded=loaded, polarity=polarity, index=k)
+    yield from cmd("servo", "param.set", name="polarity", value="+")
+
+
+def efb_safe_ending() -> Plan:
+    """Where an aborted EFB plan leaves the balance: at the null in force mode."""
+    yield from cmd("servo", "param.set", name="z_ref_m", value=0.0)
+    yield from cmd("servo", "mode", mode="force")
+
+
+PLANS: dict[str, tuple[Callable[..., Plan], Callable[[], Plan]]] = {
+    "velocity_set": (velocity_set, nist4_safe_ending),
+    "force_set": (force_set, nist4_safe_ending),
+    "nist4_run": (nist4_run, nist4_safe_ending),
+    "efb_weighing": (efb_weighing, efb_safe_ending),
+}
+"""Plan name -> (plan, its safe ending)."""
+
+
+# ================================================================================ the engine
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 of a configuration (JSON with sorted keys): the same configuration, the same hash."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Aborted(Exception):
+    """Raised inside :meth:`RunEngine.run` when the run was aborted."""
+
+
+@dataclass
+class Progress:
+    step: int
+    sim_s: float
+    total_s: float
+    eta_s: float | None
+
+
+class RunEngine:
+    """Runs plans on a :class:`Loop` and emits the run documents.
+
+    :param emit: called with ``(name, document)`` for every document.
+    :param progress: called with a :class:`Progress` after every message.
+    """
+
+    def __init__(self, loop: Loop, emit: Callable[[str, dict[str, Any]], None] = lambda n, d: None,
+                 progress: Callable[[Progress], None] = lambda p: None) -> None:
+        self.loop = loop
+        self.emit = emit
+        self.progress = progress
+        self._running = asyncio.Event()
+        self._running.set()
+        self._abort: str | None = None
+        self.state = "idle"
+
+    def pause(self) -> None:
+        """Stop before the next message (the balance keeps holding where it is)."""
+        if self.state == "running":
+            self._running.clear()
+            self.state = "paused"
+
+    def resume(self) -> None:
+        if self.state == "paused":
+            self._running.set()
+            self.state = "running"
+
+    def abort(self, reason: str = "aborted by the operator") -> None:
+        """End the run at the next message boundary; the plan's safe ending runs."""
+        self._abort = reason
+        self._running.set()
+
+    async def run(self, name: str, plan_args: Mapping[str, Any] | None = None,
+                  config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run plan ``name`` of :data:`PLANS` with ``plan_args``; the stop document."""
+        if name not in PLANS:
+            raise ValueError(f"unknown plan {name!r}; one of {', '.join(PLANS)}")
+        plan_fn, safe_fn = PLANS[name]
+        plan = plan_fn(**(plan_args or {}))          # TypeError for a wrong argument: at once
+        run_uid = str(uuid.uuid4())
+        self.emit("start", {"uid": run_uid, "time": time.time(), "plan_name": name,
+                            "plan_args": dict(plan_args or {}), "config_hash": config_hash(config or {}),
+                            "rate_hz": self.loop.rate_hz})
+        self.state, self._abort = "running", None
+        descriptors: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        step, sim_s, total_s, t0 = 0, 0.0, 0.0, time.monotonic()
+        exit_status, reason = "success", ""
+        try:
+            reply: Any = None
+            while True:
+                await asyncio.sleep(0)   # a checkpoint: pause/abort requests get their turn
+                await self._running.wait()
+                if self._abort is not None:
+                    raise Aborted(self._abort)
+                try:
+                    msg = plan.send(reply)
+                except StopIteration:
+                    break
+                reply = None
+                if msg.verb == "estimate":
+                    total_s += msg.args["seconds"]
+                    continue
+                reply, dt = await self._do(msg, run_uid, descriptors, counts)
+                sim_s += dt
+                step += 1
+                wall = time.monotonic() - t0
+                eta = wall / sim_s * max(total_s - sim_s, 0.0) if sim_s > 0 and total_s else None
+                self.progress(Progress(step, sim_s, total_s, eta))
+        except Aborted as exc:
+            exit_status, reason = "abort", str(exc)
+            plan.close()
+            await self._drain(safe_fn())
+        except Exception as exc:
+            exit_status, reason = "fail", f"{type(exc).__name__}: {exc}"
+            plan.close()
+            await self._drain(safe_fn())
+        finally:
+            self.state = "idle"
+        stop = {"uid": str(uuid.uuid4()), "run_start": run_uid, "time": time.time(),
+                "exit_status": exit_status, "reason": reason,
+                "num_events": dict(counts), "sim_s": sim_s}
+        self.emit("stop", stop)
+        return stop
+
+    async def _drain(self, plan: Plan) -> None:
+        reply: Any = None
+        while True:
+            try:
+                msg = plan.send(reply)
+            except StopIteration:
+                return
+            reply, _ = await self._do(msg, "", {}, {})
+
+    async def _do(self, msg: Msg, run_uid: str, descriptors: dict[str, str],
+                  counts: dict[str, int]) -> tuple[Any, float]:
+        loop = self.loop
+        if msg.verb == "cmd":
+            args = dict(msg.args)
+            command = args.pop("_command")
+            return await loop.command(msg.target, command, **args), 0.0
+        if msg.verb == "sim":
+            args = dict(msg.args)
+            command = args.pop("_command")
+            return await loop.sim(command, **args), 0.0
+        if msg.verb == "wait":
+            seconds = msg.args["seconds"]
+            if seconds > 0:
+                await loop.run_seconds(seconds, record=False)
+            return None, max(seconds, 0.0)
+        if msg.verb == "measure":
+            seconds = msg.args["seconds"]
+            data = await loop.measure(seconds)
+            stream = msg.target
+            if stream not in descriptors:
+                descriptors[stream] = str(uuid.uuid4())
+                self.emit("descriptor", {"uid": descriptors[stream], "run_start": run_uid,
+                                         "name": stream, "time": time.time(),
+                                         "data_keys": sorted(data)})
+            counts[stream] = counts.get(stream, 0) + 1
+            self.emit("event", {"uid": str(uuid.uuid4()), "descriptor": descriptors[stream],
+                                "seq_num": counts[stream], "time": time.time(),
+                                "info": dict(msg.args["info"]),
+                                "data": {k: v.tolist() for k, v in data.items()}})
+            return data, seconds
+        if msg.verb == "estimate":
+            return None, 0.0
+        raise ValueError(f"unknown plan message {msg.verb!r}")
