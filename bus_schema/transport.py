@@ -4,11 +4,16 @@
 - :func:`make_client` builds an ``aiomqtt.Client`` with TCP_NODELAY and a short keepalive.
 - :func:`deliver_directly` is the low-latency receive path: the handler runs in the
   socket-readable callback, with no queue and no task in between.
-- :func:`publish_now` is the low-latency publish path: it hands the packet to paho and writes
-  it to the socket at once, instead of ``await client.publish()``, which for QoS 0 waits two
-  event-loop turns for aiomqtt's writer callback and paho's ``on_publish`` (~250 us here).
+- :func:`publish_now` is the low-latency publish path: it writes the packet to the socket at
+  once, instead of ``await client.publish()``, which for QoS 0 waits two event-loop turns for
+  aiomqtt's writer callback and paho's ``on_publish`` (~250 us here). QoS 0 packets are built
+  here (MQTT 3.1.1 PUBLISH) and sent with one ``send``; QoS 1 goes through paho.
   :func:`make_client` installs writer callbacks that keep the event loop's socket writer in
-  step with paho's output queue on that path (aiomqtt's own leave a stale writer behind).
+  step with paho's output queue (aiomqtt's own leave a stale writer behind).
+- :func:`corked` collects the QoS 0 publishes of a block of code and writes them with one
+  ``send`` at its end (one wake-up of the broker instead of one per message);
+  :func:`deliver_directly` corks around every batch of received messages, so whatever the
+  handlers publish in answer leaves in one write.
 
 It lives beside the schema, not in ``kibble.services``, because the HIL simulator speaks the bus
 too and must import nothing from the services.
@@ -17,9 +22,11 @@ too and must import nothing from the services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import aiomqtt
@@ -55,6 +62,7 @@ def make_client(url: str, client_id: str, will: aiomqtt.Will | None = None,
         socket_options=TCP_NODELAY, protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
         timeout=10.0, max_queued_incoming_messages=100_000)
     _keep_writer_in_step(client)
+    _tx_for(client)
     return client
 
 
@@ -106,37 +114,311 @@ def _keep_writer_in_step(client: aiomqtt.Client) -> None:
     paho_client.on_socket_unregister_write = on_unregister
 
 
+# ============================================================================ QoS 0 fast path
+
+_PUBLISH = 0x30
+_MAX_REMAINING = 268_435_455
+"""Largest MQTT remaining length (a four-byte varint)."""
+
+
+def _remaining_length(n: int) -> bytes:
+    """The MQTT remaining-length varint of ``n`` (1 to 4 bytes, low 7 bits first)."""
+    if n < 128:
+        return bytes((n,))
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def publish_packet(topic: str, payload: bytes, retain: bool = False) -> bytes:
+    """An MQTT 3.1.1 QoS 0 PUBLISH packet (no packet id): fixed header, topic, payload.
+
+    ``ValueError`` for a topic with wildcards, an empty or too long topic, or a payload too
+    large, as paho's ``publish`` does.
+    """
+    head = _topic_head(topic)
+    return _packet(head, payload, retain)
+
+
+def _topic_head(topic: str) -> bytes:
+    """Length-prefixed UTF-8 topic, checked as paho checks it."""
+    if not topic:
+        raise ValueError("Invalid topic.")
+    raw = topic.encode("utf-8")
+    paho.Client._raise_for_invalid_topic(raw)
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _packet(head: bytes, payload: bytes, retain: bool) -> bytes:
+    n = len(head) + len(payload)
+    command = _PUBLISH | 1 if retain else _PUBLISH
+    if n < 128:
+        return b"".join((bytes((command, n)), head, payload))
+    if n > _MAX_REMAINING:
+        raise ValueError("Payload too large.")
+    return b"".join((bytes((command,)), _remaining_length(n), head, payload))
+
+
+class _Tx:
+    """Per-client state of the QoS 0 fast path: topic headers, the cork and its pending bytes.
+
+    Writes go straight to paho's socket when paho's own output queue is empty; otherwise (or
+    for the unsent rest of a partial write) the bytes join the end of paho's queue as one
+    packet, so they can never interleave with a packet paho has half written, and paho's
+    writer (see :func:`_keep_writer_in_step`) finishes them. Everything runs on the event
+    loop's thread (aiomqtt drives paho from there), so no locking is needed.
+    """
+
+    __slots__ = ("paho", "heads", "cork", "pending")
+
+    def __init__(self, paho_client: paho.Client) -> None:
+        self.paho = paho_client
+        self.heads: dict[str, bytes] = {}
+        self.cork = 0
+        self.pending: list[bytes] = []
+
+    def publish(self, topic: str, payload: bytes, retain: bool) -> bool:
+        if self.paho._sock is None:
+            return False
+        head = self.heads.get(topic)
+        if head is None:
+            head = self.heads[topic] = _topic_head(topic)
+        packet = _packet(head, payload, retain)
+        if self.cork:
+            self.pending.append(packet)
+            return True
+        self.send(packet)
+        return True
+
+    def flush(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
+        pc = self.paho
+        sock = pc._sock
+        if sock is None:  # lost while corked: dropped, as paho drops QoS 0 on a closed socket
+            return
+        if pc._out_packet:  # paho has output waiting (maybe half written): go behind it
+            self._queue(data, 0)
+            pc.loop_write()
+            return
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # a broken connection: let paho's own write find and report it
+            self._queue(data, 0)
+            pc.loop_write()
+            return
+        pc._last_msg_out = time.monotonic()  # paho's keepalive clock (it uses time.monotonic)
+        if sent < len(data):
+            self._queue(data, sent)
+            pc._call_socket_register_write()
+
+    def _queue(self, data: bytes, pos: int) -> None:
+        self.paho._out_packet.append({
+            "command": _PUBLISH, "mid": 0, "qos": 0, "pos": pos, "to_process": len(data) - pos,
+            "packet": data, "info": paho.MQTTMessageInfo(0)})
+
+
+def _tx_for(client: aiomqtt.Client) -> _Tx:
+    paho_client: paho.Client = client._client
+    tx = getattr(paho_client, "_kibble_tx", None)
+    if tx is None:
+        tx = paho_client._kibble_tx = _Tx(paho_client)
+    return tx
+
+
+@contextlib.contextmanager
+def corked(client: aiomqtt.Client) -> Iterator[None]:
+    """Hold the QoS 0 :func:`publish_now` packets of the block and write them with one
+    ``send`` at its end (in order; a QoS 1 publish inside the block first writes what is
+    held). Nests; only the outermost block writes."""
+    tx = _tx_for(client)
+    tx.cork += 1
+    try:
+        yield
+    finally:
+        tx.cork -= 1
+        if not tx.cork:
+            tx.flush()
+
+
+# ============================================================================ receive
+
+
+class _Feed:
+    """Stands in for paho's socket reads while paho parses one packet handed to it."""
+
+    __slots__ = ("data", "end")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.end: BaseException | bool = False
+        """After the data: False (nothing more yet), True (end of stream) or an error."""
+
+    def recv(self, bufsize: int) -> bytes:
+        data = self.data
+        if data:
+            chunk, self.data = data[:bufsize], data[bufsize:]
+            return chunk
+        end = self.end
+        if end is True:
+            return b""
+        if end is not False:
+            self.end = False
+            raise end
+        raise BlockingIOError()
+
+
 def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], None]) -> None:
     """Call ``on_message(topic, payload)`` for every incoming message straight from the
     socket-readable callback, before ``client`` connects.
 
     aiomqtt puts each message on an ``asyncio.Queue`` and its iterator creates a task per
     message: three event-loop turns between the bytes arriving and the handler running. Here
-    paho parses the packet and the handler runs in the same callback. ``on_message`` must not
-    raise (an escaping exception is reported as a lost connection); ``client.messages`` stays
-    empty but still raises ``MqttError`` when the connection drops.
+    the handler runs in the same callback. One ``recv`` takes all that has arrived; QoS 0
+    PUBLISH packets are parsed here (paho would read each packet with three ``recv`` calls
+    and build a message object); every other packet (CONNACK, SUBACK, PUBACK, PINGRESP, QoS 1
+    messages) is handed to paho, in order, which parses and acknowledges it as usual. The
+    QoS 0 publishes the handlers make are corked (:func:`corked`) and leave in one write after
+    the batch. ``on_message`` must not raise (an escaping exception is reported as a lost
+    connection); ``client.messages`` stays empty but still raises ``MqttError`` when the
+    connection drops.
     """
     loop = client._loop
     paho_client: paho.Client = client._client
+    tx = _tx_for(client)
     received: deque[tuple[str, bytes]] = deque()
+    feed = _Feed()
+    # bytes of an incomplete packet: the chunks so far, their length, and the length the
+    # packet needs (0 while its header is incomplete); joined once, when it is all there
+    rest: list[bytes] = []
+    state = {"have": 0, "need": 0}
 
     def on_paho_message(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
         # Runs inside paho's callback lock, where publishing would deadlock: only collect.
         received.append((message.topic, message.payload))
 
-    def readable() -> None:
+    def paho_read(data: bytes, end: BaseException | bool = False) -> None:
+        """Let paho read ``data`` (whole packets), then ``end`` (see :class:`_Feed`), as if
+        from its socket, then deliver what it collected."""
+        feed.data, feed.end = data, end
+        paho_client._sock_recv = feed.recv  # type: ignore[method-assign]
         try:
-            paho_client.loop_read()
-            while received:
-                on_message(*received.popleft())
+            while feed.data and paho_client._sock is not None:
+                left = len(feed.data)
+                paho_client.loop_read()
+                if len(feed.data) == left:
+                    break  # paho took nothing: it is done with this connection
+            if feed.end is not False and paho_client._sock is not None:
+                paho_client.loop_read()  # reads the end of stream or the error, and reports it
+        finally:
+            del paho_client._sock_recv
+            feed.data, feed.end = b"", False
+        while received:
+            on_message(*received.popleft())
+
+    def keep(buf: bytes, need: int) -> None:
+        rest.clear()
+        if buf:
+            rest.append(buf)
+        state["have"], state["need"] = len(buf), need
+
+    def parse(buf: bytes) -> None:
+        """Deliver the whole packets at the start of ``buf``; keep the incomplete rest."""
+        n = len(buf)
+        i = 0
+        while n - i >= 2:
+            command = buf[i]
+            j = i + 1
+            length = 0
+            shift = 0
+            while True:
+                if j >= n:
+                    keep(buf[i:], 0)
+                    return
+                byte = buf[j]
+                j += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+                if shift > 21:  # more than four bytes: paho reports the protocol error
+                    keep(b"", 0)
+                    paho_read(buf[i:])
+                    return
+            end = j + length
+            if end > n:
+                keep(buf[i:] if i else buf, end - i)
+                return
+            if command & 0xF6 == _PUBLISH and length >= 2:  # PUBLISH, QoS 0 (any dup/retain)
+                t_end = j + 2 + (buf[j] << 8 | buf[j + 1])
+                if t_end <= end:
+                    try:
+                        topic = buf[j + 2:t_end].decode("utf-8")
+                    except UnicodeDecodeError:
+                        topic = None
+                    if topic is not None:
+                        on_message(topic, buf[t_end:end])
+                        i = end
+                        continue
+            paho_read(buf[i:end])
+            i = end
+        keep(buf[i:], 0)
+
+    def readable() -> None:
+        sock = paho_client._sock
+        tx.cork += 1
+        try:
+            if type(sock) is not socket.socket or paho_client._in_packet["command"]:
+                # not a plain TCP socket, or paho is inside a packet: paho reads, as aiomqtt's reader
+                paho_client.loop_read()
+                while received:
+                    on_message(*received.popleft())
+                return
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # paho sees the error on its next read and reports it
+                keep(b"", 0)
+                paho_read(b"", exc)
+                return
+            if not data:  # end of stream: paho reads b'' and reports the lost connection
+                keep(b"", 0)
+                paho_read(b"", True)
+                return
+            paho_client._last_bytes_received = time.monotonic()  # paho's keepalive clock
+            if rest:
+                rest.append(data)
+                state["have"] += len(data)
+                if state["have"] < state["need"]:
+                    return  # a large packet still coming in
+                data = b"".join(rest)
+            parse(data)
         except Exception as exc:  # a broken connection, as aiomqtt's own callback reports it
             received.clear()
+            keep(b"", 0)
             if not client._disconnected.done():
                 client._disconnected.set_exception(exc)
+        finally:
+            tx.cork -= 1
+            if not tx.cork:
+                tx.flush()
 
     aiomqtt_on_open = paho_client.on_socket_open
 
     def on_open(pc: paho.Client, userdata: object, sock: socket.socket) -> None:
+        keep(b"", 0)
         aiomqtt_on_open(pc, userdata, sock)  # schedules aiomqtt's reader and its keepalive task
         loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)  # then replaces the reader
 
@@ -146,13 +428,20 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
 
 def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, qos: int = 0,
                 retain: bool = False) -> bool:
-    """Queue ``payload`` on ``topic`` and write it to the socket now, without awaiting.
+    """Publish ``payload`` on ``topic`` and write it to the socket now, without awaiting.
 
     Returns False if the client is not connected (the caller counts it; the reconnect loop
-    deals with the connection). A partial write is finished by aiomqtt's writer callback.
-    QoS 1 acknowledgements are handled by paho; this does not wait for them.
+    deals with the connection). QoS 0 is built and written here with one ``send`` (held
+    until the end of a :func:`corked` block); a partial write is finished by the event
+    loop's writer callback. QoS 1 goes through paho, which handles its acknowledgement;
+    this does not wait for it.
     """
     paho_client: paho.Client = client._client  # the one place we reach into aiomqtt
+    tx = getattr(paho_client, "_kibble_tx", None)
+    if qos == 0 and tx is not None:
+        return tx.publish(topic, payload, retain)
+    if tx is not None and tx.pending:  # keep the order of what is corked
+        tx.flush()
     info = paho_client.publish(topic, payload, qos, retain)
     if info.rc != paho.MQTT_ERR_SUCCESS:
         return False
@@ -160,5 +449,5 @@ def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, qos: int = 0
     return True
 
 
-__all__ = ["DEFAULT_BROKER", "KEEPALIVE_S", "TCP_NODELAY", "deliver_directly", "make_client",
-           "parse_broker_url", "publish_now"]
+__all__ = ["DEFAULT_BROKER", "KEEPALIVE_S", "TCP_NODELAY", "corked", "deliver_directly",
+           "make_client", "parse_broker_url", "publish_now", "publish_packet"]

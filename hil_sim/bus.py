@@ -54,7 +54,9 @@ from kibble.bus_schema.messages import (
     Command, Event, HwActuatorCommand, HwSensorFrame, Message, Reply, Severity, SimTruth, Status,
 )
 from kibble.bus_schema.topics import Topics
-from kibble.bus_schema.transport import DEFAULT_BROKER, make_client, parse_broker_url, publish_now
+from kibble.bus_schema.transport import (
+    DEFAULT_BROKER, corked, deliver_directly, make_client, parse_broker_url, publish_now,
+)
 
 from . import efb as efb_model
 from . import nist4 as nist4_model
@@ -656,9 +658,12 @@ class SimServer:
                 try:
                     will = aiomqtt.Will(self.t_status, encode(self._status(online=False)), qos=1,
                                         retain=True)
-                    async with make_client(self.broker_url, self.client_id, will=will) as client:
+                    client = make_client(self.broker_url, self.client_id, will=will)
+                    failed = loop.create_future()
+                    deliver_directly(client, lambda topic, payload: self._on_message(topic, payload, failed))
+                    async with client:
                         connected_at = time.monotonic()
-                        await self._serve(client)
+                        await self._serve(client, failed)
                 except aiomqtt.MqttError as exc:
                     log.warning("sim: broker %s: %s", self.broker_url, exc)
                 finally:
@@ -678,15 +683,17 @@ class SimServer:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: aiomqtt.Client, failed: asyncio.Future | None = None) -> None:
         self._client = client
         for topic in self._device_topics:
             await client.subscribe(topic, qos=0)
         await client.subscribe(self.t_cmd, qos=1)
         self._publish_status()
         self.connected.set()
-        tasks = [asyncio.create_task(self._read(client)), asyncio.create_task(self._heartbeat()),
-                 asyncio.create_task(self._stop.wait())]
+        tasks = [asyncio.create_task(self._watch_connection(client)),
+                 asyncio.create_task(self._heartbeat()), asyncio.create_task(self._stop.wait())]
+        if failed is not None:
+            tasks.append(failed)
         if self.clock == "realtime":
             tasks.append(asyncio.create_task(self._realtime()))
         elif self._started and self._gate_open:
@@ -705,15 +712,27 @@ class SimServer:
         if self._stop.is_set():
             self._publish(self.t_status, self._status(online=False), qos=1, retain=True)
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        device_topics = self._device_topics
-        async for message in client.messages:
-            topic = message.topic.value
-            spec = device_topics.get(topic)
+    def _on_message(self, topic: str, payload: bytes, failed: asyncio.Future) -> None:
+        """Every incoming message, straight from the socket-readable callback
+        (:func:`~kibble.bus_schema.transport.deliver_directly`): the ``hw/<device>`` commands
+        and ``sim/cmd``. An exception ends :meth:`_serve` with it (through ``failed``), as it
+        would have ended a reader task."""
+        if failed.done():
+            return
+        try:
+            spec = self._device_topics.get(topic)
             if spec is not None:
-                self._on_hw(spec, topic, message.payload)
+                self._on_hw(spec, topic, payload)
             elif topic == self.t_cmd:
-                self._on_command(message.payload)
+                self._on_command(payload)
+        except Exception as exc:
+            failed.set_exception(exc)
+
+    async def _watch_connection(self, client: aiomqtt.Client) -> None:
+        """Return (by raising ``MqttError``) when the connection drops; messages do not come
+        through ``client.messages`` (see :meth:`_on_message`)."""
+        async for message in client.messages:
+            raise RuntimeError(f"unexpected message on {message.topic} through aiomqtt's queue")
 
     async def _heartbeat(self) -> None:
         while True:
@@ -775,10 +794,20 @@ class SimServer:
             return False
         self._last_ok = dataclasses.replace(adapter.held)
         self.frame = k
+        client = self._client
+        if client is None:
+            self._publish_frame(k, block, want_truth, None)
+        else:
+            with corked(client):  # sensors and truth leave in one write
+                self._publish_frame(k, block, want_truth, client)
+        return True
+
+    def _publish_frame(self, k: int, block: Any, want_truth: Any,
+                       client: aiomqtt.Client | None) -> None:
+        adapter = self.adapter
         self._frame_seq += 1
         msg = adapter.sensor_frame(k, block.sensors[0].tolist())
         payload = self._stamp(msg, self._frame_seq)
-        client = self._client
         t_pub = msg.t_mono_s
         if client is None or not publish_now(client, self.t_sensors, payload):
             self.counters["publish_failed"] += 1
@@ -800,7 +829,6 @@ class SimServer:
             truth = SimTruth(frame=k, sim_time_s=msg.sim_time_s, model=self.model, values=values)
             if client is None or not publish_now(client, self.t_truth, self._stamp(truth, self._truth_seq)):
                 self.counters["publish_failed"] += 1
-        return True
 
     def _reject_held(self, exc: ActuatorError) -> None:
         self.counters["rejected"] += 1

@@ -32,6 +32,8 @@ from kibble.services.runtime import Service, command
 
 ZERO_FIELDS = ("coil_x_m", "coil_y_m", "coil_z_m", "coil_theta_x_rad", "coil_theta_y_rad",
                "coil_theta_z_rad")
+_ZERO_KEYS = tuple(f"zero_{name}" for name in ZERO_FIELDS)
+"""The parameter names of the origin, per :data:`ZERO_FIELDS` entry."""
 
 
 class DaqSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,7 +114,7 @@ class Daq(Service):
             pose[2] = disp[0]
         self._update_velocity(hw.frame)
         values = self.params.values
-        p = [float(v) - values[f"zero_{n}"] for v, n in zip(pose, ZERO_FIELDS)]
+        p = [float(v) - values[key] for v, key in zip(pose, _ZERO_KEYS)]
         v = self.vel.tolist()
         out = DaqFrame(
             frame=hw.frame, sim_time_s=hw.sim_time_s, coil_x_m=p[0], coil_y_m=p[1],
