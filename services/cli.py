@@ -273,6 +273,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kibble.services.export import cli_export
+
+    return cli_export(args.run, args.hdf5_path)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kibble.services.bench import run_benchmarks
 
@@ -390,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "demo",
                    help="logs and state files of the daemons")
     p.set_defaults(func=cmd_demo, is_async=True)
+
+    p = sub.add_parser("export", help="write a recorded run (.kbrun) to HDF5 with units and parameters")
+    p.add_argument("run", help="run file written by the recorder (<data_dir>/<run_id>.kbrun)")
+    p.add_argument("hdf5_path", help="HDF5 file to write")
+    p.set_defaults(func=cmd_export, is_async=False)
 
     p = sub.add_parser("bench", help="run benchmarks and print (or write) flat JSON")
     p.add_argument("--only", action="append", default=None, metavar="GROUP",

@@ -13,6 +13,7 @@ SERVICES: dict[str, str] = {
     "damping": "kibble.services.damping:Damping",
     "theta_z": "kibble.services.theta_z:ThetaZ",
     "hv_source": "kibble.services.hv_source:HvSource",
+    "recorder": "kibble.services.recorder:Recorder",
 }
 """Service name -> ``module:Class`` of every daemon (DESIGN.md section 5)."""
 

@@ -212,6 +212,17 @@ class LoopTimer:
         return out
 
 
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT wildcard match: ``+`` is one level, a final ``#`` the parent and every level below."""
+    want, have = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)
+
+
 Handler = Callable[[Any], Any]
 
 
@@ -247,6 +258,7 @@ class Service:
         self._client: aiomqtt.Client | None = None
         self._local_sink: Callable[[str, bytes, int, bool], None] | None = None
         self._subs: dict[str, tuple[type[Message], Handler, bool]] = {}
+        self._raw_subs: dict[str, Callable[[str, bytes], Any]] = {}
         self._handler_tasks: set[asyncio.Task] = set()
         self._seq = 0
         self._heartbeats = 0
@@ -294,6 +306,13 @@ class Service:
                   is_frame: bool = True) -> None:
         """Deliver messages on ``topic`` (exact topic) decoded as ``msg_type`` to ``handler``."""
         self._subs[topic] = (msg_type, handler, is_frame)
+
+    def subscribe_raw(self, pattern: str, handler: Callable[[str, bytes], Any]) -> None:
+        """Deliver every message whose topic matches the MQTT ``pattern`` (``+``, ``#``) to
+        ``handler(topic, payload)``, undecoded and synchronously, before any typed handler of
+        the same topic. Subscribed at QoS 1; an exact :meth:`subscribe` topic that the pattern
+        covers is not subscribed again (the broker would deliver it twice)."""
+        self._raw_subs[pattern] = handler
 
     def stamp(self, msg: M) -> M:
         """Fill a message's header: next sequence number, monotonic and UTC time."""
@@ -435,6 +454,8 @@ class Service:
         Returns the still-to-be-awaited work of an ``async`` handler (handler errors inside
         it are caught and reported too), or None when the handler was synchronous.
         """
+        if self._raw_subs:
+            self._dispatch_raw(topic, payload)
         entry = self._subs.get(topic)
         if entry is None:
             return None
@@ -451,9 +472,17 @@ class Service:
         except Exception as exc:  # a handler bug must not stop the daemon: count, report, go on
             self._handler_failed(topic, exc)
             return None
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):  # frame handlers return None
             return self._finish_handler(topic, result)
         return None
+
+    def _dispatch_raw(self, topic: str, payload: bytes) -> None:
+        for pattern, handler in self._raw_subs.items():
+            if topic_matches(pattern, topic):
+                try:
+                    handler(topic, payload)
+                except Exception as exc:
+                    self._handler_failed(topic, exc)
 
     async def dispatch(self, topic: str, payload: bytes) -> None:
         """:meth:`dispatch_now`, then await an ``async`` handler to its end."""
@@ -526,8 +555,12 @@ class Service:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         self._client = client
+        for pattern in self._raw_subs:
+            await client.subscribe(pattern, qos=1)
         for topic in self._subs:
-            await client.subscribe(topic, qos=1 if topic.endswith(("/cmd", "/sim/control")) else 0)
+            if any(topic_matches(pattern, topic) for pattern in self._raw_subs):
+                continue
+            await client.subscribe(topic, qos=1 if topic.endswith("/cmd") else 0)
         self.publish_params()
         self.publish_status()
         for warning in self._restore_warnings:

@@ -1,0 +1,212 @@
+"""``recorder``: every message of the instrument, raw, into an append-only run file.
+
+Subscribes to ``kb/<instrument>/#`` (QoS 1, so status, params, events, commands and the run
+documents on ``sequencer/run`` arrive reliably; frames come at the QoS they were published
+with) and, while a run is open, appends each message's bytes exactly as received, with the time
+of receipt, to ``<data_dir>/<run_id>.kbrun`` (format: :mod:`kibble.services.recordfile`).
+
+The raw hardware topics ``kb/<instrument>/hw/...`` (sensor frames and DAC codes at the frame
+rate) are left out unless the setting ``record_hw = true``: the DAQ frames carry the same
+information in SI units. MQTT has no "all but" pattern, so the broker still sends them here;
+they are dropped at once and counted (``hw_skipped``).
+
+Commands (besides ``param.*``):
+
+- ``start run_id=ID [config_hash=HEX]``: open a new run file (``ID``: letters, digits, ``_``,
+  ``-``, ``.``); refused while a run is open or when the file already exists.
+- ``stop``: flush, fsync and close the run file; replies with the counts.
+
+Flush policy: records reach the operating system at least every ``flush_interval_s`` (0.2 s;
+by the writer itself while messages arrive, by a timer of this daemon when idle), so a killed
+recorder (SIGKILL, a crash) loses at most that much; they are fsynced (on a worker thread, the
+event loop never waits for the disk) every ``fsync_interval_s`` (1 s) and at ``stop``, which
+bounds what a crash of the machine loses. The status detail says which run is open, records
+and bytes written, and the age of the last flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kibble.bus_schema.messages import Command
+from kibble.services.recordfile import SUFFIX, RunWriter
+from kibble.services.runtime import Service, command
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")
+
+
+class RecorderSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where runs go and what is recorded (configuration, not live-tunable)."""
+
+    data_dir: str = ""
+    """Directory of the run files; default ``<state_dir>/<instrument>/runs``."""
+    record_hw: bool = False
+    """Also record the raw ``hw/`` topics (frame-rate DAC codes and sensor counts)."""
+    flush_interval_s: float = 0.2
+    """Records are handed to the OS at least this often (what a SIGKILL can lose), <= 1 s."""
+    fsync_interval_s: float = 1.0
+    """Records are fsynced this often (what a machine crash can lose); 0: only at stop."""
+
+
+class Recorder(Service):
+    name = "recorder"
+
+    def setup(self) -> None:
+        try:
+            s = self.settings = msgspec.convert(self.config.settings, RecorderSettings)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"recorder settings: {exc}") from None
+        if not (0.0 < s.flush_interval_s <= 1.0):
+            raise ValueError(f"recorder settings: flush_interval_s must be within (0, 1] s, "
+                             f"got {s.flush_interval_s}")
+        if s.fsync_interval_s < 0:
+            raise ValueError(f"recorder settings: fsync_interval_s must be >= 0, got {s.fsync_interval_s}")
+        self.data_dir = (Path(s.data_dir) if s.data_dir
+                         else self.config.state_dir / self.config.instrument / "runs")
+        self.writer: RunWriter | None = None
+        self.run_id = ""
+        self.hw_prefix = f"{self.topics.prefix}/hw/"
+        self.counters.update({"hw_skipped": 0, "write_errors": 0, "runs": 0})
+        self._last_fsync_mono_s = time.monotonic()
+        self._fsync: asyncio.Task | None = None
+        self.subscribe_raw(f"{self.topics.prefix}/#", self.on_message)
+
+    # ------------------------------------------------------------------ recording
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        if not self.settings.record_hw and topic.startswith(self.hw_prefix):
+            self.counters["hw_skipped"] += 1
+            return
+        self.counters["frames_in"] += 1
+        try:
+            writer.append(topic, payload, time.time())
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        """A full or failing disk: close what can be closed and say so loudly."""
+        self.counters["write_errors"] += 1
+        writer, run_id = self.writer, self.run_id
+        self.writer, self.run_id = None, ""
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
+        self.event("write_failed", f"run {run_id}: {exc}; recording stopped", severity="alarm",
+                   data={"run_id": run_id, "path": str(writer.path) if writer else ""},
+                   rate_limited=False)
+        self.set_state("idle")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.flush()
+            except OSError as exc:
+                self._write_failed(exc)
+
+    async def _sync(self, writer: RunWriter) -> None:
+        """fsync on a worker thread, through a duplicate descriptor (the run may close meanwhile)."""
+        fd = os.dup(writer.fileno())
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        except OSError as exc:
+            if writer is self.writer:
+                self._write_failed(exc)
+        finally:
+            os.close(fd)
+
+    async def background(self) -> None:
+        """The flush timer: every ``flush_interval_s`` (and an fsync every ``fsync_interval_s``)."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.flush_interval_s / 2)
+            writer = self.writer
+            if writer is None:
+                continue
+            if writer.pending_bytes and time.monotonic() - writer.last_flush_mono_s >= s.flush_interval_s / 2:
+                self.flush()
+            if (s.fsync_interval_s > 0 and self.writer is writer
+                    and time.monotonic() - self._last_fsync_mono_s >= s.fsync_interval_s
+                    and (self._fsync is None or self._fsync.done())):
+                self._last_fsync_mono_s = time.monotonic()
+                self._fsync = asyncio.create_task(self._sync(writer))
+
+    async def on_disconnect(self) -> None:
+        self.flush()
+
+    async def on_stop(self) -> None:
+        if self.writer is not None:
+            self._close_run("recorder stopped")
+
+    def _close_run(self, why: str) -> dict[str, Any]:
+        writer, run_id = self.writer, self.run_id
+        assert writer is not None
+        self.writer, self.run_id = None, ""
+        try:
+            writer.close()
+        except OSError as exc:
+            self.counters["write_errors"] += 1
+            self.event("write_failed", f"run {run_id}: closing: {exc}", severity="alarm",
+                       data={"run_id": run_id}, rate_limited=False)
+        result = {"run_id": run_id, "path": str(writer.path), "records": writer.records,
+                  "bytes": writer.bytes_written}
+        self.event("run_closed", f"run {run_id}: {writer.records} records, "
+                   f"{writer.bytes_written} bytes ({why})", data=result, rate_limited=False)
+        self.set_state("idle")
+        return result
+
+    # ------------------------------------------------------------------ commands
+
+    @command("start")
+    def cmd_start(self, cmd: Command) -> dict[str, Any]:
+        """Open ``<data_dir>/<run_id>.kbrun`` and record into it."""
+        run_id = str(cmd.args.get("run_id", ""))
+        if not _RUN_ID.match(run_id):
+            raise ValueError(f"start needs run_id=ID (1-128 letters, digits, '_', '-', '.'), got {run_id!r}")
+        if self.writer is not None:
+            raise ValueError(f"run {self.run_id!r} is being recorded; stop it first")
+        config_hash = str(cmd.args.get("config_hash", ""))
+        path = self.data_dir / f"{run_id}{SUFFIX}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        metadata = {"run_id": run_id, "instrument": self.config.instrument, "config_hash": config_hash,
+                    "recorder_session": self.session, "client_id": cmd.client_id,
+                    "record_hw": self.settings.record_hw}
+        try:
+            self.writer = RunWriter(path, metadata, flush_interval_s=self.settings.flush_interval_s)
+        except FileExistsError:
+            raise ValueError(f"run {run_id!r} exists already ({path}); pick another run id") from None
+        except OSError as exc:
+            raise ValueError(f"cannot create {path}: {exc}") from None
+        self.run_id = run_id
+        self.counters["runs"] += 1
+        self._last_fsync_mono_s = time.monotonic()
+        self.event("run_opened", f"run {run_id} -> {path}", data={"run_id": run_id, "path": str(path),
+                   "config_hash": config_hash}, rate_limited=False)
+        self.set_state("running")
+        return {"run_id": run_id, "path": str(path)}
+
+    @command("stop")
+    def cmd_stop(self, cmd: Command) -> dict[str, Any]:
+        """Flush, fsync and close the run file."""
+        if self.writer is None:
+            raise ValueError("no run is being recorded")
+        return self._close_run(f"stop by {cmd.client_id or '?'}")
+
+    def status_detail(self) -> dict[str, Any]:
+        w = self.writer
+        return {"run_id": self.run_id, "data_dir": str(self.data_dir),
+                "records": w.records if w else 0, "bytes": w.bytes_written if w else 0,
+                "pending_bytes": w.pending_bytes if w else 0,
+                "last_flush_age_s": time.monotonic() - w.last_flush_mono_s if w else 0.0,
+                "record_hw": self.settings.record_hw}
