@@ -273,6 +273,23 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    if not args.offline:
+        print("kibble measure: only --offline runs exist so far (the sequencer daemon that runs "
+              "plans on a live stack is not built yet)", file=sys.stderr)
+        return 2
+    from kibble.services.campaign import cli_measure_offline
+
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"kibble measure: --param wants NAME=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        params[key] = value
+    return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from kibble.services.export import cli_export
 
@@ -396,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "demo",
                    help="logs and state files of the daemons")
     p.set_defaults(func=cmd_demo, is_async=True)
+
+    p = sub.add_parser("measure", help="run a measurement plan and analyse it (--offline: in process)")
+    p.add_argument("--plan", required=True, help="nist4 (a run: velocity sets bracketing a force set) or efb (weighings)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="plan parameter (repeatable); test=true starts from the shortened test plans")
+    p.add_argument("--offline", action="store_true",
+                   help="run on the in-process closed loop (real daemons, simulated plant, no broker)")
+    p.add_argument("--seed", type=int, default=1, help="simulator seed (offline)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write the analysis plots (PNG)")
+    p.set_defaults(func=cmd_measure, is_async=False)
 
     p = sub.add_parser("export", help="write a recorded run (.kbrun) to HDF5 with units and parameters")
     p.add_argument("run", help="run file written by the recorder (<data_dir>/<run_id>.kbrun)")

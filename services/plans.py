@@ -106,7 +106,7 @@ def sweep_duration_s(travel_m: float, speed_m_s: float = 1e-3, accel_m_s2: float
 
 
 def velocity_set(sweeps: int = 30, travel_m: float = 0.08, speed_m_s: float = 1e-3,
-                 accel_m_s2: float = 5e-4, margin_s: float = 1.0) -> Plan:
+                 accel_m_s2: float = 5e-4, margin_s: float = 1.0, settle_s: float = 5.0) -> Plan:
     """NIST-4 velocity set: ``sweeps`` sweeps alternating in direction, down first; the damping
     is on before each sweep and opened once the coil moves at constant velocity. Each sweep's
     constant-velocity part is one event of stream ``sweep``."""
@@ -117,7 +117,11 @@ def velocity_set(sweeps: int = 30, travel_m: float = 0.08, speed_m_s: float = 1e
         raise ValueError(f"a {travel_m} m sweep has no constant-velocity part to measure")
     yield from estimate(sweeps * (sweep_s + 1.0) + 2 * travel_m / speed_m_s)
     yield from cmd("servo", "mode", mode="force")
-    yield from cmd("servo", "mass", aux=True)
+    lift = yield from cmd("servo", "mass", aux=True)
+    if lift["delta_kg"]:
+        # the force loop carries the auxiliary mass's load ramp; only then may the counter-mass
+        # motor take over (it cannot hold the 5 N the main coil holds with the mass off)
+        yield from wait(settle_s)
     yield from cmd("servo", "mode", mode="velocity")
     yield from cmd("servo", "param.set", name="sweep_travel_m", value=travel_m)
     move = yield from cmd("servo", "move", z_m=travel_m / 2)

@@ -1,0 +1,569 @@
+"""Offline campaigns: a plan on the in-process closed loop, then the analysis, to h and a mass.
+
+:func:`offline_nist4` runs a NIST-4 run (velocity set, then per force set: force set, velocity
+set) on an :class:`~kibble.services.inprocess.InProcessStack` (the real daemons and the
+simulated plant, no broker), collects the run documents of the :class:`~kibble.services.plans.
+RunEngine` and turns them into h with :mod:`kibble.services.analysis`; :func:`offline_efb` does
+the same for the EFB weighing and the 1 mg artifact. :func:`cli_measure_offline` is the
+synchronous entry point of ``kibble measure --offline``; :func:`plots` writes the PNGs.
+
+Units. The simulator works in SI electrical units: the DVM reads SI volts, the current is the
+DVM voltage across the SI standard resistor, there is no PJVS / K_J-90 / R_K-90 scaling. A
+perfect measurement therefore gives {Bl_F} / {Bl_V} = 1 with the true mass (not h/h90 as with
+conventional units, seed 001 eq. 13), and the h it realizes is exactly the SI value
+h_SI = 6.62607015e-34 J s. The figure is recovered from the measured voltages, velocities and
+currents as
+
+    h_measured = h_SI * Bl_F / Bl_V        (Bl_F computed with the true mass and g),
+
+i.e. h_measured / h_SI - 1 = l4 / {Bl_V} of the triplet regression (seed 001 eq. 15 with h_SI
+in place of h90); equivalently the mass the balance measures (eq. 22 with the fixed h) is
+
+    m_measured = m_true * Bl_V / Bl_F = m_true / (1 + l4 / {Bl_V}).
+
+Nothing in the result is taken from the simulator's truth except the mass and g that define
+Bl_F (as a real campaign takes them from the mass calibration and the gravimeter) and, for the
+EFB, kappa (see :func:`offline_efb`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from kibble.services import analysis as an
+from kibble.services import plans as P
+from kibble.services.inprocess import InProcessStack
+
+__all__ = ["NistResult", "EfbResult", "offline_nist4", "offline_efb", "plots",
+           "cli_measure_offline", "NIST4_TEST_VELOCITY", "NIST4_TEST_FORCE", "NIST4_TEST_SERVO",
+           "analyze_nist4", "analyze_efb", "offline_summary", "H_SI_J_S", "TEMP_COEFF_NIST4_PER_K"]
+
+H_SI_J_S = an.H_J_S
+"""The SI Planck constant (exact), J s: what a perfect simulated measurement realizes."""
+
+NIST4_TEST_VELOCITY: dict[str, Any] = {"sweeps": 6, "travel_m": 0.010}
+"""A shortened velocity set (the paper: 30 sweeps over 80 mm)."""
+NIST4_TEST_FORCE: dict[str, Any] = {"weighings": 5, "window_s": 5.0, "settle_s": 3.0}
+"""A shortened force set (the paper: 17 weighings of 58 s, 170 s erases)."""
+NIST4_TEST_SERVO: dict[str, Any] = {"erase_decay_s": 1.5, "erase_n_decay": 3.0, "erase_freq_hz": 1.0}
+"""A short erase (4.5 s) for the shortened force set."""
+
+
+# =============================================================================== results
+
+
+@dataclass
+class NistResult:
+    """One offline NIST-4 run turned into h (SI units throughout, k = 1 uncertainties).
+
+    h_j_s, u_h_j_s: h and its stated standard uncertainty (combined: type A u_a_h_j_s from the
+    scatter, type B u_b_h_j_s from the budget, if one was given); h_rel_err = h / h_SI - 1 and
+    u_h_rel = u_h_j_s / h; mass_kg, u_mass_kg: the mass the balance measures with the fixed h
+    (mass_true_kg the simulator's); bl_v_t_m, bl_f_t_m: velocity-mode Bl at the mean force-mode
+    time (from the triplet regression) and Bl_F = Bl_V + l4; counts of sweeps, weighings, Bl_V
+    and Bl_F points, triplets. The analysis objects (velocity sets, force sets, triplets, the
+    uncertainty) are kept for plots; they are left out of :meth:`summary`.
+    """
+
+    seed: int
+    rate_hz: float
+    h_j_s: float
+    u_h_j_s: float
+    u_a_h_j_s: float
+    u_b_h_j_s: float
+    h_rel_err: float
+    u_h_rel: float
+    mass_kg: float
+    u_mass_kg: float
+    mass_true_kg: float
+    bl_v_t_m: float
+    bl_f_t_m: float
+    u_bl_f_t_m: float
+    n_sweeps: int
+    n_weighings: int
+    n_bl_v: int
+    n_bl_f: int
+    n_triplets: int
+    sim_s: float
+    wall_s: float
+    exit_status: str
+    velocity_sets: list = field(default_factory=list, repr=False)
+    force_sets: list = field(default_factory=list, repr=False)
+    triplets: list = field(default_factory=list, repr=False)
+    uncertainty: Any = field(default=None, repr=False)
+
+    @property
+    def z_score(self) -> float:
+        """(h - h_SI) / u_h: the error in units of the stated uncertainty."""
+        return (self.h_j_s - H_SI_J_S) / self.u_h_j_s
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("velocity_sets", "force_sets", "triplets", "uncertainty")}
+        d["z_score"] = self.z_score
+        d["triplet_h_rel"] = [t.h_rel for t in self.triplets]
+        d["triplet_u_h_rel"] = [t.u_h_rel for t in self.triplets]
+        return d
+
+
+@dataclass
+class EfbResult:
+    """One offline EFB weighing campaign turned into a mass (k = 1 uncertainties).
+
+    mass_kg, u_mass_kg (combined), u_a_kg (type A: standard deviation of the mean of the
+    trials), u_b_kg (the budget, if given); mass_rel_err = mass / mass_true - 1, u_mass_rel;
+    mass_trial_kg the eq. (17) trials; kappa_f_m the kappa used (from the plant, see
+    :func:`offline_efb`); surface_potential_v the estimate (V+ + V-) / 2 of the unloaded
+    readings (a check: the polarity reversal cancels it).
+    """
+
+    seed: int
+    rate_hz: float
+    mass_kg: float
+    u_mass_kg: float
+    u_a_kg: float
+    u_b_kg: float
+    mass_true_kg: float
+    mass_rel_err: float
+    u_mass_rel: float
+    mass_trial_kg: list
+    kappa_f_m: float
+    surface_potential_v: float
+    n_weighings: int
+    n_trials: int
+    sim_s: float
+    wall_s: float
+    exit_status: str
+    uncertainty: Any = field(default=None, repr=False)
+
+    @property
+    def z_score(self) -> float:
+        return (self.mass_kg - self.mass_true_kg) / self.u_mass_kg
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "uncertainty"}
+        d["z_score"] = self.z_score
+        return d
+
+
+# =============================================================================== documents
+
+
+class _Documents:
+    """Collects the documents of one or more engine runs."""
+
+    def __init__(self, progress: Callable[[str], None] | None = None) -> None:
+        self.docs: list[tuple[str, dict]] = []
+        self.streams: dict[str, str] = {}
+        self.say = progress
+
+    def __call__(self, name: str, doc: dict) -> None:
+        self.docs.append((name, doc))
+        if name == "descriptor":
+            self.streams[doc["uid"]] = doc["name"]
+        if self.say is not None:
+            if name == "event":
+                info = ", ".join(f"{k}={v}" for k, v in doc["info"].items())
+                t = doc["data"]["sim_time_s"]
+                self.say(f"  {self.streams.get(doc['descriptor'], '?')} {info} "
+                         f"(t = {t[0]:.1f}..{t[-1]:.1f} s)")
+            elif name == "start":
+                self.say(f"  run {doc['plan_name']} {doc['plan_args']}")
+
+    def events(self, stream: str) -> list[dict]:
+        return [d for n, d in self.docs if n == "event" and self.streams.get(d["descriptor"]) == stream]
+
+
+def _arrays(event: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=float) for k, v in event["data"].items()}
+
+
+def _split_sets(events: list[dict]) -> list[list[dict]]:
+    """Events grouped into sets: a new set starts where the plan's index restarts at 0."""
+    sets: list[list[dict]] = []
+    for e in events:
+        if e["info"]["index"] == 0 or not sets:
+            sets.append([])
+        sets[-1].append(e)
+    return sets
+
+
+# =============================================================================== NIST-4
+
+
+TEMP_COEFF_NIST4_PER_K = -352e-6
+"""Relative temperature coefficient of the NIST-4 flux integral, 1/K (seed 001 figure 12:
+Delta B_r / B_r / Delta T = -352e-6 /K of the Sm2Co17 magnet)."""
+
+
+def _temp_factor(temp_k, t_ref_k: float, temp_coeff_per_k: float | None):
+    """1 + tc (T - T_ref): Bl(T) / Bl(T_ref) (1 where there is no correction)."""
+    if temp_coeff_per_k is None:
+        return np.ones_like(np.asarray(temp_k, dtype=float))
+    return 1.0 + temp_coeff_per_k * (np.asarray(temp_k, dtype=float) - t_ref_k)
+
+
+def _sweep_points(event: dict, t_ref_k: float, temp_coeff_per_k: float | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(t, z, U, v) of one sweep: v from consecutive interferometer positions, which is the
+    mean velocity over the frame, matched to the DVM reading of that frame (the simulated DVM
+    integrates over the frame, ending at the position reading); the DAQ's low-passed velocity
+    would lag. z is the mid position, at the weighing-position reference of the DAQ. U is
+    referred to the magnet temperature t_ref_k (divided by 1 + tc (T - T_ref), T the magnet
+    thermometer of the same frame)."""
+    d = _arrays(event)
+    t, z, v = an.velocity_from_positions(d["sim_time_s"], d["coil_z_m"])
+    u = d["coil_voltage_v"][1:] / _temp_factor(d["temperature_k"][1:], t_ref_k, temp_coeff_per_k)
+    return t, z, u, v
+
+
+def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, g_m_s2: float,
+                  resistance_ohm: float = 100.0, alpha_per_a: float = an.ALPHA_NIST4_PER_A,
+                  beta_per_a2: float = an.BETA_NIST4_PER_A2, z_weigh_m: float = 0.0,
+                  order: int = 6, budget: Mapping[str, float] | None = None,
+                  temp_coeff_per_k: float | None = TEMP_COEFF_NIST4_PER_K) -> dict[str, Any]:
+    """The analysis of a NIST-4 run from its ``sweep`` and ``weighing`` events.
+
+    * Velocity mode (:func:`~kibble.services.analysis.velocity_mode_bl`): per sweep Bl = U / v
+      (U = DVM + PJVS, SI volts; v from the interferometer positions), Chebyshev regression of
+      degree ``order`` over one z range common to every sweep of the run, the master profile
+      averaged over every sweep of the run (the paper's choice), each sweep's c0 refitted, Bl at
+      the weighing position per sweep. Up/down sweeps are averaged in non-overlapping pairs
+      (sweeps 0+1, 2+3, ...), which cancels anything odd in the velocity (thermal voltage,
+      the simulator's up/down difference of ~4e-8) and keeps the pairs independent, so that the
+      regression's uncertainty is not understated by the overlap of the paper's 29 pairs.
+    * Force mode (:func:`~kibble.services.analysis.force_mode_bl`): I = U_DVM / R of the
+      standard resistor (the DVM, not the 18-bit current monitor), averaged per weighing;
+      triples with the current dependence of seed 001 eqs. 16-19 (the plant's Bl(I) is exactly
+      eq. 16 with the same alpha and beta, ``hil_sim/nist4.toml``).
+    * Triplet regression per (velocity set, force set, velocity set), weighted with each
+      point's type A uncertainty (velocity pairs: the pooled scatter of the pairs about their
+      set's mean; force triples: the scatter of the triples) and scaled by the reduced
+      chi-square; h = h_SI (1 + l4 / Bl_V) (SI units, see the module docstring).
+    * Type A: one triplet, the regression's uncertainty; several, the standard deviation of the
+      mean of the per-triplet h (``combine_uncertainty``); type B from ``budget``.
+    """
+    vsets = _split_sets(sweeps)
+    fsets = _split_sets(weighings)
+    if len(vsets) != len(fsets) + 1 or not fsets:
+        raise ValueError(f"a run needs velocity sets bracketing every force set: got {len(vsets)} "
+                         f"velocity and {len(fsets)} force sets")
+    t_ref_k = float(np.mean([np.mean(_arrays(e)["temperature_k"]) for e in sweeps + weighings]))
+    pts = [[_sweep_points(e, t_ref_k, temp_coeff_per_k) for e in s] for s in vsets]
+    z_all = [p[1] for s in pts for p in s]
+    z_range = (float(min(z.min() for z in z_all)), float(max(z.max() for z in z_all)))
+
+    def vset(s, ev, master=None):
+        return an.velocity_mode_bl([p[1] for p in s], [p[2] for p in s], [p[3] for p in s],
+                                   [e["info"]["direction"] for e in ev],
+                                   time_s=[p[0] for p in s], z_weigh_m=z_weigh_m, order=order,
+                                   z_range_m=z_range, master_coef=master)
+
+    first = [vset(s, ev) for s, ev in zip(pts, vsets)]
+    master = np.concatenate([r.coef_sweep for r in first]).mean(axis=0)
+    vres = [vset(s, ev, master) for s, ev in zip(pts, vsets)]
+    # non-overlapping up/down pairs
+    pair_t, pair_bl = [], []
+    for r in vres:
+        n_p = len(r.bl_sweep_t_m) // 2
+        pair_bl.append(0.5 * (r.bl_sweep_t_m[0:2 * n_p:2] + r.bl_sweep_t_m[1:2 * n_p:2]))
+        pair_t.append(0.5 * (r.time_sweep_s[0:2 * n_p:2] + r.time_sweep_s[1:2 * n_p:2]))
+    dev = np.concatenate([b - b.mean() for b in pair_bl])
+    dof_v = sum(b.size - 1 for b in pair_bl)
+    u_v = float(np.sqrt(np.sum(dev**2) / dof_v)) if dof_v > 0 else float("nan")
+    fres = []
+    for ev in fsets:
+        t = np.array([np.mean(_arrays(e)["sim_time_s"]) for e in ev])
+        # the force Bl(T) I = Bl(T_ref) I (1 + tc (T - T_ref)): currents referred to T_ref
+        i = np.array([np.mean(an.currents_from_voltage(_arrays(e)["coil_voltage_v"], resistance_ohm)
+                              * _temp_factor(_arrays(e)["temperature_k"], t_ref_k, temp_coeff_per_k))
+                      for e in ev])
+        on = [bool(e["info"]["mass_on"]) for e in ev]
+        fres.append(an.force_mode_bl(t, i, on, mass_kg, g_m_s2, alpha_per_a=alpha_per_a,
+                                     beta_per_a2=beta_per_a2))
+    triplets = []
+    for k, fr in enumerate(fres):
+        tv = np.concatenate([pair_t[k], pair_t[k + 1]])
+        bv = np.concatenate([pair_bl[k], pair_bl[k + 1]])
+        u_f = max(float(np.std(fr.bl_t_m, ddof=1)) if fr.bl_t_m.size > 1 else 0.0,
+                  1e-3 * u_v)     # floor: a (near-)noise-free force set must not get infinite weight
+        tt = np.concatenate([tv, fr.time_s])
+        bb = np.concatenate([bv, fr.bl_t_m])
+        ss = np.concatenate([np.zeros(tv.size, bool), np.ones(fr.time_s.size, bool)])
+        uu = np.concatenate([np.full(tv.size, u_v), np.full(fr.time_s.size, u_f)])
+        tr = an.triplet_regression(tt, bb, ss, u_bl_t_m=uu)
+        triplets.append(tr)
+    h_each = np.array([H_SI_J_S * (1.0 + tr.h_rel) for tr in triplets])
+    if len(triplets) == 1:
+        unc = an.combine_uncertainty(h_each, budget, u_a=H_SI_J_S * triplets[0].u_h_rel)
+    else:
+        unc = an.combine_uncertainty(h_each, budget)
+    h_rel = unc.value / H_SI_J_S - 1.0
+    bl_v = float(np.mean([tr.bl_v_t_m for tr in triplets]))
+    return {"velocity_sets": vres, "force_sets": fres, "triplets": triplets, "uncertainty": unc,
+            "h_j_s": unc.value, "u_h_j_s": unc.u_c, "u_a_h_j_s": unc.u_a, "u_b_h_j_s": unc.u_b,
+            "h_rel_err": h_rel, "u_h_rel": unc.u_c / unc.value,
+            "mass_kg": mass_kg / (1.0 + h_rel), "u_mass_kg": mass_kg * unc.u_c / unc.value,
+            "bl_v_t_m": bl_v, "bl_f_t_m": bl_v * (1.0 + h_rel),
+            "u_bl_f_t_m": float(np.sqrt(np.mean([f.u_bl_mean_t_m**2 for f in fres]))),
+            "n_sweeps": len(sweeps), "n_weighings": len(weighings),
+            "n_bl_v": int(sum(b.size for b in pair_bl)),
+            "n_bl_f": int(sum(f.bl_t_m.size for f in fres)), "n_triplets": len(triplets)}
+
+
+async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[str, Any] | None = None,
+                        force: Mapping[str, Any] | None = None, force_sets: int = 1,
+                        budget: Mapping[str, float] | None = None,
+                        servo: Mapping[str, Any] | None = None, order: int = 6,
+                        plant_overrides: Mapping[str, Any] | None = None,
+                        temp_coeff_per_k: float | None = TEMP_COEFF_NIST4_PER_K,
+                        progress: Callable[[str], None] | None = None) -> NistResult:
+    """Run a NIST-4 run offline (in process) and return h with its stated uncertainty.
+
+    The run is the plan ``nist4_run(force_sets, velocity, force)``: velocity sets bracketing
+    each force set.
+
+    ``velocity`` / ``force``: arguments of the velocity and force sets (defaults: the papers'
+    counts); ``servo``: servo parameters (e.g. :data:`NIST4_TEST_SERVO`, a short erase);
+    ``budget``: type B lines (relative, k = 1), e.g. ``analysis.NIST4_TABLE_III_BUDGET``; None:
+    type A only (the simulator has no type B effects to speak of). ``rate_hz``: frame rate of
+    the closed loop; 200 Hz is the lowest where the NIST-4 loops stay well behaved (at 100 Hz
+    the sweeps trip the current source's watchdog).
+    """
+    t0 = time.perf_counter()
+    stack = InProcessStack("nist4", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides,
+                           params={"servo": dict(servo or {})})
+    docs = _Documents(progress)
+    stops = []
+    try:
+        await stack.start()
+        engine = P.RunEngine(stack, emit=docs)
+        stops.append(await engine.run("nist4_run", {"force_sets": force_sets,
+                                                    "velocity": dict(velocity or {}),
+                                                    "force": dict(force or {})}))
+        p = stack.plant.params
+        mass, g = float(p["main_side.test_mass_kg"]), float(p["sim.g_m_s2"])
+        resistance = float(stack.services["daq"].settings.std_resistor_ohm)
+    finally:
+        stack.close()
+    bad = [s for s in stops if s["exit_status"] != "success"]
+    if bad:
+        raise RuntimeError(f"run did not succeed: {bad[0]['exit_status']}: {bad[0]['reason']}")
+    res = analyze_nist4(docs.events("sweep"), docs.events("weighing"), mass_kg=mass, g_m_s2=g,
+                        resistance_ohm=resistance, budget=budget, order=order,
+                        temp_coeff_per_k=temp_coeff_per_k)
+    return NistResult(seed=seed, rate_hz=rate_hz, mass_true_kg=mass,
+                      sim_s=float(sum(s["sim_s"] for s in stops)),
+                      wall_s=time.perf_counter() - t0, exit_status="success", **res)
+
+
+# =============================================================================== EFB
+
+
+def analyze_efb(weighings: list[dict], *, kappa_f_m: float, g_m_s2: float,
+                budget: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The EFB analysis of the ``weighing`` events of consecutive ``efb_weighing`` runs.
+
+    Each run measures +U, +L, +U, -U, -L, -U (mean DVM voltage per window, measured, i.e.
+    including the surface potential). The unloaded positive forces of all runs, in time order,
+    give F_U+(t) by linear interpolation (seed 000 eq. 17); trial p is run p's negative readings
+    (-U as the mean of its two windows at their mean time, -L) with run p's +L, which the
+    positive unloaded readings of run p and run p+1 bracket: n runs give n - 1 trials.
+
+    Sign: the simulator's EFB pulls the loaded balance up with more force than the unloaded one
+    (F_L = F_U + m g, as in seed 000 eq. 8), while ``analysis.efb_masses_eq17`` follows the
+    printed eq. (17), written for a balance whose force is lower when loaded (seed 000 figure
+    5); with the simulator's data eq. (17) gives -m, so the mass is its negative.
+    """
+    runs: list[list[dict]] = []
+    for e in weighings:
+        if (e["info"]["polarity"] == "+" and e["info"]["index"] == 0) or not runs:
+            runs.append([])
+        runs[-1].append(e)
+    if len(runs) < 2:
+        raise ValueError("need at least two efb_weighing runs (n runs give n - 1 trials)")
+    rows = []
+    for ev in runs:
+        r = {}
+        for e in ev:
+            d = _arrays(e)
+            key = (e["info"]["polarity"], e["info"]["index"])
+            r[key] = (float(d["sim_time_s"].mean()), float(d["coil_voltage_v"].mean()))
+        if len(r) != 6:
+            raise ValueError(f"an efb_weighing run has {len(r)} of its 6 weighings")
+        rows.append(r)
+    t_up = np.array([r["+", k][0] for r in rows for k in (0, 2)])
+    v_up = np.array([r["+", k][1] for r in rows for k in (0, 2)])
+    trials = rows[:-1]
+    t_un = np.array([0.5 * (r["-", 0][0] + r["-", 2][0]) for r in trials])
+    v_un_f = np.array([0.5 * (an.efb_force_n(r["-", 0][1], kappa_f_m) + an.efb_force_n(r["-", 2][1], kappa_f_m))
+                       for r in trials])
+    t_lp = np.array([r["+", 1][0] for r in trials])
+    f_lp = an.efb_force_n(np.array([r["+", 1][1] for r in trials]), kappa_f_m)
+    t_ln = np.array([r["-", 1][0] for r in trials])
+    f_ln = an.efb_force_n(np.array([r["-", 1][1] for r in trials]), kappa_f_m)
+    m = -an.efb_masses_eq17(t_up, an.efb_force_n(v_up, kappa_f_m), t_un, v_un_f, t_lp, f_lp,
+                            t_ln, f_ln, g_m_s2)
+    unc = an.combine_uncertainty(m, budget)
+    v_s = float(np.mean([0.5 * (r["+", 0][1] + r["-", 0][1]) for r in rows]))
+    return {"mass_kg": unc.value, "u_mass_kg": unc.u_c, "u_a_kg": unc.u_a, "u_b_kg": unc.u_b,
+            "u_mass_rel": unc.u_c_rel, "mass_trial_kg": m.tolist(), "kappa_f_m": float(kappa_f_m),
+            "surface_potential_v": v_s, "n_weighings": len(weighings), "n_trials": int(m.size),
+            "uncertainty": unc}
+
+
+async def offline_efb(seed: int, *, rate_hz: float = 200.0, runs: int = 6, settle_s: float = 10.0,
+                      window_s: float = 20.0, budget: Mapping[str, float] | None = None,
+                      plant_overrides: Mapping[str, Any] | None = None,
+                      progress: Callable[[str], None] | None = None) -> EfbResult:
+    """Weigh the 1 mg artifact offline: ``runs`` consecutive ``efb_weighing`` plans (unloaded,
+    loaded, unloaded, positive then negative polarity), analysed with eq. (17) (see
+    :func:`analyze_efb`); the mass with its stated uncertainty (type A from the trials' scatter,
+    type B from ``budget``, e.g. ``analysis.EFB_TABLE_1_BUDGET_1MG``; None: type A only).
+
+    kappa = dC/dz / 2 is taken from the plant (``stack.plant.kappa(0.0)`` at the end of the
+    weighings, at the weighing position z = 0 and the capacitor's temperature of that moment): the gradient procedure (11 points within 2 mm on the auxiliary electrode,
+    seed 000 section 3.1) waits for a gradient mode of the servo and is not implemented yet, so
+    this mass tests the weighing and its analysis, not the capacitance-gradient measurement.
+    """
+    t0 = time.perf_counter()
+    stack = InProcessStack("efb", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides)
+    docs = _Documents(progress)
+    stops = []
+    try:
+        await stack.start()
+        engine = P.RunEngine(stack, emit=docs)
+        for _ in range(runs):
+            stop = await engine.run("efb_weighing", {"settle_s": settle_s, "window_s": window_s})
+            stops.append(stop)
+            if stop["exit_status"] != "success":
+                raise RuntimeError(f"efb_weighing did not succeed: {stop['exit_status']}: {stop['reason']}")
+        kappa = float(stack.plant.kappa(0.0))
+        p = stack.plant.params
+        mass, g = float(p["masses.small_kg"]), float(p["sim.g_m_s2"])
+    finally:
+        stack.close()
+    res = analyze_efb(docs.events("weighing"), kappa_f_m=kappa, g_m_s2=g, budget=budget)
+    return EfbResult(seed=seed, rate_hz=rate_hz, mass_true_kg=mass,
+                     mass_rel_err=res["mass_kg"] / mass - 1.0,
+                     sim_s=float(sum(s["sim_s"] for s in stops)), wall_s=time.perf_counter() - t0,
+                     exit_status="success", **res)
+
+
+# =============================================================================== plots, CLI
+
+
+def plots(result: NistResult | EfbResult, directory) -> list[str]:
+    """The analysis PNGs of a result into ``directory`` (created); the paths.
+
+    NIST-4: the Bl profile of the first velocity set with residuals, Bl over time of every
+    triplet (force vs velocity), the h determinations. EFB: the mass trials."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if isinstance(result, NistResult):
+        paths.append(an.plot_bl_profile(result.velocity_sets[0], out / "nist4_bl_profile.png"))
+        for k, tr in enumerate(result.triplets):
+            paths.append(an.plot_bl_time(tr, out / f"nist4_bl_time_{k}.png"))
+        unc = result.uncertainty
+        paths.append(an.plot_mass_determinations(
+            unc, out / "nist4_h.png", u_each=[t.u_h_rel * H_SI_J_S for t in result.triplets],
+            unit="h / 1e-34 J s", scale=1e34, reference=H_SI_J_S))
+    else:
+        paths.append(an.plot_mass_determinations(result.uncertainty, out / "efb_mass.png",
+                                                 unit="mass / mg", scale=1e6,
+                                                 reference=result.mass_true_kg))
+    return paths
+
+
+def _coerce(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None,
+                        plots_dir: str | None) -> int:
+    """``kibble measure --offline``: run ``nist4`` or ``efb`` in process, print progress and a
+    summary (value, u, relative u, the deviation from h_SI or the true mass in units of u),
+    optionally write the JSON summary and the plots. Exit status 0, or 1 if the deviation
+    exceeds 3 u, 2 for a usage error.
+
+    ``params`` (strings are parsed as JSON): NIST-4 ``rate_hz``, ``force_sets``, ``order``,
+    ``velocity.<arg>``, ``force.<arg>``, ``servo.<param>``, ``budget`` (``table3`` or none);
+    ``test=true`` starts from the shortened test plans. EFB ``rate_hz``, ``runs``,
+    ``settle_s``, ``window_s``, ``budget`` (``table1`` or none).
+    """
+    params = {k: _coerce(v) for k, v in (params or {}).items()}
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    try:
+        if plan in ("nist4", "nist4_run"):
+            kw: dict[str, Any] = {"velocity": {}, "force": {}, "servo": {}}
+            if params.pop("test", False):
+                kw = {"velocity": dict(NIST4_TEST_VELOCITY), "force": dict(NIST4_TEST_FORCE),
+                      "servo": dict(NIST4_TEST_SERVO)}
+            for k, v in params.items():
+                head, _, tail = k.partition(".")
+                if tail and head in ("velocity", "force", "servo"):
+                    kw[head][tail] = v
+                elif k == "budget":
+                    kw["budget"] = an.NIST4_TABLE_III_BUDGET if str(v).lower() in ("table3", "table_iii") else None
+                elif k in ("rate_hz", "force_sets", "order"):
+                    kw[k] = v
+                else:
+                    raise ValueError(f"unknown parameter {k!r} for plan nist4")
+            say(f"offline NIST-4 run, seed {seed}")
+            res: NistResult | EfbResult = asyncio.run(offline_nist4(seed, progress=say, **kw))
+            r = res
+            say(f"h = {r.h_j_s:.12e} J s, u = {r.u_h_j_s:.2e} J s (rel. {r.u_h_rel:.2e}; "
+                f"type A {r.u_a_h_j_s / r.h_j_s:.2e}, type B {r.u_b_h_j_s / r.h_j_s:.2e})")
+            say(f"h / h_SI - 1 = {r.h_rel_err:+.2e} = {r.z_score:+.2f} u; mass {r.mass_kg:.12f} kg "
+                f"(true {r.mass_true_kg:g} kg); Bl_V {r.bl_v_t_m:.6f} T m, Bl_F {r.bl_f_t_m:.6f} T m; "
+                f"{r.n_sweeps} sweeps, {r.n_weighings} weighings, {r.n_triplets} triplet(s); "
+                f"{r.sim_s:.0f} s simulated in {r.wall_s:.1f} s")
+        elif plan in ("efb", "efb_weighing"):
+            kw = {}
+            for k, v in params.items():
+                if k == "budget":
+                    kw["budget"] = an.EFB_TABLE_1_BUDGET_1MG if str(v).lower() in ("table1", "table_1") else None
+                elif k in ("rate_hz", "runs", "settle_s", "window_s"):
+                    kw[k] = v
+                else:
+                    raise ValueError(f"unknown parameter {k!r} for plan efb")
+            say(f"offline EFB weighing of the 1 mg artifact, seed {seed}")
+            res = asyncio.run(offline_efb(seed, progress=say, **kw))
+            r = res
+            say(f"m = {r.mass_kg * 1e6:.9f} mg, u = {r.u_mass_kg * 1e12:.3f} ng (rel. {r.u_mass_rel:.2e})")
+            say(f"m / m_true - 1 = {r.mass_rel_err:+.2e} = {r.z_score:+.2f} u; {r.n_trials} trials; "
+                f"{r.sim_s:.0f} s simulated in {r.wall_s:.1f} s")
+        else:
+            raise ValueError(f"unknown offline plan {plan!r}; one of nist4, efb")
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    if json_out:
+        Path(json_out).write_text(json.dumps(res.summary(), indent=2, default=float))
+        say(f"summary written to {json_out}")
+    if plots_dir:
+        for path in plots(res, plots_dir):
+            say(f"plot: {path}")
+    return 0 if abs(res.z_score) <= 3.0 else 1
+
+
+def offline_summary(kind: str, seed: int, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Synchronous :func:`offline_nist4` (``kind='nist4'``) or :func:`offline_efb` (``'efb'``)
+    returning the JSON-able summary: a picklable unit of work for a process pool (the seeds of
+    a campaign in parallel)."""
+    fn = {"nist4": offline_nist4, "efb": offline_efb}[kind]
+    return asyncio.run(fn(seed, **dict(kwargs or {}))).summary()
