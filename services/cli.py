@@ -275,8 +275,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_measure(args: argparse.Namespace) -> int:
     if not args.offline:
-        print("kibble measure: only --offline runs exist so far (the sequencer daemon that runs "
-              "plans on a live stack is not built yet)", file=sys.stderr)
+        print("kibble measure: only --offline runs so far; on a live stack run the plan with the "
+              "sequencer and the recorder (kibble cmd sequencer run plan=NAME run_id=ID ...), "
+              "then kibble analyze <data_dir>/ID.kbrun", file=sys.stderr)
         return 2
     from kibble.services.campaign import cli_measure_offline
 
@@ -288,6 +289,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
             return 2
         params[key] = value
     return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from kibble.services.runanalysis import cli_analyze
+
+    return cli_analyze(args.run, args.json, args.plots, args.budget)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -424,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--plots", default=None, metavar="DIR", help="write the analysis plots (PNG)")
     p.set_defaults(func=cmd_measure, is_async=False)
+
+    p = sub.add_parser("analyze", help="turn a recorded run (.kbrun) into a result: h or a mass with uncertainties")
+    p.add_argument("run", help="run file written by the recorder")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write the analysis plots (PNG)")
+    p.add_argument("--budget", choices=("table3", "table1"), default=None,
+                   help="add the paper's type B budget (NIST-4 Table III, EFB Table 1)")
+    p.set_defaults(func=cmd_analyze, is_async=False)
 
     p = sub.add_parser("export", help="write a recorded run (.kbrun) to HDF5 with units and parameters")
     p.add_argument("run", help="run file written by the recorder (<data_dir>/<run_id>.kbrun)")

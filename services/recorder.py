@@ -13,7 +13,9 @@ they are dropped at once and counted (``hw_skipped``).
 Commands (besides ``param.*``):
 
 - ``start run_id=ID [config_hash=HEX]``: open a new run file (``ID``: letters, digits, ``_``,
-  ``-``, ``.``); refused while a run is open or when the file already exists.
+  ``-``, ``.``) and write into it first the latest ``params`` and ``status`` message of every
+  service (with their time of receipt), so the run records the set-up it started from; refused
+  while a run is open or when the file already exists.
 - ``stop``: flush, fsync and close the run file; replies with the counts.
 
 Flush policy: records reach the operating system at least every ``flush_interval_s`` (0.2 s;
@@ -76,11 +78,16 @@ class Recorder(Service):
         self.counters.update({"hw_skipped": 0, "write_errors": 0, "runs": 0})
         self._last_fsync_mono_s = time.monotonic()
         self._fsync: asyncio.Task | None = None
+        self.latest: dict[str, tuple[float, bytes]] = {}
+        """The last ``params`` and ``status`` message of every service (retained ones included):
+        a new run starts with them, so it says how the instrument was set up."""
         self.subscribe_raw(f"{self.topics.prefix}/#", self.on_message)
 
     # ------------------------------------------------------------------ recording
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        if topic.endswith(("/params", "/status")):
+            self.latest[topic] = (time.time(), payload)
         writer = self.writer
         if writer is None:
             return
@@ -189,6 +196,12 @@ class Recorder(Service):
         except OSError as exc:
             raise ValueError(f"cannot create {path}: {exc}") from None
         self.run_id = run_id
+        try:
+            for topic, (t_s, payload) in sorted(self.latest.items()):
+                self.writer.append(topic, payload, t_s)
+        except OSError as exc:
+            self._write_failed(exc)
+            raise ValueError(f"cannot write to {path}: {exc}") from None
         self.counters["runs"] += 1
         self._last_fsync_mono_s = time.monotonic()
         self.event("run_opened", f"run {run_id} -> {path}", data={"run_id": run_id, "path": str(path),

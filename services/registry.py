@@ -14,6 +14,7 @@ SERVICES: dict[str, str] = {
     "theta_z": "kibble.services.theta_z:ThetaZ",
     "hv_source": "kibble.services.hv_source:HvSource",
     "recorder": "kibble.services.recorder:Recorder",
+    "sequencer": "kibble.services.sequencer:Sequencer",
 }
 """Service name -> ``module:Class`` of every daemon (DESIGN.md section 5)."""
 

@@ -324,13 +324,18 @@ class Service:
 
     def publish(self, topic: str, msg: Message, qos: int = 0, retain: bool = False) -> bool:
         """Stamp and publish now (no await). False, and counted, when not connected."""
+        return self.publish_bytes(topic, encode(self.stamp(msg)), qos, retain)
+
+    def publish_bytes(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """Publish an already encoded payload now (no await); False, and counted, when not
+        connected."""
         if self._local_sink is not None:
-            self._local_sink(topic, encode(self.stamp(msg)), qos, retain)
+            self._local_sink(topic, payload, qos, retain)
             return True
         if self._client is None:
             self.counters["publish_failed"] += 1
             return False
-        ok = publish_now(self._client, topic, encode(self.stamp(msg)), qos, retain)
+        ok = publish_now(self._client, topic, payload, qos, retain)
         if not ok:
             self.counters["publish_failed"] += 1
         return ok
