@@ -68,8 +68,9 @@ class NistResult:
     scatter, type B u_b_h_j_s from the budget, if one was given); h_rel_err = h / h_SI - 1 and
     u_h_rel = u_h_j_s / h; mass_kg, u_mass_kg: the mass the balance measures with the fixed h
     (mass_true_kg the simulator's); bl_v_t_m, bl_f_t_m: velocity-mode Bl at the mean force-mode
-    time (from the triplet regression) and Bl_F = Bl_V + l4; counts of sweeps, weighings, Bl_V
-    and Bl_F points, triplets. The analysis objects (velocity sets, force sets, triplets, the
+    time (from the triplet regression) and Bl_F = Bl_V + l4; u_master_rel the relative type A
+    uncertainty of the master profile at the weighing position (common to every Bl_V, included
+    in u_a_h_j_s); counts of sweeps, weighings, Bl_V and Bl_F points, triplets. The analysis objects (velocity sets, force sets, triplets, the
     uncertainty) are kept for plots; they are left out of :meth:`summary`.
     """
 
@@ -87,6 +88,7 @@ class NistResult:
     bl_v_t_m: float
     bl_f_t_m: float
     u_bl_f_t_m: float
+    u_master_rel: float
     n_sweeps: int
     n_weighings: int
     n_bl_v: int
@@ -225,6 +227,31 @@ def _sweep_points(event: dict, t_ref_k: float, temp_coeff_per_k: float | None
     return t, z, u, v
 
 
+def _master_shape_u(z_sweeps, bl_sweeps, z_range: tuple[float, float], z_weigh_m: float,
+                    order: int) -> float:
+    """Type A standard uncertainty (T m) of the master profile's contribution to Bl at the
+    weighing position, common to every sweep of the run.
+
+    Bl_V of a sweep is c0 + master(x_w) = mean(Bl) + [master(x_w) - mean master(x)]: the bracket
+    (the shape term) comes from the master profile, i.e. from the same sweeps averaged, and is
+    the same for every sweep, so the scatter of the sweeps (or pairs) does not show its error
+    and the triplet regression passes it to l4 in full. With v from consecutive interferometer
+    positions the per-point noise of Bl is correlated (each position enters two velocities);
+    for the mean it telescopes away, for a shape it does not (the positions at the sweep ends
+    keep the leverage of the polynomial there), and with short sweeps it is several times the
+    scatter of the pairs. The master is the mean of the per-sweep fits and the shape term is
+    linear in the coefficients, so its type A uncertainty is the standard deviation of the mean
+    of the per-sweep shape terms g = fit(x_w) - mean of the fit over the sweep's points."""
+    lo, hi = z_range
+    x_w = (2.0 * z_weigh_m - (lo + hi)) / (hi - lo)
+    g = []
+    for z, b in zip(z_sweeps, bl_sweeps):
+        x = (2.0 * np.asarray(z, dtype=float) - (lo + hi)) / (hi - lo)
+        b = np.asarray(b, dtype=float)
+        coef = np.polynomial.chebyshev.chebfit(x, b, order)
+        g.append(float(np.polynomial.chebyshev.chebval(x_w, coef)) - float(np.mean(b)))
+    return float(np.std(g, ddof=1) / math.sqrt(len(g))) if len(g) > 1 else float("nan")
+
 def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, g_m_s2: float,
                   resistance_ohm: float = 100.0, alpha_per_a: float = an.ALPHA_NIST4_PER_A,
                   beta_per_a2: float = an.BETA_NIST4_PER_A2, z_weigh_m: float = 0.0,
@@ -249,7 +276,9 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
       set's mean; force triples: the scatter of the triples) and scaled by the reduced
       chi-square; h = h_SI (1 + l4 / Bl_V) (SI units, see the module docstring).
     * Type A: one triplet, the regression's uncertainty; several, the standard deviation of the
-      mean of the per-triplet h (``combine_uncertainty``); type B from ``budget``.
+      mean of the per-triplet h (``combine_uncertainty``); either way combined in quadrature with
+      the master profile's uncertainty at the weighing position (:func:`_master_shape_u`), an
+      error common to every Bl_V of the run that no scatter shows; type B from ``budget``.
     """
     vsets = _split_sets(sweeps)
     fsets = _split_sets(weighings)
@@ -302,10 +331,17 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
         tr = an.triplet_regression(tt, bb, ss, u_bl_t_m=uu)
         triplets.append(tr)
     h_each = np.array([H_SI_J_S * (1.0 + tr.h_rel) for tr in triplets])
+    # the master profile's error at the weighing position: common to every Bl_V of the run
+    # (invisible in the scatter of the pairs and of the triplets), it shifts l4 in full
+    u_shape = _master_shape_u([p[1] for s in pts for p in s], [p[2] / p[3] for s in pts for p in s],
+                              z_range, z_weigh_m, order)
+    u_shape_rel = u_shape / float(np.mean([tr.bl_v_t_m for tr in triplets]))
     if len(triplets) == 1:
-        unc = an.combine_uncertainty(h_each, budget, u_a=H_SI_J_S * triplets[0].u_h_rel)
+        u_a = H_SI_J_S * math.hypot(triplets[0].u_h_rel, u_shape_rel)
     else:
-        unc = an.combine_uncertainty(h_each, budget)
+        sem = float(np.std(h_each, ddof=1) / math.sqrt(h_each.size))
+        u_a = math.hypot(sem, H_SI_J_S * u_shape_rel)
+    unc = an.combine_uncertainty(h_each, budget, u_a=u_a)
     h_rel = unc.value / H_SI_J_S - 1.0
     bl_v = float(np.mean([tr.bl_v_t_m for tr in triplets]))
     return {"velocity_sets": vres, "force_sets": fres, "triplets": triplets, "uncertainty": unc,
@@ -314,7 +350,7 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
             "mass_kg": mass_kg / (1.0 + h_rel), "u_mass_kg": mass_kg * unc.u_c / unc.value,
             "bl_v_t_m": bl_v, "bl_f_t_m": bl_v * (1.0 + h_rel),
             "u_bl_f_t_m": float(np.sqrt(np.mean([f.u_bl_mean_t_m**2 for f in fres]))),
-            "n_sweeps": len(sweeps), "n_weighings": len(weighings),
+            "u_master_rel": u_shape_rel, "n_sweeps": len(sweeps), "n_weighings": len(weighings),
             "n_bl_v": int(sum(b.size for b in pair_bl)),
             "n_bl_f": int(sum(f.bl_t_m.size for f in fres)), "n_triplets": len(triplets)}
 
