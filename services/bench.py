@@ -168,13 +168,16 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "control": _external("kibble.control.bench:run"),
     "sim": _external("kibble.hil_sim.bench:run"),
     "loop": _external("kibble.services.loopbench:run"),
+    "hil": _external("kibble.services.loopbench:run_hil"),
 }
+DEFAULT_GROUPS = ("bus", "control", "sim", "loop")
+"""What ``kibble bench`` runs without ``--only`` (``hil`` is the over-the-bus part of ``loop``)."""
 
 
 def run_benchmarks(only: list[str] | None = None, broker: str | None = None,
                    progress: Callable[[str], None] = print) -> dict[str, float]:
     """Run the named groups (default all) and merge their figures into one flat dict."""
-    names = only or list(GROUPS)
+    names = only or list(DEFAULT_GROUPS)
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
         raise ValueError(f"unknown benchmark group(s) {unknown}; known: {', '.join(GROUPS)}")

@@ -80,10 +80,10 @@ async def _in_process(say: Callable[[str], None], null_s: float, efb_s: float) -
     return out
 
 
-async def _chain(tmp: str, seconds: float) -> dict[str, float]:
-    """Lockstep steps/s of the simulator + daq + servo + current_source, from the simulator's
-    own frame counter (no other subscriber on the bus)."""
-    async with ChainStack("nist4", clock="lockstep", rate_hz=RATE_HZ, run_dir=f"{tmp}/chain",
+async def _chain(tmp: str, seconds: float, clock: str = "lockstep") -> dict[str, float]:
+    """Steps/s and sensor-to-command latency of the simulator + daq + servo + current_source,
+    from the simulator's own counters (no other subscriber on the bus)."""
+    async with ChainStack("nist4", clock=clock, rate_hz=RATE_HZ, run_dir=f"{tmp}/chain-{clock}",
                           progress=lambda s: None) as stack:
         assert stack.broker_url is not None
         async with BusClient(stack.broker_url, stack.instrument) as bus:
@@ -103,6 +103,9 @@ async def _chain(tmp: str, seconds: float) -> dict[str, float]:
             await asyncio.sleep(seconds)
             end = await stats()
             rate = (end["counters"]["frames_out"] - f0) / (time.monotonic() - t0)
+    if clock == "realtime":
+        return {"hil_chain_realtime_latency_p50_ms": float(end["latency_p50_ms"]),
+                "hil_chain_realtime_latency_p99_ms": float(end["latency_p99_ms"])}
     return {"hil_chain_steps_per_s": rate, "hil_chain_latency_p50_ms": float(end["latency_p50_ms"]),
             "hil_chain_latency_p99_ms": float(end["latency_p99_ms"])}
 
@@ -113,6 +116,8 @@ async def _over_the_bus(say: Callable[[str], None], seconds: float) -> dict[str,
         out.update(await _chain(tmp, seconds))
         say(f"  lockstep chain (sim, daq, servo, current_source) {out['hil_chain_steps_per_s']:.0f} "
             f"steps/s, latency p50 {out['hil_chain_latency_p50_ms']:.2f} ms")
+        out.update(await _chain(tmp, seconds, "realtime"))
+        say(f"  realtime chain latency p99 {out['hil_chain_realtime_latency_p99_ms']:.2f} ms")
         for clock in ("lockstep", "realtime"):
             async with Stack("nist4", clock=clock, rate_hz=RATE_HZ, run_dir=f"{tmp}/{clock}",
                              progress=lambda s: None) as stack:
@@ -134,6 +139,17 @@ async def _over_the_bus(say: Callable[[str], None], seconds: float) -> dict[str,
                 out["hil_realtime_frames_per_s"] = rate
                 say(f"  realtime latency p99 {out['hil_latency_p99_ms']:.2f} ms")
     return out
+
+
+def run_hil(bus_s: float = 20.0, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Only the over-the-bus figures (``kibble bench --only hil``, about a minute)."""
+
+    async def main() -> dict[str, float]:
+        figures = await _over_the_bus(say, bus_s)
+        figures["loop_rate_hz"] = RATE_HZ
+        return figures
+
+    return asyncio.run(main())
 
 
 def run(null_s: float = 600.0, efb_s: float = 300.0, bus_s: float = 20.0,
