@@ -231,7 +231,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
         settings.setdefault(service, {})[name] = value
     try:
         stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
-                      seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings)
+                      seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings,
+                      measurement=args.measurement)
     except ValueError as exc:
         raise SystemExit(f"kibble up: {exc}") from None
     async with stack:
@@ -275,10 +276,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_measure(args: argparse.Namespace) -> int:
     if not args.offline:
-        print("kibble measure: only --offline runs so far; on a live stack run the plan with the "
-              "sequencer and the recorder (kibble cmd sequencer run plan=NAME run_id=ID ...), "
-              "then kibble analyze <data_dir>/ID.kbrun", file=sys.stderr)
-        return 2
+        from kibble.services.measure import cli_measure_live
+
+        return asyncio.run(cli_measure_live(args.plan, args.param, args.repeat, args.run_id,
+                                            args.broker, args.instrument, args.timeout,
+                                            args.json, args.plots))
     from kibble.services.campaign import cli_measure_offline
 
     params = {}
@@ -322,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kibble", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def bus_args_no_timeout(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", default=_env_broker(),
+                       help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
+        p.add_argument("--instrument", default=_env_instrument(),
+                       help="instrument id, first topic level after kb/ (default %(default)s)")
 
     def bus_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--broker", default=_env_broker(),
@@ -410,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "up",
                    help="logs and state files of the daemons")
     p.add_argument("--no-arm", action="store_true", help="leave the actuators disarmed")
+    p.add_argument("--measurement", action="store_true",
+                   help="also start the recorder and the sequencer (for kibble measure)")
     p.add_argument("--setting", action="append", default=[], metavar="SERVICE.NAME=VALUE",
                    help="a daemon's setting, e.g. damping.watchdog_xy_rms_m=1e-4 (repeatable)")
     p.add_argument("--status-every", type=float, default=5.0, help="status table period (s)")
@@ -427,9 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan parameter (repeatable); test=true starts from the shortened test plans")
     p.add_argument("--offline", action="store_true",
                    help="run on the in-process closed loop (real daemons, simulated plant, no broker)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="live: run the plan N times into one recording (EFB trials need >= 3)")
+    p.add_argument("--run-id", default=None, help="live: recording name (default: plan and time)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="live: give up after S seconds")
     p.add_argument("--seed", type=int, default=1, help="simulator seed (offline)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--plots", default=None, metavar="DIR", help="write the analysis plots (PNG)")
+    bus_args_no_timeout(p)
     p.set_defaults(func=cmd_measure, is_async=False)
 
     p = sub.add_parser("analyze", help="turn a recorded run (.kbrun) into a result: h or a mass with uncertainties")

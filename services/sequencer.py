@@ -187,6 +187,7 @@ class Sequencer(Service):
         run_id = str(cmd.args.get("run_id", ""))
         self.plan_name, self.run_id = name, run_id
         self.progress = P.Progress(0, 0.0, 0.0, None)
+        self.last_stop = {}
         self.run_task = asyncio.get_running_loop().create_task(self._run(name, args, run_id))
         self.set_state("running")
         return {"plan": name, "args": args, "run_id": run_id}

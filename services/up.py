@@ -44,6 +44,9 @@ STACKS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 """Per simulated instrument: the daemons, the ones to arm, and the lockstep devices they drive."""
 
+MEASUREMENT_DAEMONS = ("recorder", "sequencer")
+"""Daemons of measurements, common to both instruments (``Stack(measurement=True)``)."""
+
 
 def stack_config(model: str) -> Path:
     """The packaged configuration of an instrument's daemons (``services/<model>.toml``)."""
@@ -112,6 +115,8 @@ class Stack:
     seed: int = 0
     run_dir: Path = field(default_factory=lambda: Path(".state") / "up")
     sim_args: list[str] = field(default_factory=list)
+    measurement: bool = False
+    """Also start the recorder and the sequencer (measurements: ``kibble measure``)."""
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Settings per daemon, ``{"damping": {"watchdog_xy_rms_m": 1e-4}}`` (``--setting``)."""
     arm: bool = True
@@ -130,16 +135,22 @@ class Stack:
             raise ValueError(f"unknown clock {self.clock!r}; lockstep or realtime")
         if not 1.0 <= self.rate_hz <= 10000.0:
             raise ValueError(f"rate {self.rate_hz} Hz outside 1..10000 Hz")
-        unknown = set(self.settings) - set(self.spec["services"])
+        unknown = set(self.settings) - set(self.daemons)
         if unknown:
             raise ValueError(f"settings for {', '.join(sorted(unknown))}: not daemons of the "
-                             f"{self.model} stack ({', '.join(self.spec['services'])})")
+                             f"{self.model} stack ({', '.join(self.daemons)})")
         self.instrument = self.instrument or self.model
         self.run_dir = Path(self.run_dir)
 
     @property
     def spec(self) -> dict[str, tuple[str, ...]]:
         return STACKS[self.model]
+
+    @property
+    def daemons(self) -> tuple[str, ...]:
+        """Every daemon started: the instrument's, then the recorder and the sequencer if
+        ``measurement``."""
+        return self.spec["services"] + (MEASUREMENT_DAEMONS if self.measurement else ())
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -181,10 +192,12 @@ class Stack:
                                         *self.sim_args, *self._bus_args()),
                     logs / "sim.log")
         self.children["sim"] = sim
-        for name in self.spec["services"]:
+        daemons = self.daemons
+        for name in daemons:
+            frame_rate = [] if name == "recorder" else ["--setting", f"frame_rate_hz={rate}"]
             self.children[name] = Child(name, self._kibble(
                 "service", name, "--config", str(stack_config(self.model)),
-                "--setting", f"frame_rate_hz={rate}", "--state-dir", str(self.run_dir / "state"),
+                *frame_rate, "--state-dir", str(self.run_dir / "state"),
                 *(f"--setting={key}={value}" for key, value in self.settings.get(name, {}).items()),
                 *self._bus_args()), logs / f"{name}.log")
         env = self._env()
@@ -192,11 +205,11 @@ class Stack:
         # clock) must find it subscribed
         await sim.start(env)
         await self.wait_online(self.startup_timeout_s, {"sim"})
-        for name in self.spec["services"]:
+        for name in daemons:
             await self.children[name].start(env)
         self.progress(f"started sim ({self.model}, {self.clock}, {rate} Hz) and "
-                      f"{', '.join(self.spec['services'])}; logs in {logs}")
-        await self.wait_online(self.startup_timeout_s, set(self.spec["services"]))
+                      f"{', '.join(daemons)}; logs in {logs}")
+        await self.wait_online(self.startup_timeout_s, set(daemons))
         if self.arm:
             await self.arm_all()
         self._supervisor = asyncio.create_task(self._supervise())

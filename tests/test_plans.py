@@ -44,7 +44,7 @@ def test_plans_are_readable_generators_with_the_papers_counts():
         except StopIteration:
             break
         verbs.append((msg.verb, msg.target, dict(msg.args)))
-        reply = {"duration_s": 1.0} if msg.verb == "cmd" else None
+        reply = {"duration_s": 1.0, "delta_kg": 0.0} if msg.verb == "cmd" else None
     weighings = [a for v, t, a in verbs if v == "measure"]
     assert len(weighings) == 17
     assert [w["info"]["mass_on"] for w in weighings] == [k % 2 == 0 for k in range(17)]
@@ -62,7 +62,7 @@ def test_plans_are_readable_generators_with_the_papers_counts():
             break
         if msg.verb == "measure":
             sweeps.append(msg.args["info"]["direction"])
-        reply = {"duration_s": 84.0} if msg.verb == "cmd" else None
+        reply = {"duration_s": 84.0, "delta_kg": 0.5} if msg.verb == "cmd" else None
     assert sweeps == ["down", "up"] * 15
 
 
