@@ -1,4 +1,4 @@
-"""The :class:`~kibble.services.scenarios.Loop` interface over MQTT.
+"""The :class:`~kibble.services.plans.Loop` interface over MQTT.
 
 :class:`BusLoop` drives a running stack (``kibble up``, or :class:`~kibble.services.up.Stack`)
 the way an operator's script would: commands to the daemons and to the simulator go over the

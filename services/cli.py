@@ -48,14 +48,24 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+def split_assignments(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=VALUE`` words to ``{NAME: VALUE}`` (values left as text); ``ValueError`` naming
+    the first word that is not of that form."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"kibble: expected NAME=VALUE, got {item!r}")
-        out[key] = parse_value(value)
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+        out[key] = value
     return out
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` words to ``{NAME: scalar}`` (:func:`parse_value`); exits on a bad word."""
+    try:
+        return {key: parse_value(value) for key, value in split_assignments(items).items()}
+    except ValueError as exc:
+        raise SystemExit(f"kibble: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- decoding for display
@@ -275,21 +285,20 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
+    try:
+        params = split_assignments(args.param)
+    except ValueError as exc:
+        print(f"kibble measure: --param: {exc}", file=sys.stderr)
+        return 2
     if not args.offline:
         from kibble.services.measure import cli_measure_live
 
-        return asyncio.run(cli_measure_live(args.plan, args.param, args.repeat, args.run_id,
+        typed = {key: parse_value(value) for key, value in params.items()}
+        return asyncio.run(cli_measure_live(args.plan, typed, args.repeat, args.run_id,
                                             args.broker, args.instrument, args.timeout,
                                             args.json, args.plots))
     from kibble.services.campaign import cli_measure_offline
 
-    params = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            print(f"kibble measure: --param wants NAME=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        params[key] = value
     return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots)
 
 

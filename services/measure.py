@@ -21,18 +21,6 @@ from kibble.services.bus import BusClient, BusError
 ALIASES = {"nist4": "nist4_run", "efb": "efb_weighing"}
 
 
-def _parse(params: list[str]) -> dict[str, Any]:
-    from kibble.services.cli import parse_value
-
-    out: dict[str, Any] = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param wants NAME=VALUE, got {item!r}")
-        out[key] = parse_value(value)
-    return out
-
-
 async def _ask(bus: BusClient, service: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
     reply = await bus.request(service, command, args, timeout_s=10.0)
     if not reply.ok:
@@ -40,17 +28,12 @@ async def _ask(bus: BusClient, service: str, command: str, args: dict[str, Any])
     return reply.result
 
 
-async def cli_measure_live(plan: str, params: list[str], repeat: int, run_id: str | None,
+async def cli_measure_live(plan: str, args: dict[str, Any], repeat: int, run_id: str | None,
                            broker: str, instrument: str, timeout_s: float,
                            json_out: str | None, plots_dir: str | None) -> int:
     plan = ALIASES.get(plan, plan)
     if repeat < 1:
         print("kibble measure: --repeat must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        args = _parse(params)
-    except ValueError as exc:
-        print(f"kibble measure: {exc}", file=sys.stderr)
         return 2
     run_id = run_id or f"{plan}-{time.strftime('%Y%m%dT%H%M%S')}"
     interrupted = asyncio.Event()

@@ -10,23 +10,14 @@ benchmarks: long simulated durations, no broker) or :class:`~kibble.services.bus
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import control as ct
 import numpy as np
 from scipy import signal
 
 from kibble.hil_sim.nist4 import Nist4Actuators, Nist4Plant
-
-
-class Loop(Protocol):
-    rate_hz: float
-
-    async def command(self, service: str, command: str, **args: Any) -> dict[str, Any]: ...
-
-    async def sim(self, command: str, **args: Any) -> dict[str, Any]: ...
-
-    async def run_seconds(self, seconds: float, record: bool = True) -> dict[str, np.ndarray]: ...
+from kibble.services.plans import Loop
 
 
 def band_rms(x: np.ndarray, fs_hz: float, f_hz: float = 0.1) -> float:
