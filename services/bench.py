@@ -8,6 +8,10 @@ Groups:
   monotonic clock) and ``codec_roundtrip_ns`` (encode + decode of a DAQ frame).
 - ``control``: ``kibble.control.bench``; ``sim``: ``kibble.hil_sim.bench``; ``loop``:
   ``kibble.services.loopbench`` (closed loop in process and over the bus, ~10 minutes).
+- ``campaign``: ``kibble.services.campaignbench`` (h from one offline NIST-4 triplet at the
+  paper's counts and the EFB's 1 mg, ``campaign_h_rel_err``, ``campaign_h_rel_u``,
+  ``efb_mass_rel_err``, ``efb_mass_rel_u``, ``campaign_wall_s``). Not in
+  :data:`DEFAULT_GROUPS`: it takes 20 to 40 minutes; ``--only campaign`` runs it.
 """
 
 from __future__ import annotations
@@ -169,9 +173,11 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "sim": _external("kibble.hil_sim.bench:run"),
     "loop": _external("kibble.services.loopbench:run"),
     "hil": _external("kibble.services.loopbench:run_hil"),
+    "campaign": _external("kibble.services.campaignbench:run"),
 }
 DEFAULT_GROUPS = ("bus", "control", "sim", "loop")
-"""What ``kibble bench`` runs without ``--only`` (``hil`` is the over-the-bus part of ``loop``)."""
+"""What ``kibble bench`` runs without ``--only`` (``hil`` is the over-the-bus part of ``loop``;
+``campaign``, 20 to 40 minutes of offline campaigns, runs only when asked for)."""
 
 
 def run_benchmarks(only: list[str] | None = None, broker: str | None = None,

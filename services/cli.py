@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run benchmarks and print (or write) flat JSON")
     p.add_argument("--only", action="append", default=None, metavar="GROUP",
-                   help="bus, control, sim, loop, hil (the over-the-bus part of loop); repeatable; default all but hil")
+                   help="bus, control, sim, loop, hil (the over-the-bus part of loop), campaign "
+                        "(the offline campaigns at the paper's counts, ~30 min); repeatable; "
+                        "default all but hil and campaign")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
