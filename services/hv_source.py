@@ -6,6 +6,9 @@ Input ``servo/setpoint`` values:
 ``hv_voltage_v``   V      electrode voltage (sign = polarity; F = kappa (V - V_s)^2 either way)
 ``hv_to_main``     0/1    optional: 1 = amplifier on the main electrodes (weighing), 0 = on the
                           auxiliary electrode (gradient mode); keeps its last state when absent
+``z_ref_m``        m      optional: where the servo holds the link (the watchdog's centre);
+                          keeps its last value (0 at boot: the weighing position) when absent;
+                          a setpoint with ``|z_ref_m| > travel_limit_m`` is rejected
 =================  =====  ======================================================================
 
 Output device ``hw/hv``: codes ``[code]``, relays ``[to_main, enable]``. ``enable`` is closed only
@@ -14,7 +17,18 @@ while armed (and open once the output has ramped to zero when safe or tripped).
 Safety: boots disarmed at 0 V; voltage limit and slew; the HV is allowed only while the
 pressure reading is below ``pressure_limit_pa`` (corona region): ``arm`` is refused above it,
 and a rise above it while armed trips (ramp to zero, event, reset needed); stale setpoints ramp
-to zero at once (no hold: a held HV is not safe); the watchdog trips on the linkage's z RMS.
+to zero at once (no hold: a held HV is not safe); the watchdog trips on the linkage's motion.
+
+Watchdog: two RMS over ``watchdog_window_s``, (1) of the link's deviation from the servo's
+reference ``z - z_ref`` (limit ``watchdog_z_rms_m``, 100 um: the loop has lost the link) and
+(2) of ``z`` itself (limit ``travel_limit_m``: the link is heading for its stops, whatever the
+servo asks). With the reference at the weighing position (force mode) (1) is the RMS of z about
+the null, the watchdog this service always had; that alone trips on any deliberate excursion
+beyond ~100 um however well the loop holds the link: a gradient sweep (seed 000: +-1 mm) slewed
+to -1 mm tripped it at z = -0.11 mm with the link within 1 um of its reference. A step of the
+reference (e.g. ``z_ref_m`` set in force mode) trips (1) within a few frames, before the link
+has moved: the electrodes only pull, so the loop cannot brake a link it has launched faster
+than the preload does, and a 0.1 mm step overshot by 0.5 mm into the stops.
 """
 
 from __future__ import annotations
@@ -42,6 +56,10 @@ class HvSourceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     pressure_limit_pa: float = 0.1
     """HV only below this pressure (Pa): the Paschen/corona region starts above ~0.1 Pa."""
     watchdog_z_rms_m: float = 1.0e-4
+    """RMS of the link's deviation from the servo's reference that trips (m)."""
+    travel_limit_m: float = 1.25e-3
+    """RMS of the link's position (about the weighing position) that trips, and the farthest
+    reference accepted (m): the gradient sweep needs +-1 mm, the simulated stops are at +-1.5 mm."""
     watchdog_window_s: float = 1.0
 
 
@@ -55,9 +73,10 @@ class HvSource(ActuatorService):
         self.make_guard(GuardConfig(
             names=("hv_voltage_v",), limits=(s.limit_v,), slew_per_s=(s.slew_v_s,),
             safe_slew_per_s=(s.safe_slew_v_s,), frame_period_s=1.0 / s.frame_rate_hz,
-            stale_after_s=s.stale_after_s, hold_s=0.0, watch_names=("coil_z_m",),
-            watchdog_rms=(s.watchdog_z_rms_m,), watchdog_window_s=s.watchdog_window_s))
+            stale_after_s=s.stale_after_s, hold_s=0.0, watch_names=("coil_z_error_m", "coil_z_m"),
+            watchdog_rms=(s.watchdog_z_rms_m, s.travel_limit_m), watchdog_window_s=s.watchdog_window_s))
         self.to_main = True
+        self.z_ref_m = 0.0
         self.driver = BusDriver(self, s.device)
         self.subscribe(self.topics.setpoint("servo"), Setpoint, self.on_setpoint)
 
@@ -67,18 +86,25 @@ class HvSource(ActuatorService):
             self.reject(topic, "setpoint lacks hv_voltage_v")
             return
         to_main = sp.values.get("hv_to_main")
+        if to_main is not None and to_main not in (0.0, 1.0):
+            self.reject(topic, f"hv_to_main must be 0 or 1, got {to_main}")
+            return
+        z_ref = sp.values.get("z_ref_m")
+        if z_ref is not None and not abs(z_ref) <= self.settings.travel_limit_m:
+            self.reject(topic, f"z_ref_m {z_ref:.6g} m is beyond the travel limit "
+                               f"+-{self.settings.travel_limit_m:.6g} m")
+            return
         if to_main is not None:
-            if to_main not in (0.0, 1.0):
-                self.reject(topic, f"hv_to_main must be 0 or 1, got {to_main}")
-                return
             self.to_main = to_main == 1.0
+        if z_ref is not None:
+            self.z_ref_m = z_ref
         self.drive(sp.frame, [sp.values["hv_voltage_v"]])
 
     def interlock(self, frame: DaqFrame) -> str | None:
         return pressure_interlock(frame.pressure_pa, self.settings.pressure_limit_pa)
 
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
-        return (frame.coil_z_m,)
+        return (frame.coil_z_m - self.z_ref_m, frame.coil_z_m)
 
     def write_outputs(self, frame: int, outputs: np.ndarray) -> None:
         assert self.guard is not None

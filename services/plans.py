@@ -18,8 +18,8 @@ honours ``pause``, ``resume`` and ``abort``; an abort runs the plan's safe endin
 the null in force mode, damping closed) before the ``stop`` document.
 
 Counts and durations default to the papers' (seed 001, NIST-4: 30 sweeps per velocity set, 17
-weighings of 78 readings in 58 s). The EFB's gradient procedure (11 points within 2 mm, held by
-the auxiliary electrode) waits for a gradient mode of the servo; its weighing procedure is here.
+weighings of 78 readings in 58 s; seed 000, EFB: 11 gradient points within 2 mm, held by the
+auxiliary electrode, gradient determinations bracketing the weighings).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -201,8 +202,92 @@ def efb_weighing(settle_s: float = 10.0, window_s: float = 20.0) -> Plan:
     yield from cmd("servo", "param.set", name="polarity", value="+")
 
 
+def gradient_move_s(travel_m: float, speed_m_s: float, accel_m_s2: float) -> float:
+    """Duration (s) of the servo's gradient-mode ``move`` over ``travel_m``: a trapezoid whose
+    top speed is capped at 0.9 sqrt(accel travel), so that it always cruises."""
+    if travel_m < 1e-9:
+        return 0.0
+    speed = min(speed_m_s, 0.9 * math.sqrt(accel_m_s2 * travel_m))
+    return sweep_duration_s(travel_m, speed, accel_m_s2)
+
+
+def efb_gradient(points: int = 11, span_m: float = 2e-3, sweeps: int = 2, settle_s: float = 5.0,
+                 window_s: float = 10.0) -> Plan:
+    """EFB capacitance-gradient determination (seed 000 section 3.1, figure 4): the servo hands
+    the floating link to the auxiliary electrode (gradient mode; the main cylinders go on the
+    capacitance bridge; first into force mode for ``settle_s`` if the link was not held) and
+    holds it at ``points`` equidistant positions spanning ``span_m`` about the weighing
+    position, ``sweeps`` sweeps alternating in direction (up first; with time no longer
+    collinear with position the analysis can remove the capacitance's drift). At each point,
+    after the move and ``settle_s``, the DAQ frames of ``window_s`` (the bridge reads about once
+    a second) are one event of stream ``gradient`` (info: ``sweep``, ``index``, ``z_set_m``,
+    ``z_weigh_m``). Then back to the weighing position and to the main electrodes (force mode).
+    The paper gives no durations: settle 5 s, 10 readings per point."""
+    if isinstance(points, bool) or not isinstance(points, int) or points < 7:
+        raise ValueError(f"points must be an integer >= 7 (the 5th-order fit), got {points!r}")
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 2:
+        raise ValueError(f"sweeps must be an integer >= 2 (the drift removal), got {sweeps!r}")
+    for name, value in (("span_m", span_m), ("window_s", window_s)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not (isinstance(settle_s, (int, float)) and math.isfinite(settle_s) and settle_s >= 0):
+        raise ValueError(f"settle_s must be a number >= 0, got {settle_s!r}")
+    state = yield from cmd("servo", "state")
+    z_w = float(state["z_ref_m"])
+    speed = (yield from cmd("servo", "param.get", name="gradient_speed_m_s"))["value"]
+    accel = (yield from cmd("servo", "param.get", name="gradient_accel_m_s2"))["value"]
+    positions = z_w + np.linspace(-0.5 * span_m, 0.5 * span_m, points)
+    step_s = gradient_move_s(span_m / (points - 1), speed, accel)
+    yield from estimate(2 * gradient_move_s(0.5 * span_m, speed, accel)
+                        + sweeps * (points - 1) * step_s + (sweeps * points + 1) * settle_s
+                        + sweeps * points * window_s)
+    if state["mode"] != "force":
+        yield from cmd("servo", "mode", mode="force")
+        yield from wait(settle_s)
+    yield from cmd("servo", "mode", mode="gradient")
+    for s in range(sweeps):
+        for i, z in enumerate(positions if s % 2 == 0 else positions[::-1]):
+            move = yield from cmd("servo", "move", z_m=float(z))
+            yield from wait(move["duration_s"] + settle_s)
+            yield from measure("gradient", window_s, sweep=s, index=i, z_set_m=float(z), z_weigh_m=z_w)
+    yield from _efb_back_to_weighing(z_w, settle_s)
+
+
+def _efb_back_to_weighing(z_w: float, settle_s: float) -> Plan:
+    """Gradient mode -> the link at the weighing position ``z_w``, then force mode."""
+    back = yield from cmd("servo", "move", z_m=z_w)
+    yield from wait(back["duration_s"] + settle_s)
+    yield from cmd("servo", "mode", mode="force")
+
+
+def efb_run(runs: int = 6, gradient_every: int = 3, gradient: Mapping[str, Any] | None = None,
+            weighing: Mapping[str, Any] | None = None) -> Plan:
+    """EFB run (seed 000 section 4.1): capacitance-gradient determinations bracketing the
+    weighings at a regular interval: a determination, then ``runs`` weighing runs
+    (:func:`efb_weighing`) with a determination after every ``gradient_every`` of them and after
+    the last. ``gradient`` / ``weighing``: the arguments of :func:`efb_gradient` /
+    :func:`efb_weighing`. The analysis gives each eq. (17) trial the average dC/dz of the
+    determinations before and after its weighing run (n runs, n - 1 trials)."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    if isinstance(gradient_every, bool) or not isinstance(gradient_every, int) or gradient_every < 1:
+        raise ValueError(f"gradient_every must be an integer >= 1, got {gradient_every!r}")
+    yield from efb_gradient(**(gradient or {}))
+    for k in range(runs):
+        yield from efb_weighing(**(weighing or {}))
+        if (k + 1) % gradient_every == 0 or k == runs - 1:
+            yield from efb_gradient(**(gradient or {}))
+
+
 def efb_safe_ending() -> Plan:
-    """Where an aborted EFB plan leaves the balance: at the null in force mode."""
+    """Where an aborted EFB plan leaves the balance: a running move finished, the link brought
+    back to the weighing position and handed back to the main electrodes if it was in gradient
+    mode, then at the null in force mode."""
+    state = yield from cmd("servo", "state")
+    if state["trajectory"]:
+        yield from wait(state["trajectory_left_s"] + 0.5)
+    if state["mode"] == "gradient":
+        yield from _efb_back_to_weighing(float(state["z_ref_m"]), 5.0)
     yield from cmd("servo", "param.set", name="z_ref_m", value=0.0)
     yield from cmd("servo", "mode", mode="force")
 
@@ -212,6 +297,8 @@ PLANS: dict[str, tuple[Callable[..., Plan], Callable[[], Plan]]] = {
     "force_set": (force_set, nist4_safe_ending),
     "nist4_run": (nist4_run, nist4_safe_ending),
     "efb_weighing": (efb_weighing, efb_safe_ending),
+    "efb_gradient": (efb_gradient, efb_safe_ending),
+    "efb_run": (efb_run, efb_safe_ending),
 }
 """Plan name -> (plan, its safe ending)."""
 

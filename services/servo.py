@@ -5,10 +5,10 @@ force units: the PID turns the coil-position error (m) into a force on the coil 
 instrument's actuator map turns into the setpoint of its actuator service:
 
 =========  ============================================  ======================================
-kind       force mode (null)                             velocity mode (sweep)
+kind       force mode (null)                             velocity / gradient mode
 =========  ============================================  ======================================
 nist4      main coil: ``I = F / Bl``                     counter-mass motor: ``I = -F / Bl_m``
-efb        electrodes: ``V = sqrt(F / kappa) + V_s``     (none)
+efb        main electrodes: ``V = sqrt(F/kappa) + V_s``  aux. electrode: ``V = sqrt(F/kappa_aux) + V_s,aux``
 =========  ============================================  ======================================
 
 Modes (command ``mode``; every change is bumpless: the new loop starts from the force the
@@ -22,6 +22,20 @@ actuator is producing now):
               coil is open (switchbox), the feedforward is inertia + knife-edge spring.
 ``erase``     the force loop tracks a damped sinusoid about ``z_ref`` (command ``erase``), then
               returns to ``force`` by itself.
+``gradient``  EFB only (seed 000 section 3.1, capacitance-gradient mode): the same force loop holds
+              the floating link with the auxiliary electrode (``hv_to_main = 0``: the amplifier
+              on the auxiliary electrode, the main cylinders on the capacitance bridge) at a
+              reference that command ``move`` slews (trapezoid of ``gradient_speed_m_s`` and
+              ``gradient_accel_m_s2``, never a step) within ``gradient_travel_m`` of ``z_ref``.
+              Entered from ``force`` and left back to it only with the link held (within
+              ``switch_tolerance_m`` of the reference), no trajectory running, the masses off and
+              (back to ``force``) the reference at ``z_ref``. The handover keeps the loop's
+              force: the voltage jumps from ``sqrt(F / kappa)`` on the main electrodes to
+              ``sqrt(F / kappa_aux)`` on the auxiliary one (always positive; or back) in the same
+              frame as the relay, and hv_source slews it there within a few milliseconds.
+
+The EFB setpoint carries the reference (``z_ref_m``) beside the voltage and the relay, so that
+hv_source's watchdog can watch the link's deviation from where the servo holds it.
 
 Output: ``servo/setpoint`` each frame (tagged with the DAQ frame index), ``servo/frame``
 (:class:`~kibble.bus_schema.messages.LoopFrame`: reference, error, force, feedforward) every
@@ -47,7 +61,7 @@ from kibble.services.params import Param
 from kibble.services.runtime import Service, command
 
 MODES: dict[str, tuple[str, ...]] = {"nist4": ("idle", "force", "velocity", "erase"),
-                                     "efb": ("idle", "force")}
+                                     "efb": ("idle", "force", "gradient")}
 
 
 class ServoSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -66,6 +80,9 @@ class ServoSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     initial_test_mass_on: bool = False
     initial_aux_on: bool = True
     """NIST-4 boots in the velocity-mode configuration (auxiliary mass on the pan)."""
+    gradient_travel_m: float = 1.2e-3
+    """EFB gradient mode: farthest reference from the weighing position (m); the 2 mm gradient
+    sweep of seed 000 needs +-1 mm, the simulated linkage's stops are at +-1.5 mm."""
 
 
 class Servo(Service):
@@ -85,6 +102,18 @@ class Servo(Service):
     spring_n_m = Param(3.76, unit="N/m", min=-1e3, max=1e3, doc="knife-edge stiffness referred to the coil (velocity feedforward)")
     kappa_f_m = Param(4.735e-10, unit="F/m", min=1e-15, max=1e-6, doc="EFB kappa = dC/dz / 2")
     surface_potential_v = Param(0.0, unit="V", min=-10.0, max=10.0, doc="EFB surface potential estimate")
+    aux_kappa_f_m = Param(1.0e-10, unit="F/m", min=1e-15, max=1e-6,
+                          doc="EFB auxiliary electrode's dC/dz / 2 (gradient mode force to voltage)")
+    aux_surface_potential_v = Param(0.0, unit="V", min=-10.0, max=10.0,
+                                    doc="EFB auxiliary electrode's surface potential estimate")
+    gradient_speed_m_s = Param(5e-5, unit="m/s", min=1e-7, max=1e-3, doc="EFB gradient-mode move speed")
+    gradient_accel_m_s2 = Param(4e-6, unit="m/s^2", min=1e-9, max=1e-4,
+                                doc="EFB gradient-mode move acceleration: the electrodes only pull up, so "
+                                    "the link's downward acceleration is at most (preload - spring force) "
+                                    "/ mass, ~7.5e-6 m/s^2 at -1 mm for the simulated 0.5 kg link")
+    switch_tolerance_m = Param(1e-6, unit="m", min=1e-9, max=1e-4,
+                               doc="EFB: largest |z_ref - z| at which the link is handed between the main "
+                                   "and the auxiliary electrode")
     polarity = Param("+", choices=("+", "-"), doc="EFB electrode polarity (reversed between weighings)")
     tare_force_n = Param(0.0, unit="N", min=-10.0, max=10.0, doc="force feedforward at zero load (EFB preload)")
     current_lag_s = Param(1e-3, unit="s", min=0.0, max=1.0, doc="source lag cancelled by the load feedforward")
@@ -115,6 +144,10 @@ class Servo(Service):
         self.force_n = 0.0
         self.cm_hold_a = 0.0
         self.v_out = 0.0
+        self.to_main = True
+        """EFB relay: the amplifier on the main electrodes (True) or on the auxiliary one."""
+        self.z_m = math.nan
+        """The last measured position (m)."""
         self.frame = -1
         self.mass_on = [s.initial_test_mass_on, s.initial_aux_on]
         self.load_steps: list[tuple[float, float]] = []
@@ -154,7 +187,7 @@ class Servo(Service):
     def on_frame(self, daq: DaqFrame) -> None:
         self.frame = daq.frame
         t = self.t_s
-        z = daq.coil_z_m
+        z = self.z_m = daq.coil_z_m
         self._advance_reference(t)
         if self.mode == "idle":
             self._publish(daq.frame, z, 0.0)
@@ -218,10 +251,14 @@ class Servo(Service):
                           "main_coil_connected": 1.0}
         else:
             self._v[0] = f
-            efb_force_to_voltage(self._v, self.kappa_f_m, self.surface_potential_v,
-                                 1.0 if self.polarity == "+" else -1.0, s.hv_limit_v, self.v_out, self._v_out)
+            if self.to_main:
+                kappa, v_s, sign = self.kappa_f_m, self.surface_potential_v, 1.0 if self.polarity == "+" else -1.0
+            else:
+                kappa, v_s, sign = self.aux_kappa_f_m, self.aux_surface_potential_v, 1.0
+            efb_force_to_voltage(self._v, kappa, v_s, sign, s.hv_limit_v, self.v_out, self._v_out)
             self.v_out = float(self._v_out[0]) if self.mode != "idle" else 0.0
-            values = {"hv_voltage_v": self.v_out}
+            values = {"hv_voltage_v": self.v_out, "hv_to_main": 1.0 if self.to_main else 0.0,
+                      "z_ref_m": float(self.ref[0, 0])}
         self.publish(self.topics.setpoint(self.name), Setpoint(frame=frame, values=values))
         self.counters["frames_out"] += 1
         if frame % self.frame_decimation == 0:
@@ -245,9 +282,14 @@ class Servo(Service):
         if mode == "force" or (mode == "velocity" and old == "idle"):
             self.load_steps = []
         self.mode = mode
+        if mode in ("force", "gradient") and self.settings.kind == "efb":
+            self.to_main = mode == "force"
         if mode != "idle":
             ff = self._feedforward(self.t_s + self.dt_s)
             P.pid_reset(self.pid_par, self.pid_st, u0=force_now - ff)
+            # pid_reset's u0 leaves out the feedforward; the output slew starts from the force
+            # itself (else the EFB's preload feedforward would restart the output from zero)
+            self.pid_st[0, P.U] = self.pid_st[0, P.V] = force_now
         self.force_n = force_now
         if mode in ("force", "idle") and self.traj is None:
             self.ref[0] = (self.z_ref_m if mode == "force" else self.ref[0, 0], 0.0, 0.0)
@@ -274,8 +316,28 @@ class Servo(Service):
                              f"(erase: use the erase command), got {mode!r}")
         if self.traj is not None:
             raise ValueError(f"a {self.traj[0]} is running; wait for it to finish")
+        if mode != self.mode and "gradient" in (mode, self.mode) and mode != "idle":
+            self._check_handover(mode)
         self._switch(mode)
         return {"mode": self.mode, "frame": self.frame}
+
+    def _check_handover(self, mode: str) -> None:
+        """EFB force <-> gradient: the link must be held (ValueError saying why not)."""
+        if mode == "gradient" and self.mode != "force":
+            raise ValueError(f"gradient mode starts from force mode with the link held (mode {self.mode})")
+        if mode == "gradient":
+            if any(self.mass_on):
+                raise ValueError("gradient mode needs the masses off the holder (mass test=false aux=false)")
+            ramp_end = max((t0 + self.lift_ramp_s for t0, _ in self.load_steps), default=-math.inf)
+            if self.t_s < ramp_end:
+                raise ValueError(f"a load ramp runs until {ramp_end:.3f} s (now {self.t_s:.3f} s)")
+        if mode == "force" and abs(self.ref[0, 0] - self.z_ref_m) > 1e-12:
+            raise ValueError(f"move back to the weighing position z_ref_m = {self.z_ref_m:.6g} m first "
+                             f"(reference at {self.ref[0, 0]:.6g} m)")
+        err = self.ref[0, 0] - self.z_m
+        if not abs(err) <= self.switch_tolerance_m:
+            raise ValueError(f"the link is not held: |z_ref - z| = {abs(err):.3g} m exceeds "
+                             f"switch_tolerance_m = {self.switch_tolerance_m:.3g} m")
 
     @command("mass")
     def cmd_mass(self, cmd: Command) -> dict[str, Any]:
@@ -318,17 +380,30 @@ class Servo(Service):
                    data={"old": "force", "new": "erase", "frame": self.frame})
         return {"duration_s": duration, "end_frame": self.frame + 1 + int(math.ceil(duration / self.dt_s))}
 
+    def _moving_mode(self, kind: str) -> str:
+        """The mode that moves the reference (NIST-4 velocity, EFB gradient); ValueError unless
+        the servo is in it with no trajectory running."""
+        moving = "gradient" if self.settings.kind == "efb" else "velocity"
+        if self.mode != moving or self.traj is not None:
+            raise ValueError(f"{kind} needs {moving} mode at rest (mode {self.mode})")
+        return moving
+
     def _start_move(self, start: float, direction: float, travel: float, kind: str) -> dict[str, Any]:
-        if self.mode != "velocity" or self.traj is not None:
-            raise ValueError(f"{kind} needs velocity mode at rest (mode {self.mode})")
+        moving = self._moving_mode(kind)
         end = start + direction * travel
-        if abs(end) > 0.045:
-            raise ValueError(f"{kind} would end at {end * 1e3:.1f} mm, beyond +-45 mm")
-        speed = min(self.sweep_speed_m_s, 0.9 * math.sqrt(self.sweep_accel_m_s2 * travel))
-        jerk = self.sweep_jerk_m_s3 or math.inf
-        duration = sweep_duration_s(speed, self.sweep_accel_m_s2, travel, jerk)
-        self.traj = (kind, self.t_s + self.dt_s, duration,
-                     (start, direction, speed, self.sweep_accel_m_s2, jerk, travel))
+        if moving == "gradient":
+            limit = self.settings.gradient_travel_m
+            if not abs(end - self.z_ref_m) <= limit:
+                raise ValueError(f"{kind} would end at {end * 1e3:.4f} mm, beyond +-{limit * 1e3:g} mm "
+                                 f"of the weighing position {self.z_ref_m * 1e3:g} mm (gradient_travel_m)")
+            top, accel, jerk = self.gradient_speed_m_s, self.gradient_accel_m_s2, math.inf
+        else:
+            if abs(end) > 0.045:
+                raise ValueError(f"{kind} would end at {end * 1e3:.1f} mm, beyond +-45 mm")
+            top, accel, jerk = self.sweep_speed_m_s, self.sweep_accel_m_s2, self.sweep_jerk_m_s3 or math.inf
+        speed = min(top, 0.9 * math.sqrt(accel * travel))
+        duration = sweep_duration_s(speed, accel, travel, jerk)
+        self.traj = (kind, self.t_s + self.dt_s, duration, (start, direction, speed, accel, jerk, travel))
         self.event(kind, f"{kind} from {start * 1e3:.3f} mm to {end * 1e3:.3f} mm at {speed * 1e3:g} mm/s "
                          f"({duration:.1f} s) from frame {self.frame}",
                    data={"start_m": start, "end_m": end, "speed_m_s": speed, "frame": self.frame})
@@ -339,6 +414,8 @@ class Servo(Service):
     def cmd_sweep(self, cmd: Command) -> dict[str, Any]:
         """One velocity-mode sweep of ``sweep_travel_m`` from the present reference,
         ``direction=down|up``."""
+        if self.settings.kind != "nist4":
+            raise ValueError("sweep is a NIST-4 velocity-mode command (EFB: move in gradient mode)")
         direction = {"down": -1.0, "up": 1.0}.get(str(cmd.args.get("direction", "")))
         if direction is None:
             raise ValueError("sweep needs direction=down or direction=up")
@@ -346,13 +423,16 @@ class Servo(Service):
 
     @command("move")
     def cmd_move(self, cmd: Command) -> dict[str, Any]:
-        """Velocity mode: move the coil to ``z_m`` along a sweep-shaped profile."""
+        """Move the reference to ``z_m`` along a sweep-shaped (trapezoidal) profile: the NIST-4
+        coil in velocity mode, the EFB floating link in gradient mode (within
+        ``gradient_travel_m`` of the weighing position)."""
         try:
             target = float(cmd.args["z_m"])
         except (KeyError, TypeError, ValueError):
             raise ValueError("move needs z_m=<position in m>") from None
         if not math.isfinite(target):
             raise ValueError(f"move target {target} is not finite")
+        self._moving_mode("move")
         start = float(self.ref[0, 0])
         travel = abs(target - start)
         if travel < 1e-9:
