@@ -39,12 +39,13 @@ __all__ = [
     "EFB_TABLE_1_BUDGET_20MG",
     "VelocitySetResult", "ForceSetResult", "TripletResult", "CapacitanceGradientResult",
     "EfbMassResult", "UncertaintyResult",
-    "velocity_from_positions", "velocity_mode_bl", "currents_from_voltage", "force_mode_bl",
+    "velocity_from_positions", "velocity_mode_bl", "velocity_mode_bl_flux",
+    "currents_from_voltage", "force_mode_bl",
     "bl_current_factor", "triplet_regression", "h_rel_from_lambda4", "h_from_lambda4",
-    "h_from_bl_ratio", "mass_from_bl_ratio", "mass_eq22", "capacitance_gradient",
-    "efb_kappa_bracketing", "efb_force_n", "efb_masses_eq17", "efb_weighing",
+    "h_from_bl_ratio", "mass_from_bl_ratio", "mass_eq22", "efb_bridge_readings",
+    "capacitance_gradient", "efb_kappa_bracketing", "efb_force_n", "efb_masses_eq17", "efb_weighing",
     "efb_hysteresis_from_mimic", "efb_hysteresis_correction", "combine_uncertainty",
-    "h_from_triplets",
+    "h_from_triplets", "small_sample_factor",
     "plot_bl_profile", "plot_bl_time", "plot_mass_determinations",
 ]
 
@@ -159,8 +160,13 @@ class VelocitySetResult:
     correlated values); bl_mean_t_m the mean of the pairs (the thermal voltage cancels exactly
     for alternating sweeps); u_bl_mean_t_m its type A standard uncertainty from the scatter of
     the non-overlapping pairs of per-sweep full-fit values at the weighing position (honest
-    for white and for sweep-to-sweep noise); z_m, bl_t_m, residual_t_m: per-sweep lists of the
-    data and of the residuals from c0 + master profile.
+    for white and for sweep-to-sweep noise); shape_w_t_m (n_s,) each sweep's own shape term at
+    the weighing position (its coefficients 1..order at x_w less what the refit of the zero-order
+    coefficient takes from them, with the set's mean refit): the master's is their mean, so
+    their standard deviation of
+    the mean is the master profile's type A uncertainty at x_w, an error common to every sweep
+    that the scatter of the pairs does not show; z_m, bl_t_m, residual_t_m: per-sweep lists of
+    the data and of the residuals from c0 + master profile.
     """
 
     z_range_m: tuple[float, float]
@@ -176,6 +182,7 @@ class VelocitySetResult:
     time_pair_s: np.ndarray
     bl_mean_t_m: float
     u_bl_mean_t_m: float
+    shape_w_t_m: np.ndarray
     z_m: list[np.ndarray] = field(repr=False)
     bl_t_m: list[np.ndarray] = field(repr=False)
     residual_t_m: list[np.ndarray] = field(repr=False)
@@ -239,13 +246,7 @@ def velocity_mode_bl(z_m, voltage_dvm_v, velocity_m_s, direction, *, voltage_pjv
     VelocitySetResult
     """
     n_s = len(direction)
-    if n_s < 2:
-        raise ValueError("need at least two sweeps (one up/down pair)")
-    direction = [str(d).lower() for d in direction]
-    if any(d not in ("up", "down") for d in direction):
-        raise ValueError("direction must be 'up' or 'down'")
-    if any(a == b for a, b in zip(direction[:-1], direction[1:])):
-        raise ValueError("successive sweeps must alternate direction (up/down pairs)")
+    direction = _check_directions(direction)
     zs = _as_list(z_m, n_s, "z_m")
     us = _as_list(voltage_dvm_v, n_s, "voltage_dvm_v")
     vs = _as_list(velocity_m_s, n_s, "velocity_m_s")
@@ -262,7 +263,6 @@ def velocity_mode_bl(z_m, voltage_dvm_v, velocity_m_s, direction, *, voltage_pjv
         return (2.0 * z - (lo + hi)) / (hi - lo)
 
     xs = [x_of(z) for z in zs]
-    x_w = float(x_of(np.asarray(z_weigh_m)))
     vander = [_cheb.chebvander(x, order) for x in xs]
     if len({x.shape for x in xs}) == 1:
         # all sweeps the same length: one batched QR least squares (Chebyshev basis on [-1, 1]
@@ -273,15 +273,127 @@ def velocity_mode_bl(z_m, voltage_dvm_v, velocity_m_s, direction, *, voltage_pjv
         coef = np.linalg.solve(r, rhs[..., None])[..., 0]
     else:
         coef = np.array([np.linalg.lstsq(v, b, rcond=None)[0] for v, b in zip(vander, bls)])
+
+    def level(k: int, shape) -> float:
+        # least-squares constant of Bl - shape over the sweep's points: their mean
+        return float(np.mean(bls[k] - vander[k] @ shape))
+
+    return _velocity_set(zs, bls, ts, direction, coef, level, (lo, hi), z_weigh_m, order,
+                         master_coef)
+
+
+def velocity_mode_bl_flux(time_s, z_m, voltage_dvm_v, direction, *, voltage_pjvs_v=0.0,
+                          z_weigh_m: float = 0.0, order: int = 11,
+                          z_range_m: tuple[float, float] | None = None,
+                          master_coef=None) -> VelocitySetResult:
+    """Flux integral of one velocity-mode set, regressed on the flux rather than on U / v.
+
+    The same procedure as :func:`velocity_mode_bl` (Chebyshev profile of degree ``order``,
+    master profile, refitted zero-order coefficients, pairs), but each sweep's profile comes
+    from the induced flux ``Phi(z) = int U dt = int Bl dz`` (Faraday's law; exact whatever the
+    velocity does): with an integrating DVM whose reading ``i`` averages U over the interval
+    ``(t[i-1], t[i]]`` that ends at the position reading ``z[i]``,
+    ``Phi_i = sum_{j=1..i} U_j (t_j - t_{j-1})``; Phi(x) is regressed on Chebyshev polynomials
+    of degree ``order + 1`` and Bl = dPhi/dz. The refitted zero-order coefficient of a sweep is
+    the slope of ``Phi - int master dz`` against z. Why: with U / v per point (v from two
+    consecutive positions) the mean of a sweep telescopes to its two end positions, so the
+    position noise sigma_z enters as sqrt(2) sigma_z / travel; the flux regression spreads it
+    over all n readings (about sqrt(12 / n) sigma_z / travel for a straight profile), which for
+    short sweeps is the larger part of the noise. The DVM noise enters both about equally.
+
+    Parameters
+    ----------
+    time_s : sequence of n_s arrays, s
+        Times of the readings of each sweep (position and end of the DVM's integration).
+    z_m : sequence of n_s arrays, m
+        Positions of the optical centre at those times (weighing-position reference).
+    voltage_dvm_v : sequence of n_s arrays, V
+        DVM readings (the first reading of each sweep is not used: its interval starts before
+        the first position).
+    direction, voltage_pjvs_v, z_weigh_m, order, z_range_m, master_coef
+        As for :func:`velocity_mode_bl`.
+
+    Returns
+    -------
+    VelocitySetResult
+        As from :func:`velocity_mode_bl`; its per-point ``z_m``, ``bl_t_m`` and
+        ``residual_t_m`` are U / v at the mid positions (for the plots), one fewer per sweep
+        than the readings.
+    """
+    n_s = len(direction)
+    direction = _check_directions(direction)
+    ts = _as_list(time_s, n_s, "time_s")
+    zr = _as_list(z_m, n_s, "z_m")
+    us = _as_list(voltage_dvm_v, n_s, "voltage_dvm_v")
+    ps = _as_list(voltage_pjvs_v, n_s, "voltage_pjvs_v")
+    for k, (t, z, u) in enumerate(zip(ts, zr, us)):
+        if not (t.shape == z.shape == u.shape) or t.size < order + 3:
+            raise ValueError(f"sweep {k}: time_s, z_m and voltage_dvm_v need the same length, "
+                             f"at least order + 3 = {order + 3}")
+        if np.any(np.diff(t) <= 0):
+            raise ValueError(f"sweep {k}: time_s must increase")
+    uv = [np.broadcast_to(u + p, u.shape) for u, p in zip(us, ps)]
+    flux = [np.concatenate([[0.0], np.cumsum(u[1:] * np.diff(t))]) for t, u in zip(ts, uv)]
+    if z_range_m is None:
+        z_range_m = (float(min(z.min() for z in zr)), float(max(z.max() for z in zr)))
+    lo, hi = map(float, z_range_m)
+    if not hi > lo:
+        raise ValueError("z_range_m must be an increasing interval")
+    half = 0.5 * (hi - lo)
+    xs = [(2.0 * z - (lo + hi)) / (hi - lo) for z in zr]
+    vander = [_cheb.chebvander(x, order + 1) for x in xs]
+    coef = np.array([_cheb.chebder(np.linalg.lstsq(v, f, rcond=None)[0]) / half
+                     for v, f in zip(vander, flux)])
+
+    def level(k: int, shape) -> float:
+        # slope of Phi - int shape dz against z (with a free constant)
+        rest = flux[k] - vander[k] @ (_cheb.chebint(shape) * half)
+        design = np.column_stack([np.ones_like(zr[k]), zr[k]])
+        return float(np.linalg.lstsq(design, rest, rcond=None)[0][1])
+
+    mids = [velocity_from_positions(t, z) for t, z in zip(ts, zr)]
+    z_mid = [m[1] for m in mids]
+    bl_pts = [u[1:] / m[2] for u, m in zip(uv, mids)]
+    return _velocity_set(z_mid, bl_pts, ts, direction, coef, level, (lo, hi), z_weigh_m, order,
+                         master_coef)
+
+
+def _check_directions(direction) -> list[str]:
+    if len(direction) < 2:
+        raise ValueError("need at least two sweeps (one up/down pair)")
+    direction = [str(d).lower() for d in direction]
+    if any(d not in ("up", "down") for d in direction):
+        raise ValueError("direction must be 'up' or 'down'")
+    if any(a == b for a, b in zip(direction[:-1], direction[1:])):
+        raise ValueError("successive sweeps must alternate direction (up/down pairs)")
+    return direction
+
+
+def _velocity_set(zs, bls, ts, direction, coef, level, z_range_m, z_weigh_m, order,
+                  master_coef) -> VelocitySetResult:
+    """The part of a velocity set common to both regressions, from the per-sweep Chebyshev
+    coefficients ``coef`` (n_s, order + 1) and ``level(k, shape)``: the least-squares constant
+    of sweep k's data once the profile with coefficients ``shape`` is taken out."""
+    lo, hi = z_range_m
+    x_w = (2.0 * float(z_weigh_m) - (lo + hi)) / (hi - lo)
     master = coef.mean(axis=0) if master_coef is None else np.array(master_coef, dtype=float)
     if master.shape != (order + 1,):
         raise ValueError(f"master_coef must have {order + 1} coefficients")
     master[0] = 0.0
-    prof = [v @ master for v in vander]
-    c0 = np.array([np.mean(b - p) for b, p in zip(bls, prof)])
+    n_s = len(direction)
+    c0 = np.array([level(k, master) for k in range(n_s)])
     m_w = float(_cheb.chebval(x_w, master))
     bl_sweep = c0 + m_w
-    resid = [b - c - p for b, c, p in zip(bls, c0, prof)]
+    # the level is affine in the shape: level(k, S) = level(k, 0) - L_k . S; with the set's
+    # mean functional L, each sweep's own shape term is S_k(x_w) - L . S_k
+    basis = np.eye(order + 1)
+    lin = np.array([[level(k, basis[0] * 0.0) - level(k, basis[j]) for j in range(order + 1)]
+                    for k in range(n_s)]).mean(axis=0)
+    own = coef.copy()
+    own[:, 0] = 0.0
+    shape_w = _cheb.chebval(x_w, own.T) - own @ lin
+    resid = [b - c - _cheb.chebval((2.0 * z - (lo + hi)) / (hi - lo), master)
+             for z, b, c in zip(zs, bls, c0)]
     t_sweep = np.array([float(np.mean(t)) for t in ts])
     bl_pair = 0.5 * (bl_sweep[1:] + bl_sweep[:-1])
     t_pair = 0.5 * (t_sweep[1:] + t_sweep[:-1])
@@ -292,7 +404,7 @@ def velocity_mode_bl(z_m, voltage_dvm_v, velocity_m_s, direction, *, voltage_pjv
     u = float(np.std(pairs, ddof=1) / math.sqrt(n_p)) if n_p >= 2 else float("nan")
     return VelocitySetResult((lo, hi), float(z_weigh_m), int(order), direction, t_sweep, coef,
                              master, c0, bl_sweep, bl_pair, t_pair, float(np.mean(bl_pair)), u,
-                             zs, bls, resid)
+                             shape_w, list(zs), bls, resid)
 
 
 # --- NIST-4 force mode ----------------------------------------------------------------------
@@ -508,6 +620,17 @@ def triplet_regression(time_s, bl_t_m, is_force, *, u_bl_t_m=None,
     return TripletResult(lam, cov, t_ref, bl_v, h_rel, u_h, t, y, s, resid, dof)
 
 
+def small_sample_factor(dof: int) -> float:
+    """sqrt(nu / (nu - 2)): the factor from a standard deviation estimated with ``dof`` = nu
+    degrees of freedom to the standard uncertainty of the quantity, the standard deviation of
+    the scaled and shifted Student t it is known by (JCGM 101:2008, 6.4.9.4). 1.29 for 5
+    degrees of freedom, 1.08 for 13, 1.01 for 100. Needs nu > 2 (with fewer the t has no
+    finite variance): ValueError otherwise."""
+    if dof <= 2:
+        raise ValueError(f"a standard uncertainty needs more than 2 degrees of freedom, got {dof}")
+    return math.sqrt(dof / (dof - 2.0))
+
+
 def h_rel_from_lambda4(lambda4_t_m, bl_v_t_m):
     """h/h90 - 1 = {l4} / {Bl_V} (seed 001 eq. 15). Dimensionless."""
     return np.asarray(lambda4_t_m, dtype=float) / np.asarray(bl_v_t_m, dtype=float)
@@ -575,6 +698,27 @@ class CapacitanceGradientResult:
     def kappa_f_m(self) -> float:
         """kappa = (dC/dz) / 2 (seed 000 eq. 1), F/m."""
         return 0.5 * self.dcdz_f_m
+
+
+def efb_bridge_readings(time_s, z_m, capacitance_f) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fresh capacitance-bridge readings in one window of DAQ frames: (t, z, C) of each.
+
+    The bridge (seed 000: an Andeen-Hagerling 2500A) reads about once a second and the DAQ
+    passes the held reading in every frame; a reading is fresh in the frame where the value
+    changes, and that frame's interferometer position is where the link was when it was taken.
+    The first frame of the window is not counted (its reading may predate the window), nor is
+    a reading equal to the one before it (it cannot be told from the held value; it is merely
+    left out). ``ValueError`` if the window holds no fresh reading."""
+    t = np.asarray(time_s, dtype=float)
+    z = np.asarray(z_m, dtype=float)
+    c = np.asarray(capacitance_f, dtype=float)
+    if not (t.shape == z.shape == c.shape) or t.ndim != 1:
+        raise ValueError("time_s, z_m, capacitance_f must be 1-d arrays of the same length")
+    fresh = np.flatnonzero(np.diff(c) != 0.0) + 1
+    if fresh.size == 0:
+        raise ValueError(f"no fresh bridge reading in the {t.size} frames from t = "
+                         f"{t[0] if t.size else float('nan'):.3f} s (the window must span the bridge's period)")
+    return t[fresh], z[fresh], c[fresh]
 
 
 def capacitance_gradient(z_m, capacitance_f, time_s, *, z_weigh_m: float = 0.0, order: int = 5,

@@ -22,8 +22,8 @@ in place of h90); equivalently the mass the balance measures (eq. 22 with the fi
     m_measured = m_true * Bl_V / Bl_F = m_true / (1 + l4 / {Bl_V}).
 
 Nothing in the result is taken from the simulator's truth except the mass and g that define
-Bl_F (as a real campaign takes them from the mass calibration and the gravimeter) and, for the
-EFB, kappa (see :func:`offline_efb`).
+Bl_F (as a real campaign takes them from the mass calibration and the gravimeter); the EFB's
+kappa = dC/dz / 2 is measured (gradient determinations bracketing the weighings).
 """
 
 from __future__ import annotations
@@ -44,17 +44,21 @@ from kibble.services.inprocess import InProcessStack
 
 __all__ = ["NistResult", "EfbResult", "offline_nist4", "offline_efb", "plots",
            "cli_measure_offline", "NIST4_TEST_VELOCITY", "NIST4_TEST_FORCE", "NIST4_TEST_SERVO",
+           "EFB_TEST_GRADIENT", "efb_gradients",
            "analyze_nist4", "analyze_efb", "offline_summary", "H_SI_J_S", "TEMP_COEFF_NIST4_PER_K"]
 
 H_SI_J_S = an.H_J_S
 """The SI Planck constant (exact), J s: what a perfect simulated measurement realizes."""
 
-NIST4_TEST_VELOCITY: dict[str, Any] = {"sweeps": 6, "travel_m": 0.010}
+NIST4_TEST_VELOCITY: dict[str, Any] = {"sweeps": 10, "travel_m": 0.010}
 """A shortened velocity set (the paper: 30 sweeps over 80 mm)."""
-NIST4_TEST_FORCE: dict[str, Any] = {"weighings": 5, "window_s": 5.0, "settle_s": 3.0}
+NIST4_TEST_FORCE: dict[str, Any] = {"weighings": 9, "window_s": 5.0, "settle_s": 3.0}
 """A shortened force set (the paper: 17 weighings of 58 s, 170 s erases)."""
 NIST4_TEST_SERVO: dict[str, Any] = {"erase_decay_s": 1.5, "erase_n_decay": 3.0, "erase_freq_hz": 1.0}
 """A short erase (4.5 s) for the shortened force set."""
+EFB_TEST_GRADIENT: dict[str, Any] = {"settle_s": 2.0, "window_s": 3.0}
+"""A shortened gradient determination: the paper's 11 points within 2 mm, 2 sweeps, 3 bridge
+readings per point after 2 s of settling (default 10 after 5 s); ~460 s simulated."""
 
 
 # =============================================================================== results
@@ -118,13 +122,18 @@ class NistResult:
 
 @dataclass
 class EfbResult:
-    """One offline EFB weighing campaign turned into a mass (k = 1 uncertainties).
+    """One offline EFB campaign turned into a mass (k = 1 uncertainties).
 
-    mass_kg, u_mass_kg (combined), u_a_kg (type A: standard deviation of the mean of the
-    trials), u_b_kg (the budget, if given); mass_rel_err = mass / mass_true - 1, u_mass_rel;
-    mass_trial_kg the eq. (17) trials; kappa_f_m the kappa used (from the plant, see
-    :func:`offline_efb`); surface_potential_v the estimate (V+ + V-) / 2 of the unloaded
-    readings (a check: the polarity reversal cancels it).
+    mass_kg, u_mass_kg (combined), u_a_kg (type A: u_a_weighing_kg, the trials' scatter, and
+    u_a_dcdz_kg, the gradient determinations' uncertainty, in quadrature), u_b_kg (the budget,
+    if given); mass_rel_err = mass / mass_true - 1, u_mass_rel; mass_trial_kg the eq. (17)
+    trials and kappa_trial_f_m the kappa each used (the bracketing average of the measured
+    dC/dz / 2), kappa_f_m their mean; dcdz_f_m, u_dcdz_f_m, t_dcdz_s: the gradient
+    determinations (dC/dz at the weighing position, its type A uncertainty, mean time);
+    kappa_true_f_m the plant's kappa at z = 0 (for comparison only, like mass_true_kg);
+    surface_potential_v the estimate (V+ + V-) / 2 of the unloaded readings (a check: the
+    polarity reversal cancels it). The analysis objects (uncertainty, gradient fits) are kept
+    for plots and left out of :meth:`summary`.
     """
 
     seed: int
@@ -133,26 +142,36 @@ class EfbResult:
     u_mass_kg: float
     u_a_kg: float
     u_b_kg: float
+    u_a_weighing_kg: float
+    u_a_dcdz_kg: float
     mass_true_kg: float
     mass_rel_err: float
     u_mass_rel: float
     mass_trial_kg: list
     kappa_f_m: float
+    kappa_trial_f_m: list
+    kappa_true_f_m: float
+    dcdz_f_m: list
+    u_dcdz_f_m: list
+    t_dcdz_s: list
     surface_potential_v: float
     n_weighings: int
     n_trials: int
+    n_gradients: int
     sim_s: float
     wall_s: float
     exit_status: str
     uncertainty: Any = field(default=None, repr=False)
+    gradients: list = field(default_factory=list, repr=False)
 
     @property
     def z_score(self) -> float:
         return (self.mass_kg - self.mass_true_kg) / self.u_mass_kg
 
     def summary(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "uncertainty"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("uncertainty", "gradients")}
         d["z_score"] = self.z_score
+        d["kappa_rel_err"] = self.kappa_f_m / self.kappa_true_f_m - 1.0
         return d
 
 
@@ -214,54 +233,32 @@ def _temp_factor(temp_k, t_ref_k: float, temp_coeff_per_k: float | None):
 
 
 def _sweep_points(event: dict, t_ref_k: float, temp_coeff_per_k: float | None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(t, z, U, v) of one sweep: v from consecutive interferometer positions, which is the
-    mean velocity over the frame, matched to the DVM reading of that frame (the simulated DVM
-    integrates over the frame, ending at the position reading); the DAQ's low-passed velocity
-    would lag. z is the mid position, at the weighing-position reference of the DAQ. U is
-    referred to the magnet temperature t_ref_k (divided by 1 + tc (T - T_ref), T the magnet
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(t, z, U) of one sweep's readings: the interferometer position at the weighing-position
+    reference of the DAQ and the DVM reading, which integrates over the frame ending at that
+    position reading (what :func:`~kibble.services.analysis.velocity_mode_bl_flux` needs). U
+    is referred to the magnet temperature t_ref_k (divided by 1 + tc (T - T_ref), T the magnet
     thermometer of the same frame)."""
     d = _arrays(event)
-    t, z, v = an.velocity_from_positions(d["sim_time_s"], d["coil_z_m"])
-    u = d["coil_voltage_v"][1:] / _temp_factor(d["temperature_k"][1:], t_ref_k, temp_coeff_per_k)
-    return t, z, u, v
+    u = d["coil_voltage_v"] / _temp_factor(d["temperature_k"], t_ref_k, temp_coeff_per_k)
+    return d["sim_time_s"], d["coil_z_m"], u
 
-
-def _master_shape_u(z_sweeps, bl_sweeps, z_range: tuple[float, float], z_weigh_m: float,
-                    order: int) -> float:
-    """Type A standard uncertainty (T m) of the master profile's contribution to Bl at the
-    weighing position, common to every sweep of the run.
-
-    Bl_V of a sweep is c0 + master(x_w) = mean(Bl) + [master(x_w) - mean master(x)]: the bracket
-    (the shape term) comes from the master profile, i.e. from the same sweeps averaged, and is
-    the same for every sweep, so the scatter of the sweeps (or pairs) does not show its error
-    and the triplet regression passes it to l4 in full. With v from consecutive interferometer
-    positions the per-point noise of Bl is correlated (each position enters two velocities);
-    for the mean it telescopes away, for a shape it does not (the positions at the sweep ends
-    keep the leverage of the polynomial there), and with short sweeps it is several times the
-    scatter of the pairs. The master is the mean of the per-sweep fits and the shape term is
-    linear in the coefficients, so its type A uncertainty is the standard deviation of the mean
-    of the per-sweep shape terms g = fit(x_w) - mean of the fit over the sweep's points."""
-    lo, hi = z_range
-    x_w = (2.0 * z_weigh_m - (lo + hi)) / (hi - lo)
-    g = []
-    for z, b in zip(z_sweeps, bl_sweeps):
-        x = (2.0 * np.asarray(z, dtype=float) - (lo + hi)) / (hi - lo)
-        b = np.asarray(b, dtype=float)
-        coef = np.polynomial.chebyshev.chebfit(x, b, order)
-        g.append(float(np.polynomial.chebyshev.chebval(x_w, coef)) - float(np.mean(b)))
-    return float(np.std(g, ddof=1) / math.sqrt(len(g))) if len(g) > 1 else float("nan")
 
 def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, g_m_s2: float,
                   resistance_ohm: float = 100.0, alpha_per_a: float = an.ALPHA_NIST4_PER_A,
                   beta_per_a2: float = an.BETA_NIST4_PER_A2, z_weigh_m: float = 0.0,
                   order: int = 6, budget: Mapping[str, float] | None = None,
-                  temp_coeff_per_k: float | None = TEMP_COEFF_NIST4_PER_K) -> dict[str, Any]:
+                  temp_coeff_per_k: float | None = TEMP_COEFF_NIST4_PER_K,
+                  velocity_regression: str = "flux") -> dict[str, Any]:
     """The analysis of a NIST-4 run from its ``sweep`` and ``weighing`` events.
 
-    * Velocity mode (:func:`~kibble.services.analysis.velocity_mode_bl`): per sweep Bl = U / v
-      (U = DVM + PJVS, SI volts; v from the interferometer positions), Chebyshev regression of
-      degree ``order`` over one z range common to every sweep of the run, the master profile
+    * Velocity mode (:func:`~kibble.services.analysis.velocity_mode_bl_flux`): per sweep the
+      flux int U dt (U = DVM + PJVS, SI volts) regressed on the interferometer position, so
+      that Bl = dPhi/dz is a Chebyshev profile of degree ``order`` over one z range common to
+      every sweep of the run (the paper regresses U / v point by point; with sweeps much
+      shorter than its 80 mm, the position noise at the sweep ends that U / v puts into every
+      sweep's mean dominates, the flux regression spreads it over the sweep; ``velocity_regression
+      ="point"`` is the paper's U / v, :func:`~kibble.services.analysis.velocity_mode_bl`), the master profile
       averaged over every sweep of the run (the paper's choice), each sweep's c0 refitted, Bl at
       the weighing position per sweep. Up/down sweeps are averaged in non-overlapping pairs
       (sweeps 0+1, 2+3, ...), which cancels anything odd in the velocity (thermal voltage,
@@ -276,10 +273,17 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
       set's mean; force triples: the scatter of the triples) and scaled by the reduced
       chi-square; h = h_SI (1 + l4 / Bl_V) (SI units, see the module docstring).
     * Type A: one triplet, the regression's uncertainty; several, the standard deviation of the
-      mean of the per-triplet h (``combine_uncertainty``); either way combined in quadrature with
-      the master profile's uncertainty at the weighing position (:func:`_master_shape_u`), an
-      error common to every Bl_V of the run that no scatter shows; type B from ``budget``.
+      mean of the per-triplet h (``combine_uncertainty``; with two or three triplets not less
+      than the regressions' own); every standard deviation estimated from few values (the
+      regression's reduced chi-square, the sweeps' shape terms, the triplets) is widened to
+      the standard deviation of its Student t (``analysis.small_sample_factor``, JCGM 101); either way combined in quadrature with
+      the master profile's uncertainty at the weighing position (the standard deviation of the
+      mean of the sweeps' own shape terms, ``VelocitySetResult.shape_w_t_m``), an error common
+      to every Bl_V of the run that no scatter shows; type B from ``budget``.
     """
+    if velocity_regression not in ("flux", "point"):
+        raise ValueError(f"velocity_regression must be 'flux' or 'point', got {velocity_regression!r}")
+
     vsets = _split_sets(sweeps)
     fsets = _split_sets(weighings)
     if len(vsets) != len(fsets) + 1 or not fsets:
@@ -291,10 +295,17 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
     z_range = (float(min(z.min() for z in z_all)), float(max(z.max() for z in z_all)))
 
     def vset(s, ev, master=None):
-        return an.velocity_mode_bl([p[1] for p in s], [p[2] for p in s], [p[3] for p in s],
-                                   [e["info"]["direction"] for e in ev],
-                                   time_s=[p[0] for p in s], z_weigh_m=z_weigh_m, order=order,
-                                   z_range_m=z_range, master_coef=master)
+        dirs = [e["info"]["direction"] for e in ev]
+        if velocity_regression == "flux":
+            return an.velocity_mode_bl_flux([p[0] for p in s], [p[1] for p in s], [p[2] for p in s],
+                                            dirs, z_weigh_m=z_weigh_m, order=order,
+                                            z_range_m=z_range, master_coef=master)
+        # U / v point by point, v from consecutive positions matched to the DVM reading of the
+        # frame they bound
+        mids = [an.velocity_from_positions(p[0], p[1]) for p in s]
+        return an.velocity_mode_bl([m[1] for m in mids], [p[2][1:] for p in s], [m[2] for m in mids],
+                                   dirs, time_s=[m[0] for m in mids], z_weigh_m=z_weigh_m,
+                                   order=order, z_range_m=z_range, master_coef=master)
 
     first = [vset(s, ev) for s, ev in zip(pts, vsets)]
     master = np.concatenate([r.coef_sweep for r in first]).mean(axis=0)
@@ -333,13 +344,23 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
     h_each = np.array([H_SI_J_S * (1.0 + tr.h_rel) for tr in triplets])
     # the master profile's error at the weighing position: common to every Bl_V of the run
     # (invisible in the scatter of the pairs and of the triplets), it shifts l4 in full
-    u_shape = _master_shape_u([p[1] for s in pts for p in s], [p[2] / p[3] for s in pts for p in s],
-                              z_range, z_weigh_m, order)
+    # (each standard deviation estimated from few values is widened to the standard deviation
+    # of its Student t, an.small_sample_factor)
+    shape_w = np.concatenate([r.shape_w_t_m for r in vres])
+    u_shape = (float(np.std(shape_w, ddof=1) / math.sqrt(shape_w.size))
+               * an.small_sample_factor(shape_w.size - 1))
     u_shape_rel = u_shape / float(np.mean([tr.bl_v_t_m for tr in triplets]))
+    u_trip = np.array([tr.u_h_rel * an.small_sample_factor(tr.dof) for tr in triplets])
     if len(triplets) == 1:
-        u_a = H_SI_J_S * math.hypot(triplets[0].u_h_rel, u_shape_rel)
+        u_a = H_SI_J_S * math.hypot(u_trip[0], u_shape_rel)
     else:
+        # the scatter of the triplets where there are enough of them to estimate it; with two
+        # or three, not less than what the regressions state for their mean
         sem = float(np.std(h_each, ddof=1) / math.sqrt(h_each.size))
+        if h_each.size > 3:
+            sem *= an.small_sample_factor(h_each.size - 1)
+        else:
+            sem = max(sem, H_SI_J_S * float(np.sqrt(np.sum(u_trip**2))) / h_each.size)
         u_a = math.hypot(sem, H_SI_J_S * u_shape_rel)
     unc = an.combine_uncertainty(h_each, budget, u_a=u_a)
     h_rel = unc.value / H_SI_J_S - 1.0
@@ -361,6 +382,7 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
                         servo: Mapping[str, Any] | None = None, order: int = 6,
                         plant_overrides: Mapping[str, Any] | None = None,
                         temp_coeff_per_k: float | None = TEMP_COEFF_NIST4_PER_K,
+                        velocity_regression: str = "flux",
                         progress: Callable[[str], None] | None = None) -> NistResult:
     """Run a NIST-4 run offline (in process) and return h with its stated uncertainty.
 
@@ -372,7 +394,8 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
     ``budget``: type B lines (relative, k = 1), e.g. ``analysis.NIST4_TABLE_III_BUDGET``; None:
     type A only (the simulator has no type B effects to speak of). ``rate_hz``: frame rate of
     the closed loop; 200 Hz is the lowest where the NIST-4 loops stay well behaved (at 100 Hz
-    the sweeps trip the current source's watchdog).
+    the sweeps trip the current source's watchdog). ``velocity_regression``: ``"flux"`` (default)
+    or the paper's ``"point"`` (see :func:`analyze_nist4`).
     """
     t0 = time.perf_counter()
     stack = InProcessStack("nist4", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides,
@@ -395,7 +418,7 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
         raise RuntimeError(f"run did not succeed: {bad[0]['exit_status']}: {bad[0]['reason']}")
     res = analyze_nist4(docs.events("sweep"), docs.events("weighing"), mass_kg=mass, g_m_s2=g,
                         resistance_ohm=resistance, budget=budget, order=order,
-                        temp_coeff_per_k=temp_coeff_per_k)
+                        temp_coeff_per_k=temp_coeff_per_k, velocity_regression=velocity_regression)
     return NistResult(seed=seed, rate_hz=rate_hz, mass_true_kg=mass,
                       sim_s=float(sum(s["sim_s"] for s in stops)),
                       wall_s=time.perf_counter() - t0, exit_status="success", **res)
@@ -404,21 +427,74 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
 # =============================================================================== EFB
 
 
-def analyze_efb(weighings: list[dict], *, kappa_f_m: float, g_m_s2: float,
-                budget: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The EFB analysis of the ``weighing`` events of consecutive ``efb_weighing`` runs.
+def efb_gradients(events: list[dict], *,
+                  order: int = 5) -> list[tuple[float, float, an.CapacitanceGradientResult]]:
+    """The capacitance-gradient determinations in the ``gradient`` events of ``efb_gradient``
+    plans: (first time s, last time s, :func:`~kibble.services.analysis.capacitance_gradient`)
+    per determination, in time order.
 
-    Each run measures +U, +L, +U, -U, -L, -U (mean DVM voltage per window, measured, i.e.
-    including the surface potential). The unloaded positive forces of all runs, in time order,
-    give F_U+(t) by linear interpolation (seed 000 eq. 17); trial p is run p's negative readings
-    (-U as the mean of its two windows at their mean time, -L) with run p's +L, which the
-    positive unloaded readings of run p and run p+1 bracket: n runs give n - 1 trials.
+    A determination starts at sweep 0, point 0. Each point is the mean time, interferometer
+    position and capacitance of the fresh bridge readings in its window
+    (:func:`~kibble.services.analysis.efb_bridge_readings`: the position at the instant of each
+    reading); the sweeps' points go into the ``order``-th order fit with linear drift removal,
+    evaluated at the weighing position the plan recorded (seed 000 section 4.1)."""
+    dets: list[list[dict]] = []
+    for e in events:
+        if (e["info"]["sweep"] == 0 and e["info"]["index"] == 0) or not dets:
+            dets.append([])
+        dets[-1].append(e)
+    out = []
+    for det in dets:
+        sweeps: dict[int, list[tuple[float, float, float]]] = {}
+        for e in det:
+            d = _arrays(e)
+            t, z, c = an.efb_bridge_readings(d["sim_time_s"], d["coil_z_m"], d["capacitance_f"])
+            sweeps.setdefault(int(e["info"]["sweep"]), []).append((t.mean(), z.mean(), c.mean()))
+        if len({len(v) for v in sweeps.values()}) != 1:
+            raise ValueError(f"a gradient determination's sweeps have different numbers of points: "
+                             f"{[len(v) for v in sweeps.values()]}")
+        pts = np.array(list(sweeps.values()), dtype=float)
+        res = an.capacitance_gradient(pts[..., 1], pts[..., 2], pts[..., 0],
+                                      z_weigh_m=float(det[0]["info"]["z_weigh_m"]), order=order)
+        out.append((float(pts[..., 0].min()), float(pts[..., 0].max()), res))
+    return out
+
+
+def analyze_efb(weighings: list[dict], *, g_m_s2: float, kappa_f_m: float | None = None,
+                gradients: list[dict] | None = None, budget: Mapping[str, float] | None = None,
+                order: int = 5) -> dict[str, Any]:
+    """The EFB analysis of the ``weighing`` events of consecutive ``efb_weighing`` runs, with
+    dC/dz measured by the ``gradient`` events of ``efb_gradient`` determinations bracketing
+    them (an ``efb_run``), or with a given ``kappa_f_m`` (a calibration constant; one of the
+    two).
+
+    Each run measures +U, +L, +U, -U, -L, -U: per window the mean of the squared DVM voltage
+    (measured, i.e. including the surface potential), so that kappa V^2 is the window's mean
+    force; the square of the mean voltage would miss kappa var(V) = var(F) / 4F, which with the
+    loop's frame-to-frame force noise (0.4 % RMS unloaded at 100 Hz) under-reads the unloaded
+    force by ~3e-6 and the loaded one by ~4e-7 and so reads the mass high by ~1e-6. The
+    unloaded positive forces of all runs, in time order, give F_U+(t) by linear interpolation
+    (seed 000 eq. 17); trial p is run p's negative readings (-U as the mean of its two windows
+    at their mean time, -L) with run p's +L, which the positive unloaded readings of run p and
+    run p+1 bracket: n runs give n - 1 trials.
+
+    kappa: trial p takes kappa_p = (dC/dz_before + dC/dz_after) / 4 of the determinations
+    (:func:`efb_gradients`, ``order``-th order) just before and just after its weighings (seed
+    000 section 4.1, ``analysis.efb_kappa_bracketing``).
+
+    Type A: eq. (17) is linear in kappa, m_p = kappa_p s_p. The weighing part is the standard
+    deviation of the mean of kappa_bar s_p (the trials' scatter without the dC/dz noise); the
+    dC/dz part carries each determination's type A uncertainty (``u_dcdz_f_m`` of the fit)
+    into the mean mass, d mean(m) / d(dC/dz)_j = sum of s_p / (4 n) over the trials that
+    determination j brackets; the two in quadrature. A given ``kappa_f_m`` has no uncertainty.
 
     Sign: the simulator's EFB pulls the loaded balance up with more force than the unloaded one
     (F_L = F_U + m g, as in seed 000 eq. 8), while ``analysis.efb_masses_eq17`` follows the
     printed eq. (17), written for a balance whose force is lower when loaded (seed 000 figure
     5); with the simulator's data eq. (17) gives -m, so the mass is its negative.
     """
+    if (kappa_f_m is None) == (not gradients):
+        raise ValueError("give either the gradient events (measured dC/dz) or kappa_f_m, not both or neither")
     runs: list[list[dict]] = []
     for e in weighings:
         if (e["info"]["polarity"] == "+" and e["info"]["index"] == 0) or not runs:
@@ -432,66 +508,94 @@ def analyze_efb(weighings: list[dict], *, kappa_f_m: float, g_m_s2: float,
         for e in ev:
             d = _arrays(e)
             key = (e["info"]["polarity"], e["info"]["index"])
-            r[key] = (float(d["sim_time_s"].mean()), float(d["coil_voltage_v"].mean()))
+            r[key] = (float(d["sim_time_s"].mean()), float(np.mean(d["coil_voltage_v"] ** 2)),
+                      float(d["coil_voltage_v"].mean()))
         if len(r) != 6:
             raise ValueError(f"an efb_weighing run has {len(r)} of its 6 weighings")
         rows.append(r)
     t_up = np.array([r["+", k][0] for r in rows for k in (0, 2)])
-    v_up = np.array([r["+", k][1] for r in rows for k in (0, 2)])
+    v2_up = np.array([r["+", k][1] for r in rows for k in (0, 2)])
     trials = rows[:-1]
     t_un = np.array([0.5 * (r["-", 0][0] + r["-", 2][0]) for r in trials])
-    v_un_f = np.array([0.5 * (an.efb_force_n(r["-", 0][1], kappa_f_m) + an.efb_force_n(r["-", 2][1], kappa_f_m))
-                       for r in trials])
+    v2_un = np.array([0.5 * (r["-", 0][1] + r["-", 2][1]) for r in trials])
     t_lp = np.array([r["+", 1][0] for r in trials])
-    f_lp = an.efb_force_n(np.array([r["+", 1][1] for r in trials]), kappa_f_m)
+    v2_lp = np.array([r["+", 1][1] for r in trials])
     t_ln = np.array([r["-", 1][0] for r in trials])
-    f_ln = an.efb_force_n(np.array([r["-", 1][1] for r in trials]), kappa_f_m)
-    m = -an.efb_masses_eq17(t_up, an.efb_force_n(v_up, kappa_f_m), t_un, v_un_f, t_lp, f_lp,
-                            t_ln, f_ln, g_m_s2)
-    unc = an.combine_uncertainty(m, budget)
-    v_s = float(np.mean([0.5 * (r["+", 0][1] + r["-", 0][1]) for r in rows]))
+    v2_ln = np.array([r["-", 1][1] for r in trials])
+    # eq. (17) with kappa = 1 F/m: the mass per unit kappa of each trial, kg m/F
+    s = -an.efb_masses_eq17(t_up, v2_up, t_un, v2_un, t_lp, v2_lp, t_ln, v2_ln, g_m_s2)
+    n = s.size
+    if gradients:
+        dets = efb_gradients(gradients, order=order)
+        dcdz = np.array([d[2].dcdz_f_m for d in dets])
+        u_dcdz = np.array([d[2].u_dcdz_f_m for d in dets])
+        t_first = [min(w[0] for w in r.values()) for r in trials]
+        t_last = [max(w[0] for w in r.values()) for r in trials]
+        sens = np.zeros(len(dets))
+        kappa = np.zeros(n)
+        for p in range(n):
+            before = [j for j, d in enumerate(dets) if d[1] < t_first[p]]
+            after = [j for j, d in enumerate(dets) if d[0] > t_last[p]]
+            if not before or not after:
+                raise ValueError(f"trial {p} (t = {t_first[p]:.1f}..{t_last[p]:.1f} s) is not bracketed "
+                                 "by gradient determinations")
+            b, a = before[-1], after[0]
+            kappa[p] = an.efb_kappa_bracketing(dcdz[b], dcdz[a])
+            sens[[b, a]] += s[p] / (4.0 * n)
+        u_kappa = float(np.sqrt(np.sum((sens * u_dcdz) ** 2)))
+        t_dcdz = [0.5 * (d[0] + d[1]) for d in dets]
+        fits = [d[2] for d in dets]
+    else:
+        kappa = np.full(n, float(kappa_f_m))
+        dcdz = u_dcdz = np.zeros(0)
+        u_kappa, t_dcdz, fits = 0.0, [], []
+    m = kappa * s
+    u_weigh = float(np.std(kappa.mean() * s, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    unc = an.combine_uncertainty(m, budget, u_a=math.hypot(u_weigh, u_kappa))
+    v_s = float(np.mean([0.5 * (r["+", 0][2] + r["-", 0][2]) for r in rows]))
     return {"mass_kg": unc.value, "u_mass_kg": unc.u_c, "u_a_kg": unc.u_a, "u_b_kg": unc.u_b,
-            "u_mass_rel": unc.u_c_rel, "mass_trial_kg": m.tolist(), "kappa_f_m": float(kappa_f_m),
-            "surface_potential_v": v_s, "n_weighings": len(weighings), "n_trials": int(m.size),
-            "uncertainty": unc}
+            "u_a_weighing_kg": u_weigh, "u_a_dcdz_kg": u_kappa,
+            "u_mass_rel": unc.u_c_rel, "mass_trial_kg": m.tolist(), "kappa_f_m": float(kappa.mean()),
+            "kappa_trial_f_m": kappa.tolist(), "dcdz_f_m": dcdz.tolist(), "u_dcdz_f_m": u_dcdz.tolist(),
+            "t_dcdz_s": t_dcdz, "surface_potential_v": v_s, "n_weighings": len(weighings),
+            "n_trials": int(n), "n_gradients": len(t_dcdz), "uncertainty": unc, "gradients": fits}
 
 
 async def offline_efb(seed: int, *, rate_hz: float = 200.0, runs: int = 6, settle_s: float = 10.0,
-                      window_s: float = 20.0, budget: Mapping[str, float] | None = None,
+                      window_s: float = 20.0, gradient: Mapping[str, Any] | None = None,
+                      gradient_every: int = 3, budget: Mapping[str, float] | None = None,
                       plant_overrides: Mapping[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None) -> EfbResult:
-    """Weigh the 1 mg artifact offline: ``runs`` consecutive ``efb_weighing`` plans (unloaded,
-    loaded, unloaded, positive then negative polarity), analysed with eq. (17) (see
-    :func:`analyze_efb`); the mass with its stated uncertainty (type A from the trials' scatter,
-    type B from ``budget``, e.g. ``analysis.EFB_TABLE_1_BUDGET_1MG``; None: type A only).
-
-    kappa = dC/dz / 2 is taken from the plant (``stack.plant.kappa(0.0)`` at the end of the
-    weighings, at the weighing position z = 0 and the capacitor's temperature of that moment): the gradient procedure (11 points within 2 mm on the auxiliary electrode,
-    seed 000 section 3.1) waits for a gradient mode of the servo and is not implemented yet, so
-    this mass tests the weighing and its analysis, not the capacitance-gradient measurement.
+    """Weigh the 1 mg artifact offline with the plan ``efb_run``: capacitance-gradient
+    determinations (``efb_gradient`` with the arguments ``gradient``; default the paper's 11
+    points within 2 mm) bracketing ``runs`` weighing runs (``efb_weighing``: unloaded, loaded,
+    unloaded, positive then negative polarity, ``settle_s``, ``window_s``), one after every
+    ``gradient_every`` runs and after the last; analysed with eq. (17) and the measured dC/dz
+    (see :func:`analyze_efb`); the mass with its stated uncertainty (type A from the trials'
+    scatter and the gradient determinations, type B from ``budget``, e.g.
+    ``analysis.EFB_TABLE_1_BUDGET_1MG``; None: type A only). The plant's kappa at z = 0 (at the
+    end) is reported beside the measured one, for comparison only.
     """
     t0 = time.perf_counter()
     stack = InProcessStack("efb", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides)
     docs = _Documents(progress)
-    stops = []
     try:
         await stack.start()
         engine = P.RunEngine(stack, emit=docs)
-        for _ in range(runs):
-            stop = await engine.run("efb_weighing", {"settle_s": settle_s, "window_s": window_s})
-            stops.append(stop)
-            if stop["exit_status"] != "success":
-                raise RuntimeError(f"efb_weighing did not succeed: {stop['exit_status']}: {stop['reason']}")
-        kappa = float(stack.plant.kappa(0.0))
+        stop = await engine.run("efb_run", {"runs": runs, "gradient_every": gradient_every,
+                                            "gradient": dict(gradient or {}),
+                                            "weighing": {"settle_s": settle_s, "window_s": window_s}})
+        if stop["exit_status"] != "success":
+            raise RuntimeError(f"efb_run did not succeed: {stop['exit_status']}: {stop['reason']}")
+        kappa_true = float(stack.plant.kappa(0.0))
         p = stack.plant.params
         mass, g = float(p["masses.small_kg"]), float(p["sim.g_m_s2"])
     finally:
         stack.close()
-    res = analyze_efb(docs.events("weighing"), kappa_f_m=kappa, g_m_s2=g, budget=budget)
-    return EfbResult(seed=seed, rate_hz=rate_hz, mass_true_kg=mass,
-                     mass_rel_err=res["mass_kg"] / mass - 1.0,
-                     sim_s=float(sum(s["sim_s"] for s in stops)), wall_s=time.perf_counter() - t0,
-                     exit_status="success", **res)
+    res = analyze_efb(docs.events("weighing"), gradients=docs.events("gradient"), g_m_s2=g, budget=budget)
+    return EfbResult(seed=seed, rate_hz=rate_hz, mass_true_kg=mass, kappa_true_f_m=kappa_true,
+                     mass_rel_err=res["mass_kg"] / mass - 1.0, sim_s=float(stop["sim_s"]),
+                     wall_s=time.perf_counter() - t0, exit_status="success", **res)
 
 
 # =============================================================================== plots, CLI
@@ -537,9 +641,12 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
     exceeds 3 u, 2 for a usage error.
 
     ``params`` (strings are parsed as JSON): NIST-4 ``rate_hz``, ``force_sets``, ``order``,
+    ``velocity_regression`` (``flux`` or ``point``),
     ``velocity.<arg>``, ``force.<arg>``, ``servo.<param>``, ``budget`` (``table3`` or none);
-    ``test=true`` starts from the shortened test plans. EFB ``rate_hz``, ``runs``,
-    ``settle_s``, ``window_s``, ``budget`` (``table1`` or none).
+    ``test=true`` starts from the shortened test plans. EFB (an ``efb_run``) ``rate_hz``,
+    ``runs``, ``settle_s``, ``window_s`` (of the weighings), ``gradient_every``,
+    ``gradient.<arg>`` (of ``efb_gradient``), ``budget`` (``table1`` or none); ``test=true``
+    starts from the shortened gradient determination :data:`EFB_TEST_GRADIENT`.
     """
     params = {k: _coerce(v) for k, v in (params or {}).items()}
     say = lambda s: print(s, flush=True)  # noqa: E731
@@ -555,7 +662,7 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
                     kw[head][tail] = v
                 elif k == "budget":
                     kw["budget"] = an.NIST4_TABLE_III_BUDGET if str(v).lower() in ("table3", "table_iii") else None
-                elif k in ("rate_hz", "force_sets", "order"):
+                elif k in ("rate_hz", "force_sets", "order", "velocity_regression"):
                     kw[k] = v
                 else:
                     raise ValueError(f"unknown parameter {k!r} for plan nist4")
@@ -568,19 +675,26 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
                 f"(true {r.mass_true_kg:g} kg); Bl_V {r.bl_v_t_m:.6f} T m, Bl_F {r.bl_f_t_m:.6f} T m; "
                 f"{r.n_sweeps} sweeps, {r.n_weighings} weighings, {r.n_triplets} triplet(s); "
                 f"{r.sim_s:.0f} s simulated in {r.wall_s:.1f} s")
-        elif plan in ("efb", "efb_weighing"):
-            kw = {}
+        elif plan in ("efb", "efb_weighing", "efb_run"):
+            kw = {"gradient": dict(EFB_TEST_GRADIENT) if params.pop("test", False) else {}}
             for k, v in params.items():
-                if k == "budget":
+                head, _, tail = k.partition(".")
+                if tail and head == "gradient":
+                    kw["gradient"][tail] = v
+                elif k == "budget":
                     kw["budget"] = an.EFB_TABLE_1_BUDGET_1MG if str(v).lower() in ("table1", "table_1") else None
-                elif k in ("rate_hz", "runs", "settle_s", "window_s"):
+                elif k in ("rate_hz", "runs", "settle_s", "window_s", "gradient_every"):
                     kw[k] = v
                 else:
                     raise ValueError(f"unknown parameter {k!r} for plan efb")
-            say(f"offline EFB weighing of the 1 mg artifact, seed {seed}")
+            say(f"offline EFB run (gradient determinations bracketing weighings of the 1 mg artifact), seed {seed}")
             res = asyncio.run(offline_efb(seed, progress=say, **kw))
             r = res
-            say(f"m = {r.mass_kg * 1e6:.9f} mg, u = {r.u_mass_kg * 1e12:.3f} ng (rel. {r.u_mass_rel:.2e})")
+            say("dC/dz = " + ", ".join(f"{d * 1e9:.7f} nF/m (u rel. {u / d:.1e})"
+                                       for d, u in zip(r.dcdz_f_m, r.u_dcdz_f_m))
+                + f"; kappa / kappa_plant - 1 = {r.kappa_f_m / r.kappa_true_f_m - 1.0:+.2e}")
+            say(f"m = {r.mass_kg * 1e6:.9f} mg, u = {r.u_mass_kg * 1e12:.3f} ng (rel. {r.u_mass_rel:.2e}; "
+                f"type A of it from dC/dz {r.u_a_dcdz_kg / r.mass_kg:.1e})")
             say(f"m / m_true - 1 = {r.mass_rel_err:+.2e} = {r.z_score:+.2f} u; {r.n_trials} trials; "
                 f"{r.sim_s:.0f} s simulated in {r.wall_s:.1f} s")
         else:

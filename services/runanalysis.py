@@ -8,7 +8,9 @@ the start document picks the analysis of :mod:`kibble.services.campaign`:
 - ``nist4_run`` (velocity sets bracketing force sets): h and the mass, with the servo's
   ``test_mass_kg`` and ``g_m_s2``;
 - ``efb_weighing`` (one or more runs of it): the mass of the artifact, with the servo's
-  ``kappa_f_m`` and ``g_m_s2``.
+  ``kappa_f_m`` and ``g_m_s2``;
+- ``efb_run`` (gradient determinations bracketing weighings): the mass of the artifact with the
+  measured dC/dz, and the servo's ``g_m_s2``.
 """
 
 from __future__ import annotations
@@ -99,12 +101,14 @@ def analyze(run: RecordedRun, budget: str | None = None) -> dict[str, Any]:
                               budget=an.NIST4_TABLE_III_BUDGET if budget == "table3" else None)
         keys = ("h_j_s", "u_h_j_s", "u_a_h_j_s", "u_b_h_j_s", "h_rel_err", "u_h_rel", "mass_kg",
                 "u_mass_kg", "bl_v_t_m", "bl_f_t_m", "n_sweeps", "n_weighings", "n_triplets")
-    elif plan == "efb_weighing":
-        res = C.analyze_efb(run.events("weighing"), kappa_f_m=float(run.param("servo", "kappa_f_m")),
-                            g_m_s2=g, budget=an.EFB_TABLE_1_BUDGET_1MG if budget == "table1" else None)
+    elif plan in ("efb_weighing", "efb_run"):
+        kappa = ({"gradients": run.events("gradient")} if plan == "efb_run"
+                 else {"kappa_f_m": float(run.param("servo", "kappa_f_m"))})
+        res = C.analyze_efb(run.events("weighing"), g_m_s2=g,
+                            budget=an.EFB_TABLE_1_BUDGET_1MG if budget == "table1" else None, **kappa)
         keys = tuple(k for k, v in res.items() if isinstance(v, (int, float, str)))
     else:
-        raise ValueError(f"{run.path}: no analysis for plan {plan!r} (nist4_run, efb_weighing)")
+        raise ValueError(f"{run.path}: no analysis for plan {plan!r} (nist4_run, efb_weighing, efb_run)")
     u_key = "u_h_j_s" if plan == "nist4_run" else "u_mass_kg"
     if not np.isfinite(res[u_key]):
         raise ValueError(f"{run.path}: too few determinations for a type A uncertainty (an EFB "
