@@ -387,8 +387,11 @@ def _velocity_set(zs, bls, ts, direction, coef, level, z_range_m, z_weigh_m, ord
     # the level is affine in the shape: level(k, S) = level(k, 0) - L_k . S; with the set's
     # mean functional L, each sweep's own shape term is S_k(x_w) - L . S_k
     basis = np.eye(order + 1)
-    lin = np.array([[level(k, basis[0] * 0.0) - level(k, basis[j]) for j in range(order + 1)]
-                    for k in range(n_s)]).mean(axis=0)
+    lin = np.zeros(order + 1)
+    for k in range(n_s):
+        flat = level(k, np.zeros(order + 1))
+        lin += [flat - level(k, basis[j]) for j in range(order + 1)]
+    lin /= n_s
     own = coef.copy()
     own[:, 0] = 0.0
     shape_w = _cheb.chebval(x_w, own.T) - own @ lin

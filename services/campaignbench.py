@@ -12,11 +12,12 @@ run side by side on two cores:
   master profile, :func:`~kibble.services.campaign.analyze_nist4`), to compare with the
   published one-triplet statistical scatter of NIST-4, 28e-9 (:data:`PUBLISHED`).
 * EFB: the 1 mg artifact weighed with :func:`~kibble.services.campaign.offline_efb` at its
-  defaults (6 runs of the weighing plan, i.e. 5 trials, with 20 s windows, and whatever else
-  its defaults add, e.g. capacitance-gradient determinations). ``efb_mass_rel_err`` =
+  defaults (an ``efb_run``: 6 runs of the weighing plan, i.e. 5 trials, with 20 s windows,
+  bracketed by capacitance-gradient determinations). ``efb_mass_rel_err`` =
   m / m_true - 1, ``efb_mass_rel_u`` the stated type A relative uncertainty (as the campaign
-  states it: the trials' standard deviation of the mean, with the measured dC/dz's where
-  there is one); ``efb_kappa_rel_err`` where the campaign reports the measured kappa.
+  states it: the trials' standard deviation of the mean, with the measured dC/dz's);
+  ``efb_kappa_rel_err`` the measured kappa's error, ``efb_n_gradients`` the number of gradient
+  determinations.
 
 Both campaigns run without a type B budget (the simulator has no type B effects to speak of);
 ``campaign_h_rel_u_combined`` and ``efb_mass_rel_u_combined`` add the published type B lines in
@@ -100,15 +101,13 @@ def figures(nist4: Mapping[str, Any], efb: Mapping[str, Any], wall_s: float) -> 
         "efb_mass_rel_u_combined": math.hypot(m_u, EFB_TYPE_B_REL),
         "efb_mass_z": float(efb["z_score"]),
         "efb_n_trials": int(efb["n_trials"]),
+        "efb_n_gradients": int(efb["n_gradients"]),
+        "efb_kappa_rel_err": float(efb["kappa_rel_err"]),
         "efb_sim_s": float(efb["sim_s"]),
         "efb_wall_s": float(efb["wall_s"]),
         "efb_seed": int(efb["seed"]),
         "campaign_wall_s": float(wall_s),
     }
-    # reported by newer campaigns only (the measured capacitance gradient)
-    for key, name in (("kappa_rel_err", "efb_kappa_rel_err"), ("n_gradients", "efb_n_gradients")):
-        if key in efb:
-            res[name] = float(efb[key]) if key.endswith("err") else int(efb[key])
     return res
 
 

@@ -32,6 +32,19 @@ class Documents:
         return [d for n, d in self.docs if n == "event" and d["descriptor"] == uid]
 
 
+def aborting_on_first_event(stack: InProcessStack, docs: Documents) -> P.RunEngine:
+    """An engine that collects into ``docs`` and aborts as the first event arrives."""
+    engine = P.RunEngine(stack, emit=docs)
+
+    def emit(name: str, doc: dict) -> None:
+        docs(name, doc)
+        if name == "event":
+            engine.abort("operator abort")
+
+    engine.emit = emit
+    return engine
+
+
 async def started(model: str, **params) -> InProcessStack:
     stack = InProcessStack(model, rate_hz=RATE_HZ, seed=9, params=params)
     await stack.start()
@@ -121,14 +134,7 @@ async def test_velocity_set_sweeps_alternate_with_damping_open_at_constant_veloc
 async def test_abort_runs_the_safe_ending():
     stack = await started("nist4")
     docs = Documents()
-    engine = P.RunEngine(stack, emit=docs)
-
-    def abort_on_first_sweep(name: str, doc: dict) -> None:
-        docs(name, doc)
-        if name == "event":
-            engine.abort("operator abort")
-
-    engine.emit = abort_on_first_sweep
+    engine = aborting_on_first_event(stack, docs)
     try:
         stop = await engine.run("velocity_set", {"sweeps": 4, "travel_m": 0.008})
         assert stop["exit_status"] == "abort" and stop["reason"] == "operator abort"
@@ -325,14 +331,7 @@ async def test_abort_in_gradient_mode_hands_the_link_back_at_the_weighing_positi
     stack = InProcessStack("efb", rate_hz=GRADIENT_RATE_HZ, seed=3)
     await stack.start()
     docs = Documents()
-    engine = P.RunEngine(stack, emit=docs)
-
-    def abort_on_first_point(name: str, doc: dict) -> None:
-        docs(name, doc)
-        if name == "event":
-            engine.abort("operator abort")
-
-    engine.emit = abort_on_first_point
+    engine = aborting_on_first_event(stack, docs)
     try:
         stop = await engine.run("efb_gradient", {"settle_s": 1.0, "window_s": 1.5})
         assert stop["exit_status"] == "abort" and stop["num_events"] == {"gradient": 1}
