@@ -88,6 +88,10 @@ class HwActuatorCommand(Message, kw_only=True, array_like=True):
     """DAC codes, one per channel (device-specific width and full scale)."""
     relays: list[bool] = []
     """Relay states, one per relay (True = closed / output connected)."""
+    hold_frames: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
+    """How many frames this command answers: ``frame .. frame + hold_frames - 1``. A loop
+    decimated by n (damping, theta_z) answers every n-th frame with ``hold_frames = n``; the
+    hardware holds the command (zero-order) until the next one."""
 
 
 # --------------------------------------------------------------------------- service data
@@ -140,6 +144,35 @@ class Setpoint(Message, kw_only=True, array_like=True):
 State = Literal["starting", "idle", "armed", "running", "tripped", "safe", "stopping", "offline"]
 
 
+class Timing(msgspec.Struct, kw_only=True, gc=False):
+    """Real-time figures of one daemon over its last heartbeat interval (``Status.timing``).
+
+    Measured by the runtime itself, per receive batch: a batch is everything one read of the
+    socket brought; within it only the newest message of each frame topic is acted on (the
+    others are *skipped*). CPU time is the thread's (``time.thread_time_ns``) from the read to
+    the last publish of the batch; the age of a frame is the receive time minus the
+    publisher's monotonic stamp (same host).
+    """
+
+    frames: Count = 0
+    """Frames acted on in the interval."""
+    skipped: Count = 0
+    """Frames received in the interval and not acted on (a newer one came in the same batch)."""
+    cpu_us_p50: NonNegative = 0.0
+    cpu_us_p99: NonNegative = 0.0
+    """Thread CPU per acted frame (us), median and 99th percentile."""
+    cpu_load: NonNegative = 0.0
+    """Process CPU seconds per wall second over the interval (1.0 = one core busy)."""
+    age_ms_p50: NonNegative = 0.0
+    age_ms_p99: NonNegative = 0.0
+    age_ms_max: NonNegative = 0.0
+    """Age of the frames acted on (ms)."""
+    batch_max: Count = 0
+    """Most messages one read brought (a backlog shows here first)."""
+    rx_backlog_bytes: Count = 0
+    """Bytes waiting in the socket's receive buffer at the heartbeat (queue depth)."""
+
+
 class Status(Message, kw_only=True):
     """Retained service status, topic ``<service>/status``; the last will sets ``offline``."""
 
@@ -158,6 +191,8 @@ class Status(Message, kw_only=True):
     """Standard deviation of the frame period over the last heartbeat interval (s)."""
     loop_period_max_s: NonNegative = 0.0
     loop_overruns: Count = 0
+    timing: Timing = msgspec.field(default_factory=Timing)
+    """Real-time figures over the last heartbeat interval."""
     detail: dict[str, Scalar] = {}
     """Service-specific telemetry (mode, armed, trip reason, ...)."""
 

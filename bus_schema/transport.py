@@ -26,7 +26,7 @@ import contextlib
 import socket
 import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 from urllib.parse import urlparse
 
 import aiomqtt
@@ -279,9 +279,40 @@ class _Feed:
         raise BlockingIOError()
 
 
-def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], None]) -> None:
-    """Call ``on_message(topic, payload)`` for every incoming message straight from the
-    socket-readable callback, before ``client`` connects.
+class Receiver(Protocol):
+    """What :func:`deliver_directly` drives: one call per message, and three per batch (one
+    read of the socket): ``batch_begin`` before its first message, ``batch_end`` after its
+    last (still corked: what it publishes leaves with the batch's answers) and
+    ``batch_flushed`` once those are written."""
+
+    def message(self, topic: str, payload: bytes) -> None: ...
+    def batch_begin(self) -> None: ...
+    def batch_end(self) -> None: ...
+    def batch_flushed(self) -> None: ...
+
+
+class _PlainReceiver:
+    """A bare ``on_message(topic, payload)`` callable as a :class:`Receiver`."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, on_message: Callable[[str, bytes], None]) -> None:
+        self.message = on_message
+
+    def batch_begin(self) -> None:
+        pass
+
+    def batch_end(self) -> None:
+        pass
+
+    def batch_flushed(self) -> None:
+        pass
+
+
+def deliver_directly(client: aiomqtt.Client,
+                     on_message: Callable[[str, bytes], None] | Receiver) -> None:
+    """Call ``on_message(topic, payload)`` (or a :class:`Receiver`'s ``message``) for every
+    incoming message straight from the socket-readable callback, before ``client`` connects.
 
     aiomqtt puts each message on an ``asyncio.Queue`` and its iterator creates a task per
     message: three event-loop turns between the bytes arriving and the handler running. Here
@@ -294,6 +325,8 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
     connection); ``client.messages`` stays empty but still raises ``MqttError`` when the
     connection drops.
     """
+    receiver: Receiver = on_message if hasattr(on_message, "batch_end") else _PlainReceiver(on_message)  # type: ignore[arg-type,assignment]
+    deliver = receiver.message
     loop = client._loop
     paho_client: paho.Client = client._client
     tx = _tx_for(client)
@@ -325,7 +358,7 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
             del paho_client._sock_recv
             feed.data, feed.end = b"", False
         while received:
-            on_message(*received.popleft())
+            deliver(*received.popleft())
 
     def keep(buf: bytes, need: int) -> None:
         rest.clear()
@@ -368,7 +401,7 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
                     except UnicodeDecodeError:
                         topic = None
                     if topic is not None:
-                        on_message(topic, buf[t_end:end])
+                        deliver(topic, buf[t_end:end])
                         i = end
                         continue
             paho_read(buf[i:end])
@@ -378,12 +411,14 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
     def readable() -> None:
         sock = paho_client._sock
         tx.cork += 1
+        receiver.batch_begin()
         try:
             if type(sock) is not socket.socket or paho_client._in_packet["command"]:
                 # not a plain TCP socket, or paho is inside a packet: paho reads, as aiomqtt's reader
                 paho_client.loop_read()
                 while received:
-                    on_message(*received.popleft())
+                    deliver(*received.popleft())
+                receiver.batch_end()
                 return
             try:
                 data = sock.recv(65536)
@@ -405,6 +440,7 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
                     return  # a large packet still coming in
                 data = b"".join(rest)
             parse(data)
+            receiver.batch_end()
         except Exception as exc:  # a broken connection, as aiomqtt's own callback reports it
             received.clear()
             keep(b"", 0)
@@ -414,6 +450,7 @@ def deliver_directly(client: aiomqtt.Client, on_message: Callable[[str, bytes], 
             tx.cork -= 1
             if not tx.cork:
                 tx.flush()
+            receiver.batch_flushed()
 
     aiomqtt_on_open = paho_client.on_socket_open
 
@@ -449,5 +486,5 @@ def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, qos: int = 0
     return True
 
 
-__all__ = ["DEFAULT_BROKER", "KEEPALIVE_S", "TCP_NODELAY", "corked", "deliver_directly",
+__all__ = ["DEFAULT_BROKER", "KEEPALIVE_S", "TCP_NODELAY", "Receiver", "corked", "deliver_directly",
            "make_client", "parse_broker_url", "publish_now", "publish_packet"]

@@ -52,7 +52,9 @@ import aiomqtt
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import (
     Command, Event, HwActuatorCommand, HwSensorFrame, Message, Reply, Severity, SimTruth, Status,
+    Timing,
 )
+from kibble.bus_schema.realtime import FrameIntake, FrameTiming
 from kibble.bus_schema.topics import Topics
 from kibble.bus_schema.transport import (
     DEFAULT_BROKER, corked, deliver_directly, make_client, parse_broker_url, publish_now,
@@ -73,6 +75,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "sim"
 """The simulator's name on the bus: ``kb/<inst>/sim/{cmd,reply,event,status,truth}``."""
 MODELS = ("nist4", "efb")
+REALTIME_TRUTH_HZ = 100.0
+"""Default rate of ``sim/truth`` on the realtime clock: enough for a 0.1 Hz null figure, and
+no daemon pays for it (the tests and benchmarks that read it do)."""
 CLOCKS = ("realtime", "lockstep")
 ZERO_C_K = 273.15
 
@@ -277,7 +282,8 @@ class _Nist4Adapter(_Adapter):
 
     def sensor_frame(self, frame: int, row: list[float]) -> HwSensorFrame:
         return HwSensorFrame(
-            frame=frame, sim_time_s=row[19], fringe_count=[int(v) for v in row[0:4]],
+            frame=frame, sim_time_s=row[19],
+            fringe_count=[int(row[0]), int(row[1]), int(row[2]), int(row[3])],
             fringe_phase_rad=row[4:8], psd_v=row[8:14], dvm_v=row[14:15],
             current_monitor_v=row[15:17], temperature_k=row[17] + ZERO_C_K, pressure_pa=row[18])
 
@@ -534,6 +540,45 @@ class _EventLimiter:
         return ok
 
 
+class _SimReceiver:
+    """The simulator's side of :func:`~kibble.bus_schema.transport.deliver_directly`.
+
+    In realtime each receive batch is conflated to the newest command per device (the hardware
+    holds the last command it got, so the older ones of a batch would be overwritten unseen
+    anyway); in lockstep every command is an answer and is handled in order.
+    """
+
+    __slots__ = ("sim", "failed", "intake", "messages", "skipped_at")
+
+    def __init__(self, sim: "SimServer", failed: asyncio.Future) -> None:
+        self.sim = sim
+        self.failed = failed
+        self.intake = sim.intake
+        self.messages = 0
+        self.skipped_at = 0
+
+    def message(self, topic: str, payload: bytes) -> None:
+        self.messages += 1
+        if self.sim.clock == "realtime" and self.intake.offer(topic, payload):
+            return
+        self.sim._on_message(topic, payload, self.failed)
+
+    def batch_begin(self) -> None:
+        self.messages = 0
+        self.skipped_at = self.intake.skipped
+        self.sim.timing.batch_begin()
+
+    def batch_end(self) -> None:
+        for topic, payloads in self.intake.take():
+            for i in range(len(payloads) - 1, -1, -1):  # newest first; older ones only if it is bad
+                if self.sim._on_message(topic, payloads[i], self.failed):
+                    self.intake.skip(i)
+                    break
+
+    def batch_flushed(self) -> None:
+        self.sim.timing.batch_end(self.messages, self.intake.skipped - self.skipped_at)
+
+
 class SimServer:
     """The HIL simulator as a bus participant.
 
@@ -549,7 +594,8 @@ class SimServer:
     ``params``: plant parameter overrides (``{dotted.name: value}``, see
     :func:`load_overrides_file`); ``rate_hz`` sets ``sim.frame_rate_hz``. ``expect``: lockstep
     devices that must be registered before frame 0. ``truth_every``: publish ``sim/truth``
-    every n-th frame (0: never). ``max_frames``: stop after publishing that many frames (and,
+    every n-th frame (0: never; None: every frame in lockstep, at most :data:`REALTIME_TRUTH_HZ`
+    in realtime). ``max_frames``: stop after publishing that many frames (and,
     in lockstep, collecting the answers to the last one); 0 runs until :meth:`stop`.
     """
 
@@ -557,11 +603,13 @@ class SimServer:
                  seed: int = 0, params: Mapping[str, Any] | None = None,
                  broker_url: str = DEFAULT_BROKER, instrument: str = "nist4",
                  expect: Sequence[str] = (), lockstep_timeout_s: float = 1.0,
-                 drop_after_misses: int = 3, truth_every: int = 1, max_frames: int = 0,
+                 drop_after_misses: int = 3, truth_every: int | None = None, max_frames: int = 0,
                  heartbeat_s: float = 1.0, client_id: str | None = None,
                  reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0) -> None:
         if clock not in CLOCKS:
             raise ValueError(f"unknown clock {clock!r}; one of {', '.join(CLOCKS)}")
+        if truth_every is None:
+            truth_every = 1 if clock == "lockstep" else max(1, int(round(rate_hz / REALTIME_TRUTH_HZ)))
         overrides = frame_overrides(model, rate_hz, params)
         parse_broker_url(broker_url)
         if not lockstep_timeout_s > 0:
@@ -610,6 +658,10 @@ class SimServer:
         self.gate = LockstepGate(drop_after=drop_after_misses)
         self.latency = LatencyTracker()
         self.schedule = RealtimeSchedule(1.0 / self.rate_hz)
+        self.timing = FrameTiming(1.0 / self.rate_hz)
+        """CPU per frame (receiving the commands and integrating, publishing the frame) and
+        the age of the commands applied."""
+        self.intake = FrameIntake(self._device_topics)
         self.counters: dict[str, int] = {
             "frames_out": 0, "frames_in": 0, "rejected": 0, "misses": 0, "dropped": 0,
             "stale_tags": 0, "commands": 0, "publish_failed": 0, "events_suppressed": 0,
@@ -660,7 +712,7 @@ class SimServer:
                                         retain=True)
                     client = make_client(self.broker_url, self.client_id, will=will)
                     failed = loop.create_future()
-                    deliver_directly(client, lambda topic, payload: self._on_message(topic, payload, failed))
+                    deliver_directly(client, _SimReceiver(self, failed))
                     async with client:
                         connected_at = time.monotonic()
                         await self._serve(client, failed)
@@ -712,21 +764,22 @@ class SimServer:
         if self._stop.is_set():
             self._publish(self.t_status, self._status(online=False), qos=1, retain=True)
 
-    def _on_message(self, topic: str, payload: bytes, failed: asyncio.Future) -> None:
-        """Every incoming message, straight from the socket-readable callback
-        (:func:`~kibble.bus_schema.transport.deliver_directly`): the ``hw/<device>`` commands
-        and ``sim/cmd``. An exception ends :meth:`_serve` with it (through ``failed``), as it
-        would have ended a reader task."""
+    def _on_message(self, topic: str, payload: bytes, failed: asyncio.Future) -> bool:
+        """Every incoming message, from the socket-readable callback through
+        :class:`_SimReceiver`: the ``hw/<device>`` commands and ``sim/cmd``. True if it was a
+        device command that was applied. An exception ends :meth:`_serve` with it (through
+        ``failed``), as it would have ended a reader task."""
         if failed.done():
-            return
+            return False
         try:
             spec = self._device_topics.get(topic)
             if spec is not None:
-                self._on_hw(spec, topic, payload)
-            elif topic == self.t_cmd:
+                return self._on_hw(spec, topic, payload)
+            if topic == self.t_cmd:
                 self._on_command(payload)
         except Exception as exc:
             failed.set_exception(exc)
+        return False
 
     async def _watch_connection(self, client: aiomqtt.Client) -> None:
         """Return (by raising ``MqttError``) when the connection drops; messages do not come
@@ -854,8 +907,12 @@ class SimServer:
                 continue
             sched.frame_started(loop.time())
             self.counters["late"], self.counters["slips"] = sched.late, sched.slips
-            if not self._step_and_publish():
+            self.timing.batch_begin()
+            stepped = self._step_and_publish()
+            self.timing.batch_end(0, 0)
+            if not stepped:
                 continue
+            self.timing.frame_done()
             if self.max_frames and self.counters["frames_out"] >= self.max_frames:
                 self._stop.set()
                 return
@@ -880,6 +937,7 @@ class SimServer:
             return
         if not self._step_and_publish():
             return
+        self.timing.frame_done()
         self.gate.open(self.frame)
         self._gate_open = True
         self._arm_timer(self.frame)
@@ -918,17 +976,19 @@ class SimServer:
                    data={"topic": topic, "device": device, "reason": reason,
                          "frame": -1 if frame is None else frame, "sim_frame": self.frame})
 
-    def _on_hw(self, spec: DeviceSpec, topic: str, payload: bytes) -> None:
+    def _on_hw(self, spec: DeviceSpec, topic: str, payload: bytes) -> bool:
+        """One device command; True if applied."""
         t_rx = time.monotonic()
         try:
             msg = decode(payload, HwActuatorCommand)
         except DecodeError as exc:
             self._reject(spec.name, topic, str(exc), None)
-            return
+            return False
         if msg.device != spec.name:
             self._reject(spec.name, topic, f"payload names device {msg.device!r}, topic is "
                                            f"{spec.name!r}", msg.frame)
-            return
+            return False
+        self.timing.acted(msg.t_mono_s, t_rx)
         reason = spec.check(msg.codes, msg.relays)
         if reason is None:
             self.adapter.apply(spec.name, msg.codes, msg.relays)
@@ -937,7 +997,7 @@ class SimServer:
             self._reject(spec.name, topic, reason, msg.frame)
         self.latency.answered(spec.name, msg.frame, t_rx)
         if self.clock != "lockstep" or not spec.lockstep:
-            return
+            return reason is None
         if 0 <= msg.frame < self.frame:
             self.counters["stale_tags"] += 1
         if self.gate.register(spec.name):
@@ -945,9 +1005,10 @@ class SimServer:
                                      f"{self.frame + 1})", data={"device": spec.name})
             if not self._started or not self._gate_open:
                 self._lockstep_next()
-        elif self._gate_open and self.gate.answer(spec.name, msg.frame):
+        elif self._gate_open and self.gate.answer(spec.name, msg.frame, msg.hold_frames):
             self._cancel_timer()
             self._lockstep_next()
+        return reason is None
 
     # ------------------------------------------------------------------ control commands
 
@@ -1058,12 +1119,13 @@ class SimServer:
             state = "idle"
         else:
             state = "running"
+        self.counters["commands_skipped"] = self.intake.skipped
         return Status(
             service=SERVICE_NAME, state=state, online=online, session=self._session,
             client_id=self.client_id, heartbeat=self._heartbeats,
             uptime_s=now - self._t_start, counters=dict(self.counters),
             loop_period_mean_s=mean, loop_period_jitter_s=jitter, loop_period_max_s=peak,
-            loop_overruns=self.schedule.late,
+            loop_overruns=self.timing.overruns, timing=self.timing.snapshot() if online else Timing(),
             detail={"model": self.model, "clock": self.clock, "rate_hz": self.rate_hz,
                     "seed": self.seed, "frame": self.frame, "paused": self.paused,
                     "registered": ",".join(sorted(self.gate.registered)),

@@ -72,6 +72,9 @@ class LockstepGate:
     frame: int = -1
     misses: dict[str, int] = field(default_factory=dict)
     consecutive: dict[str, int] = field(default_factory=dict)
+    answered_through: dict[str, int] = field(default_factory=dict)
+    """Per device, the last frame its commands answer (a decimated loop's command tagged k
+    with ``hold_frames`` n answers k .. k + n - 1): it is not waited for until after it."""
 
     def register(self, device: str) -> bool:
         """Register ``device``; True if it was not registered before. It is waited for from
@@ -93,17 +96,20 @@ class LockstepGate:
 
     def open(self, frame: int) -> None:
         self.frame = frame
-        self.pending = set(self.registered)
+        through = self.answered_through
+        self.pending = {d for d in self.registered if through.get(d, -1) < frame}
 
     @property
     def complete(self) -> bool:
         """Every device registered at :meth:`open` has answered (or was unregistered)."""
         return not self.pending
 
-    def answer(self, device: str, frame: int) -> bool:
-        """A command of ``device`` tagged ``frame`` arrived; True if it completed the frame."""
+    def answer(self, device: str, frame: int, hold_frames: int = 1) -> bool:
+        """A command of ``device`` tagged ``frame`` (answering ``hold_frames`` frames from
+        there) arrived; True if it completed the open frame."""
         if frame != self.frame or device not in self.pending:
             return False
+        self.answered_through[device] = frame + hold_frames - 1
         self.pending.discard(device)
         self.consecutive[device] = 0
         return not self.pending

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import gc
 import inspect
 import logging
 import math
 import os
 import signal
+import termios
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -40,13 +43,15 @@ import aiomqtt
 
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import (
-    Command, Event, Message, ParamList, Reply, Severity, State, Status,
+    Command, Event, Message, ParamList, Reply, Severity, State, Status, Timing,
 )
+from kibble.bus_schema.realtime import FrameIntake, FrameTiming, saturating_add
 from kibble.bus_schema.topics import Topics, check_name
 from kibble.bus_schema.transport import (
     DEFAULT_BROKER, deliver_directly, make_client, parse_broker_url, publish_now,
 )
 from kibble.services.params import Change, ParamError, ParamRegistry, declared_params
+from kibble.bus_schema.process import ProcessSettings, apply_process_settings, process_settings
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
@@ -85,6 +90,15 @@ class ServiceConfig:
     """Sustained events of one kind per second once the burst is spent."""
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 5.0
+    clock: str = "realtime"
+    """The hardware's clock: ``realtime`` (real hardware, or the simulator on the wall clock)
+    or ``lockstep`` (the simulator waits for the actuators: wall-clock age means nothing, so
+    the age limit below is not applied; every timeout counts frames)."""
+    max_frame_age_frames: float = 20.0
+    """In ``realtime``, a frame older than this many frame periods when it is acted on is too
+    old: an actuator treats it as missing input (hold, then safe; one event)."""
+    process: ProcessSettings = field(default_factory=lambda: ProcessSettings())
+    """CPU affinity and scheduling of the daemon's process (``[services.NAME.process]``)."""
 
     def __post_init__(self) -> None:
         check_name("instrument id", self.instrument)
@@ -92,10 +106,17 @@ class ServiceConfig:
         self.state_dir = Path(self.state_dir)
         if not (0.05 <= self.heartbeat_s <= 60):
             raise ValueError(f"heartbeat_s must be within 0.05..60 s, got {self.heartbeat_s}")
+        if self.clock not in ("realtime", "lockstep"):
+            raise ValueError(f"clock must be realtime or lockstep, got {self.clock!r}")
+        if not (1.0 <= self.max_frame_age_frames <= 1e6):
+            raise ValueError(f"max_frame_age_frames must be within 1..1e6, got {self.max_frame_age_frames}")
+        if isinstance(self.process, dict):
+            self.process = process_settings(self.process)
 
 
 _CONFIG_KEYS = {"instrument", "broker", "state_dir", "heartbeat_s", "restore", "event_burst",
-                "event_rate_per_s", "reconnect_min_s", "reconnect_max_s"}
+                "event_rate_per_s", "reconnect_min_s", "reconnect_max_s", "clock",
+                "max_frame_age_frames", "process"}
 
 
 def load_config(service: str, path: Path | str | None = None, **overrides: Any) -> ServiceConfig:
@@ -131,11 +152,13 @@ def load_config(service: str, path: Path | str | None = None, **overrides: Any) 
                          f"(known: {sorted(_CONFIG_KEYS | {'params', 'settings'})})")
     params = dict(merged.pop("params", {}))
     settings = dict(merged.pop("settings", {}))
+    process = dict(merged.pop("process", {}))
+    process.update(overrides.pop("process", None) or {})
     param_overrides = dict(overrides.pop("params", None) or {})
     settings.update(overrides.pop("settings", None) or {})
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return ServiceConfig(params=params, param_overrides=param_overrides, settings=settings,
-                         **merged)
+                         process=process_settings(process), **merged)
 
 
 def command(name: str) -> Callable[[Callable], Callable]:
@@ -174,14 +197,10 @@ class LoopTimer:
     """Frame-period statistics over one heartbeat interval (telemetry, not logs).
 
     ``tick(t_s)`` once per frame with a monotonic time; ``snapshot()`` returns mean, standard
-    deviation (jitter) and maximum of the period since the last snapshot. A period longer
-    than ``overrun_factor`` times the nominal period counts as an overrun.
+    deviation (jitter) and maximum of the period since the last snapshot.
     """
 
-    def __init__(self, nominal_period_s: float = 0.0, overrun_factor: float = 1.5) -> None:
-        self.nominal_period_s = nominal_period_s
-        self.overrun_factor = overrun_factor
-        self.overruns = 0
+    def __init__(self) -> None:
         self._last: float | None = None
         self._reset()
 
@@ -198,8 +217,6 @@ class LoopTimer:
             self._sum += period
             self._sumsq += period * period
             self._max = max(self._max, period)
-            if self.nominal_period_s > 0 and period > self.overrun_factor * self.nominal_period_s:
-                self.overruns += 1
         self._last = t_s
 
     def snapshot(self) -> tuple[float, float, float]:
@@ -251,17 +268,37 @@ class Service:
         self.session = self.params.session
         self.state: State = "idle"
         self.counters: dict[str, int] = {
-            "frames_in": 0, "frames_out": 0, "rejected": 0, "late": 0, "handler_errors": 0,
-            "publish_failed": 0, "events_suppressed": 0, "reconnects": 0, "commands": 0}
+            "frames_in": 0, "frames_out": 0, "frames_skipped": 0, "late": 0, "overruns": 0,
+            "too_old": 0, "rejected": 0, "handler_errors": 0, "publish_failed": 0,
+            "events_suppressed": 0, "reconnects": 0, "commands": 0}
         self.loop_timer = LoopTimer()
+        self.frame_period_s = 1e-3
+        """The loop's frame period (s); set with :meth:`frame_clock`."""
+        self.timing = FrameTiming(self.frame_period_s)
+        self.intake = FrameIntake()
+        self._clock_topic: str | None = None
+        self._clock_seen = False
+        self._batch_messages = 0
+        self._batch_skipped_at = 0
+        self.frame_age_s = 0.0
+        """Age of the frame being handled (receive time minus its publisher's stamp, s)."""
+        self.max_frame_age_s = (math.inf if self.config.clock == "lockstep"
+                                else self.config.max_frame_age_frames * self.frame_period_s)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._local_sink: Callable[[str, bytes, int, bool], None] | None = None
         self._subs: dict[str, tuple[type[Message], Handler, bool]] = {}
+        self._newest_only: set[str] = set()
+        self._local_out: dict[str, list[Service]] = {}
+        """Topics this daemon publishes that daemons of the same process take in process."""
+        self._local_in: set[str] = set()
+        """Topics this daemon takes in process from a daemon of the same process (not
+        subscribed at the broker)."""
         self._raw_subs: dict[str, Callable[[str, bytes], Any]] = {}
         self._handler_tasks: set[asyncio.Task] = set()
         self._seq = 0
         self._heartbeats = 0
+        self._last_timing = Timing()
         self._t_start = time.monotonic()
         self._stop = asyncio.Event()
         self._limiter = RateLimiter(self.config.event_burst, self.config.event_rate_per_s)
@@ -290,6 +327,12 @@ class Service:
         """A coroutine run while connected (cancelled on disconnect)."""
         await asyncio.Event().wait()
 
+    def warm_up(self) -> None:
+        """Called once before the first connection: run every compiled kernel of the frame
+        path once on scratch data. A numba kernel's first call in a process costs ~0.4 s
+        (loading it from the cache); made in the loop (the servo's first force-mode frame),
+        that stalls every daemon of the process and sends the actuators safe."""
+
     def on_param_changed(self, name: str, old: Any, new: Any) -> None:
         """Called between frames after a parameter changed (apply it bumplessly here)."""
 
@@ -303,9 +346,20 @@ class Service:
     # ------------------------------------------------------------------ API for subclasses
 
     def subscribe(self, topic: str, msg_type: type[M], handler: Callable[[M], Any],
-                  is_frame: bool = True) -> None:
-        """Deliver messages on ``topic`` (exact topic) decoded as ``msg_type`` to ``handler``."""
+                  is_frame: bool = True, newest_only: bool = True) -> None:
+        """Deliver messages on ``topic`` (exact topic) decoded as ``msg_type`` to ``handler``.
+
+        ``is_frame``: a periodic frame (counted, its age measured). A frame topic is
+        ``newest_only`` unless told otherwise: of the frames one socket read brings, only the
+        newest is delivered (the skipped ones are counted), as a control loop wants; a consumer
+        that needs every frame (a measurement window, a benchmark) passes False.
+        Commands and replies (``is_frame=False``) are always delivered, in order.
+        """
         self._subs[topic] = (msg_type, handler, is_frame)
+        if is_frame and newest_only:
+            self._newest_only.add(topic)
+        else:
+            self._newest_only.discard(topic)
 
     def subscribe_raw(self, pattern: str, handler: Callable[[str, bytes], Any]) -> None:
         """Deliver every message whose topic matches the MQTT ``pattern`` (``+``, ``#``) to
@@ -313,6 +367,23 @@ class Service:
         the same topic. Subscribed at QoS 1; an exact :meth:`subscribe` topic that the pattern
         covers is not subscribed again (the broker would deliver it twice)."""
         self._raw_subs[pattern] = handler
+
+    def frame_clock(self, topic: str, period_s: float) -> None:
+        """Declare the loop's clock: frames on ``topic`` (one of the :meth:`subscribe` frame
+        topics) every ``period_s``. CPU per frame is counted from one clock frame to the next;
+        the frame-age limit is ``max_frame_age_frames`` of this period."""
+        if not period_s > 0:
+            raise ValueError(f"frame period must be > 0 s, got {period_s!r}")
+        self._clock_topic = topic
+        self.frame_period_s = period_s
+        self.timing = FrameTiming(period_s)
+        if self.config.clock != "lockstep":
+            self.max_frame_age_s = self.config.max_frame_age_frames * period_s
+
+    @property
+    def frame_too_old(self) -> bool:
+        """Whether the frame being handled is older than the age limit (realtime only)."""
+        return self.frame_age_s > self.max_frame_age_s
 
     def stamp(self, msg: M) -> M:
         """Fill a message's header: next sequence number, monotonic and UTC time."""
@@ -332,6 +403,10 @@ class Service:
         if self._local_sink is not None:
             self._local_sink(topic, payload, qos, retain)
             return True
+        peers = self._local_out.get(topic)
+        if peers:
+            for peer in peers:
+                peer.deliver_local(topic, payload)
         if self._client is None:
             self.counters["publish_failed"] += 1
             return False
@@ -339,6 +414,14 @@ class Service:
         if not ok:
             self.counters["publish_failed"] += 1
         return ok
+
+    def deliver_local(self, topic: str, payload: bytes) -> None:
+        """A frame from a daemon of the same process (:func:`run_together`): handled at once,
+        as a batch of its own (timed as this daemon's, not the publisher's)."""
+        self.batch_begin()
+        self.message(topic, payload)
+        self.batch_end()
+        self.batch_flushed()
 
     def event(self, kind: str, text: str, severity: Severity = "info",
               data: dict[str, Any] | None = None, rate_limited: bool = True) -> None:
@@ -378,18 +461,43 @@ class Service:
 
     # ------------------------------------------------------------------ status and params
 
-    def status(self, online: bool = True) -> Status:
-        mean, jitter, peak = self.loop_timer.snapshot()
+    def status(self, online: bool = True, interval: bool = False) -> Status:
+        """The status now; ``interval``: also close the timing interval (the heartbeat's)."""
+        counters = self.counters
+        counters["frames_skipped"] = self.intake.skipped
+        counters["late"], counters["overruns"] = self.timing.late, self.timing.overruns
         detail = {k: v for k, v in self.status_detail().items()
-                  if v is None or isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))}
-        return Status(service=self.name, state=self.state if online else "offline", online=online,
-                      session=self.session, client_id=self.client_id, heartbeat=self._heartbeats,
-                      uptime_s=time.monotonic() - self._t_start, counters=dict(self.counters),
-                      loop_period_mean_s=mean, loop_period_jitter_s=jitter, loop_period_max_s=peak,
-                      loop_overruns=self.loop_timer.overruns, detail=detail)
+                  if v is None or isinstance(v, (bool, str)) or (isinstance(v, int) and abs(v) <= 2**63 - 1)
+                  or (isinstance(v, float) and math.isfinite(v))}
+        status = Status(service=self.name, state=self.state if online else "offline",
+                        online=online, session=self.session, client_id=self.client_id,
+                        heartbeat=self._heartbeats, uptime_s=time.monotonic() - self._t_start,
+                        counters={k: saturating_add(v, 0) for k, v in counters.items()},
+                        loop_overruns=self.timing.overruns, detail=detail)
+        if interval:
+            status.loop_period_mean_s, status.loop_period_jitter_s, status.loop_period_max_s = \
+                self.loop_timer.snapshot()
+            status.timing = self.timing.snapshot(self._rx_backlog_bytes())
+            self._last_timing = status.timing
+        else:
+            status.timing = self._last_timing
+        return status
 
-    def publish_status(self) -> None:
-        self.publish(self.topics.status(self.name), self.status(), qos=1, retain=True)
+    def _rx_backlog_bytes(self) -> int:
+        """Bytes waiting in the socket's receive buffer (0 when unknown)."""
+        client = self._client
+        sock = getattr(getattr(client, "_client", None), "_sock", None) if client else None
+        if sock is None:
+            return 0
+        try:
+            buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return int.from_bytes(buf, "little", signed=True)
+
+    def publish_status(self, interval: bool = False) -> None:
+        self.publish(self.topics.status(self.name), self.status(interval=interval), qos=1,
+                     retain=True)
 
     def publish_params(self) -> None:
         self.publish(self.topics.params(self.name),
@@ -461,25 +569,34 @@ class Service:
         """
         if self._raw_subs:
             self._dispatch_raw(topic, payload)
+        return self._dispatch_typed(topic, payload)[1]
+
+    def _dispatch_typed(self, topic: str, payload: bytes) -> tuple[bool, Awaitable[None] | None]:
+        """(whether it decoded, the pending work of an async handler)."""
         entry = self._subs.get(topic)
         if entry is None:
-            return None
+            return False, None
         msg_type, handler, is_frame = entry
         try:
             msg = decode(payload, msg_type)
         except DecodeError as exc:
             self.reject(topic, str(exc))
-            return None
+            return False, None
         if is_frame:
             self.counters["frames_in"] += 1
+            now = time.monotonic()
+            self.frame_age_s = now - msg.t_mono_s
+            self.timing.acted(msg.t_mono_s, now)
+            if topic == self._clock_topic:
+                self._clock_seen = True
         try:
             result = handler(msg)
         except Exception as exc:  # a handler bug must not stop the daemon: count, report, go on
             self._handler_failed(topic, exc)
-            return None
+            return True, None
         if result is not None and inspect.isawaitable(result):  # frame handlers return None
-            return self._finish_handler(topic, result)
-        return None
+            return True, self._finish_handler(topic, result)
+        return True, None
 
     def _dispatch_raw(self, topic: str, payload: bytes) -> None:
         for pattern, handler in self._raw_subs.items():
@@ -507,13 +624,43 @@ class Service:
         self.event("handler_error", f"{type(exc).__name__} handling {topic}: {exc}",
                    severity="alarm", data={"topic": topic})
 
-    def _on_bus_message(self, topic: str, payload: bytes) -> None:
-        """Called from the socket-readable callback for every message (no queue, no task)."""
-        pending = self.dispatch_now(topic, payload)
+    # The runtime is the transport's Receiver (bus_schema.transport.deliver_directly): frames
+    # are held per batch and only the newest of each topic is acted on, at the batch's end.
+
+    def message(self, topic: str, payload: bytes) -> None:
+        """Every message, from the socket-readable callback (no queue, no task)."""
+        self._batch_messages += 1
+        if self._raw_subs:
+            self._dispatch_raw(topic, payload)
+        if not self.intake.offer(topic, payload):
+            self._dispatch_entry(topic, payload)
+
+    def batch_begin(self) -> None:
+        self._batch_messages = 0
+        self._batch_skipped_at = self.intake.skipped
+        self.timing.batch_begin()
+
+    def batch_end(self) -> None:
+        for topic, payloads in self.intake.take():
+            for i in range(len(payloads) - 1, -1, -1):  # newest first; older ones only if it is bad
+                if self._dispatch_entry(topic, payloads[i]):
+                    self.intake.skip(i)
+                    break
+
+    def batch_flushed(self) -> None:
+        self.timing.batch_end(self._batch_messages, self.intake.skipped - self._batch_skipped_at)
+        if self._clock_seen:
+            self._clock_seen = False
+            self.timing.frame_done()
+
+    def _dispatch_entry(self, topic: str, payload: bytes) -> bool:
+        """Dispatch one message; False if it did not decode (it was rejected)."""
+        decoded, pending = self._dispatch_typed(topic, payload)
         if pending is not None:
             task = asyncio.get_running_loop().create_task(pending)
             self._handler_tasks.add(task)
             task.add_done_callback(self._handler_tasks.discard)
+        return decoded
 
     # ------------------------------------------------------------------ run loop
 
@@ -525,6 +672,9 @@ class Service:
                 loop.add_signal_handler(sig, self._stop.set)
         for warning in self._restore_warnings:
             log.warning("%s: %s", self.name, warning)
+        self.warm_up()
+        if install_signal_handlers:  # standalone: the process is ours (a group sets it up once)
+            prepare_process(self.config.process, self.name)
         backoff = self.config.reconnect_min_s
         first = True
         while not self._stop.is_set():
@@ -537,7 +687,7 @@ class Service:
                 will = aiomqtt.Will(self.topics.status(self.name),
                                     encode(self.stamp(self.status(online=False))), qos=1, retain=True)
                 client = make_client(self.config.broker, self.client_id, will=will)
-                deliver_directly(client, self._on_bus_message)
+                deliver_directly(client, self)
                 async with client:
                     connected_at = time.monotonic()
                     await self._serve(client)
@@ -560,10 +710,11 @@ class Service:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         self._client = client
+        self.intake.frame_topics = frozenset(self._newest_only)
         for pattern in self._raw_subs:
             await client.subscribe(pattern, qos=1)
         for topic in self._subs:
-            if any(topic_matches(pattern, topic) for pattern in self._raw_subs):
+            if topic in self._local_in or any(topic_matches(pattern, topic) for pattern in self._raw_subs):
                 continue
             await client.subscribe(topic, qos=1 if topic.endswith("/cmd") else 0)
         self.publish_params()
@@ -605,4 +756,81 @@ class Service:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             self._heartbeats += 1
-            self.publish_status()
+            self.publish_status(interval=True)
+
+
+# ---------------------------------------------------------------------------- process, groups
+
+LOCAL_LEAVES = ("frame", "setpoint")
+"""The data-flow topics (``kb/<inst>/<service>/<leaf>``) that daemons of one process pass to
+each other in process; commands, replies and status always go through the broker."""
+
+
+def prepare_process(settings: ProcessSettings, who: str) -> None:
+    """Once per process, before connecting: CPU affinity and scheduling (``ValueError`` if the
+    system refuses), then freeze what start-up built out of the garbage collector's reach, so
+    that its collections stay short and never scan the long-lived objects in the loop."""
+    for line in apply_process_settings(settings):
+        log.info("%s: process %s", who, line)
+    gc.collect()
+    gc.freeze()
+
+
+def link_local(services: list[Service]) -> list[str]:
+    """Let daemons of one process pass their frames and setpoints to each other directly.
+
+    A topic ``kb/<inst>/<publisher>/<leaf>`` (leaf in :data:`LOCAL_LEAVES`) that another daemon
+    of the group subscribes to is delivered to it in process, in the same call as the publish
+    (the publisher's message still goes to the broker for everyone else), and that daemon no
+    longer subscribes to it at the broker. Returns the links, ``"servo/setpoint -> current_source"``.
+    """
+    names = [svc.name for svc in services]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a daemon may run only once per process: {', '.join(names)}")
+    instruments = {svc.config.instrument for svc in services}
+    if len(instruments) > 1:
+        raise ValueError(f"daemons of one process must serve one instrument, got {sorted(instruments)}")
+    links = []
+    for pub in services:
+        for leaf in LOCAL_LEAVES:
+            topic = f"kb/{pub.config.instrument}/{pub.name}/{leaf}"
+            for sub in services:
+                if sub is not pub and topic in sub._subs and not sub._raw_subs:
+                    pub._local_out.setdefault(topic, []).append(sub)
+                    sub._local_in.add(topic)
+                    links.append(f"{pub.name}/{leaf} -> {sub.name}")
+    return links
+
+
+async def run_together(services: list[Service]) -> None:
+    """Run several daemons in this process on one event loop (``kibble service a,b,c``).
+
+    Each keeps its own connection, status, last will, commands and parameters; their frames to
+    each other pass in process (:func:`link_local`). SIGINT/SIGTERM stop them all. The process
+    settings are the first daemon's.
+    """
+    if not services:
+        raise ValueError("no daemons to run")
+    for line in link_local(services):
+        log.info("in process: %s", line)
+    prepare_process(services[0].config.process, ",".join(s.name for s in services))
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for svc in services:
+            svc.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_all)
+    try:
+        tasks = [asyncio.create_task(svc.run(install_signal_handlers=False)) for svc in services]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:  # one failed: stop the others cleanly, then raise
+                stop_all()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise task.exception()
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -81,8 +81,8 @@ class Sequencer(Service):
 
     def setup(self) -> None:
         self.settings = typed_settings(self.config.settings, SequencerSettings, self.name)
-        self.subscribe(self.topics.frame("daq"), DaqFrame, self.on_daq_frame, is_frame=True)
-        self.subscribe(self.topics.reply(self.name), Reply, self.on_reply)
+        self.subscribe(self.topics.frame("daq"), DaqFrame, self.on_daq_frame, newest_only=False)
+        self.subscribe(self.topics.reply(self.name), Reply, self.on_reply, is_frame=False)
         self.engine = P.RunEngine(_BusLoop(self), emit=self.emit_document, progress=self.on_progress)
         self.run_task: asyncio.Task | None = None
         self.plan_name = ""

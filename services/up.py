@@ -29,20 +29,31 @@ from typing import Any, Callable
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Status
+from kibble.bus_schema.realtime import AGE_TOO_OLD_FRAMES, cannot_keep_up
 from kibble.services.broker import Broker
 from kibble.services.bus import BusClient, BusError
 
 log = logging.getLogger(__name__)
 
-STACKS: dict[str, dict[str, tuple[str, ...]]] = {
+STACKS: dict[str, dict[str, Any]] = {
     "nist4": {"services": ("daq", "current_source", "servo", "damping", "theta_z"),
               "actuators": ("current_source", "damping", "theta_z"),
-              "devices": ("main_source", "cm_source", "damping", "theta_z_hv")},
+              "devices": ("main_source", "cm_source", "damping", "theta_z_hv"),
+              "together": (("daq", "servo", "current_source"), ("damping", "theta_z"))},
     "efb": {"services": ("daq", "servo", "hv_source"),
             "actuators": ("hv_source",),
-            "devices": ("hv",)},
+            "devices": ("hv",),
+            "together": (("daq", "servo", "hv_source"),)},
 }
-"""Per simulated instrument: the daemons, the ones to arm, and the lockstep devices they drive."""
+"""Per simulated instrument: the daemons, the ones to arm, the lockstep devices they drive, and
+the processes they share above :data:`TOGETHER_ABOVE_HZ` (the hot path: sensor frame to DAQ
+frame to setpoint to the source in one process, one broker hop each way; the decimated coil
+loops in another)."""
+
+TOGETHER_ABOVE_HZ = 250.0
+"""Frame rate above which ``kibble up`` runs each instrument's ``together`` groups in one
+process each (measured in issue 12: at 500 Hz and more, five processes and three broker hops
+per frame do not keep up on a 2-core controller; at 200 Hz separate processes hold)."""
 
 MEASUREMENT_DAEMONS = ("recorder", "sequencer")
 """Daemons of measurements, common to both instruments (``Stack(measurement=True)``)."""
@@ -120,12 +131,22 @@ class Stack:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Settings per daemon, ``{"damping": {"watchdog_xy_rms_m": 1e-4}}`` (``--setting``)."""
     arm: bool = True
+    together: tuple[tuple[str, ...], ...] | None = None
+    """Daemons that share a process (their frames to each other pass in process); None: the
+    instrument's ``together`` groups above :data:`TOGETHER_ABOVE_HZ`, else one process each;
+    ``()``: one process each."""
+    process: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Process settings per daemon or ``sim`` (``--process SERVICE.NAME=VALUE``, see
+    :mod:`kibble.bus_schema.process`); a group of daemons takes its members' together."""
     progress: Callable[[str], None] = print
     startup_timeout_s: float = 60.0
     max_restarts: int = 5
     children: dict[str, Child] = field(default_factory=dict, init=False)
     _broker: Broker | None = field(default=None, init=False)
     _supervisor: asyncio.Task | None = field(default=None, init=False)
+    _timing_watch: asyncio.Task | None = field(default=None, init=False)
+    overloaded: dict[str, str] = field(default_factory=dict, init=False)
+    """Daemons that said they cannot keep up with the rate, with the line printed for each."""
     _stopping: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -135,12 +156,32 @@ class Stack:
             raise ValueError(f"unknown clock {self.clock!r}; lockstep or realtime")
         if not 1.0 <= self.rate_hz <= 10000.0:
             raise ValueError(f"rate {self.rate_hz} Hz outside 1..10000 Hz")
+        unknown = set(self.process) - set(self.daemons) - {"sim"}
+        if unknown:
+            raise ValueError(f"process settings for {', '.join(sorted(unknown))}: not the sim or "
+                             f"daemons of the {self.model} stack ({', '.join(self.daemons)})")
         unknown = set(self.settings) - set(self.daemons)
         if unknown:
             raise ValueError(f"settings for {', '.join(sorted(unknown))}: not daemons of the "
                              f"{self.model} stack ({', '.join(self.daemons)})")
         self.instrument = self.instrument or self.model
         self.run_dir = Path(self.run_dir)
+        if self.together is None:
+            self.together = self.spec["together"] if self.rate_hz > TOGETHER_ABOVE_HZ else ()
+        seen: set[str] = set()
+        for group in self.together:
+            bad = [n for n in group if n not in self.daemons or n in seen]
+            if bad or len(group) < 2:
+                raise ValueError(f"together group {','.join(group)}: needs two or more daemons of "
+                                 f"the {self.model} stack ({', '.join(self.daemons)}), each in one "
+                                 "group only")
+            seen.update(group)
+
+    @property
+    def processes(self) -> list[tuple[str, ...]]:
+        """The daemons' processes: each ``together`` group, then every other daemon alone."""
+        grouped = {n for g in self.together or () for n in g}
+        return list(self.together or ()) + [(n,) for n in self.daemons if n not in grouped]
 
     @property
     def spec(self) -> dict[str, tuple[str, ...]]:
@@ -159,6 +200,18 @@ class Stack:
 
     def _kibble(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "kibble.services.cli", *args]
+
+    def _process_args(self, *names: str) -> list[str]:
+        """The ``--process`` arguments of the process that runs ``names`` (their settings
+        merged; ``ValueError`` if two members ask for different values)."""
+        merged: dict[str, Any] = {}
+        for name in names:
+            for key, value in self.process.get(name, {}).items():
+                if merged.get(key, value) != value:
+                    raise ValueError(f"process setting {key}: {', '.join(names)} share a process "
+                                     f"but ask for {merged[key]!r} and {value!r}")
+                merged[key] = value
+        return [f"--process={key}={value}" for key, value in merged.items()]
 
     def _bus_args(self) -> list[str]:
         assert self.broker_url is not None
@@ -189,30 +242,37 @@ class Stack:
         sim = Child("sim", self._kibble("sim", "--model", self.model, "--clock", self.clock,
                                         "--rate", rate, "--seed", str(self.seed),
                                         "--expect", ",".join(self.spec["devices"]),
-                                        *self.sim_args, *self._bus_args()),
+                                        *self._process_args("sim"), *self.sim_args,
+                                        *self._bus_args()),
                     logs / "sim.log")
         self.children["sim"] = sim
         daemons = self.daemons
-        for name in daemons:
-            frame_rate = [] if name == "recorder" else ["--setting", f"frame_rate_hz={rate}"]
-            self.children[name] = Child(name, self._kibble(
-                "service", name, "--config", str(stack_config(self.model)),
-                *frame_rate, "--state-dir", str(self.run_dir / "state"),
-                *(f"--setting={key}={value}" for key, value in self.settings.get(name, {}).items()),
-                *self._bus_args()), logs / f"{name}.log")
+        for group in self.processes:
+            child = "+".join(group)
+            qualify = (lambda n, k: f"{n}.{k}") if len(group) > 1 else (lambda n, k: k)
+            frame_rate = [f"--setting={qualify(n, 'frame_rate_hz')}={rate}" for n in group
+                          if n != "recorder"]
+            own = [f"--setting={qualify(n, key)}={value}" for n in group
+                   for key, value in self.settings.get(n, {}).items()]
+            self.children[child] = Child(child, self._kibble(
+                "service", ",".join(group), "--config", str(stack_config(self.model)),
+                "--clock", self.clock, *frame_rate, "--state-dir", str(self.run_dir / "state"),
+                *own, *self._process_args(*group), *self._bus_args()), logs / f"{child}.log")
         env = self._env()
         # the simulator first: the actuators' hello (their registration with the lockstep
         # clock) must find it subscribed
         await sim.start(env)
         await self.wait_online(self.startup_timeout_s, {"sim"})
-        for name in daemons:
-            await self.children[name].start(env)
+        for group in self.processes:
+            await self.children["+".join(group)].start(env)
+        shared = "; ".join("+".join(g) for g in self.together or ()) or "none"
         self.progress(f"started sim ({self.model}, {self.clock}, {rate} Hz) and "
-                      f"{', '.join(daemons)}; logs in {logs}")
+                      f"{', '.join(daemons)} (sharing a process: {shared}); logs in {logs}")
         await self.wait_online(self.startup_timeout_s, set(daemons))
         if self.arm:
             await self.arm_all()
         self._supervisor = asyncio.create_task(self._supervise())
+        self._timing_watch = asyncio.create_task(self._watch_timing())
 
     async def wait_online(self, timeout_s: float, want: set[str]) -> None:
         """Wait until every child named in ``want`` publishes an online status."""
@@ -237,8 +297,15 @@ class Stack:
                                f"(see {self.run_dir / 'logs'})")
         self.progress(f"online: {', '.join(sorted(seen))}")
 
+    def child_of(self, daemon: str) -> Child:
+        """The child process that runs ``daemon`` (alone or in a group)."""
+        for name, child in self.children.items():
+            if daemon in name.split("+"):
+                return child
+        raise KeyError(daemon)
+
     def _check_alive(self, names: set[str]) -> None:
-        for child in (self.children[n] for n in names):
+        for child in {self.child_of(n).name: self.child_of(n) for n in names}.values():
             if not child.running:
                 code = child.proc.returncode if child.proc else None
                 raise RuntimeError(f"{child.name} exited with code {code} during start-up; "
@@ -254,8 +321,34 @@ class Stack:
             raise BusError(f"{service} refused {command}: {reply.error}")
         return reply.result
 
+    async def wait_flowing(self, names: set[str], timeout_s: float = 30.0) -> None:
+        """Wait until each daemon in ``names`` reports (in its status timing) that it acts on
+        the frames, and in realtime that they are fresh (p99 age within
+        ``AGE_TOO_OLD_FRAMES`` periods): the processes have settled after their start."""
+        assert self.broker_url is not None
+        limit_ms = AGE_TOO_OLD_FRAMES * 1e3 / self.rate_hz
+        ready: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        async with BusClient(self.broker_url, self.instrument) as bus:
+            async for _, payload in _with_deadline(bus.subscribe(f"kb/{self.instrument}/+/status"), deadline):
+                try:
+                    status = decode(payload, Status)
+                except DecodeError:
+                    continue
+                t = status.timing
+                if status.service in names and t.frames > 0 and (
+                        self.clock == "lockstep" or t.age_ms_p99 <= limit_ms):
+                    ready.add(status.service)
+                if names <= ready:
+                    return
+        late = ", ".join(sorted(names - ready))
+        raise TimeoutError(f"{late}: frames not flowing, or older than {limit_ms:.1f} ms, "
+                           f"{timeout_s:.0f} s after the start (see {self.run_dir / 'logs'})")
+
     async def arm_all(self) -> None:
-        """Arm every actuator daemon (retrying while their interlocks still lack readings)."""
+        """Arm every actuator daemon once its frames flow fresh (retrying while their
+        interlocks still lack readings)."""
+        await self.wait_flowing(set(self.spec["actuators"]))
         for name in self.spec["actuators"]:
             deadline = time.monotonic() + 10.0
             while True:
@@ -291,12 +384,31 @@ class Stack:
                 await child.start(env)
             await asyncio.sleep(0.5)
 
+    async def _watch_timing(self) -> None:
+        """Say once per daemon, clearly, when it cannot hold the frame rate (from the timing
+        in its status: frames too old or too many skipped)."""
+        assert self.broker_url is not None
+        with contextlib.suppress(BusError, OSError):
+            async with BusClient(self.broker_url, self.instrument) as bus:
+                async for _, payload in bus.subscribe(f"kb/{self.instrument}/+/status"):
+                    try:
+                        status = decode(payload, Status)
+                    except DecodeError:
+                        continue
+                    if status.service in self.overloaded or not status.online:
+                        continue
+                    line = cannot_keep_up(status.service, status.timing, self.rate_hz)
+                    if line is not None:
+                        self.overloaded[status.service] = line
+                        self.progress(f"supervisor: {line}")
+
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        for task in (self._supervisor, self._timing_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         services = [c for n, c in self.children.items() if n != "sim"]
         await asyncio.gather(*(c.stop() for c in services))
         if "sim" in self.children:

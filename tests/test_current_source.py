@@ -37,7 +37,27 @@ def main_current(svc, i=-1):
 
 
 def arm(svc):
+    """Arm as an operator would: once the servo's setpoints flow (at boot, one at frame 0)."""
+    if svc.last_input_tick < 0:
+        svc.on_setpoint(Setpoint(frame=0, values={"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0}))
+        svc.main_driver.writes.clear()
+        svc.cm_driver.writes.clear()
     svc.cmd_arm(Command(id="1", command="arm"))
+
+
+def test_arm_refused_until_the_input_flows_and_while_it_is_stale(cs):
+    """Armed with no setpoint yet, or a stale one, the guard would go safe at its next frame
+    (kibble up arms as soon as the daemons are online, before the first frame reaches them)."""
+    with pytest.raises(ValueError, match="no input received yet"):
+        cs.cmd_arm(Command(id="1", command="arm"))
+    tick(cs, 0, main_a=0.0)
+    for k in range(1, 200):  # the servo falls silent
+        tick(cs, k)
+    with pytest.raises(ValueError, match="no fresh input"):
+        cs.cmd_arm(Command(id="2", command="arm"))
+    tick(cs, 200, main_a=0.0)
+    cs.cmd_arm(Command(id="3", command="arm"))
+    assert cs.guard.state == "armed"
 
 
 def test_boots_safe_and_outputs_zero_until_armed(cs):
@@ -93,7 +113,7 @@ def test_dead_servo_holds_then_ramps_to_zero_on_the_frame_clock(cs):
         tick(cs, k)
     after = [cs.main_dac.to_value(*c) for _, c, _ in cs.main_driver.writes[n_before:]]
     frames = [f for f, _, _ in cs.main_driver.writes[n_before:]]
-    assert frames[0] == 300 + cs.stale_frames       # answers on its own once stale
+    assert frames[0] == 300 + cs.stale_ticks       # answers on its own once stale
     hold = int(1.0 * 1000)                          # hold_s = 1 s at 1 kHz
     assert all(v == pytest.approx(0.007, abs=cs.main_dac.fine_lsb) for v in after[:hold - 1])
     assert after[-1] == 0.0

@@ -152,7 +152,7 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
     stack, loop = nist4
     await loop.command("servo", "mode", mode="force")
     await loop.run_seconds(2.0, record=False)
-    servo = stack.children["servo"]
+    servo = stack.child_of("servo")
     old_pid = servo.proc.pid
     stack.max_restarts = servo.restarts              # hold the supervisor back for now
     async with loop.bus.listen(loop.bus.topics.event("current_source")) as events, \

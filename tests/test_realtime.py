@@ -1,0 +1,167 @@
+"""bus_schema.realtime (newest frame wins, honest timing) and the lockstep gate's held answers:
+pure, no broker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kibble.bus_schema.codec import encode
+from kibble.bus_schema.messages import Setpoint, Timing
+from kibble.bus_schema.realtime import (
+    COUNTER_MAX, FrameIntake, FrameTiming, cannot_keep_up, saturating_add,
+)
+from kibble.hil_sim.clock import LockstepGate
+from kibble.services.runtime import Service, ServiceConfig
+
+
+def test_intake_keeps_the_newest_frame_per_topic_and_counts_the_rest():
+    intake = FrameIntake({"a", "b"})
+    for payload in (b"a1", b"a2", b"a3"):
+        assert intake.offer("a", payload)
+    assert intake.offer("b", b"b1")
+    assert not intake.offer("cmd", b"c")  # not a frame topic: the caller handles it at once
+    taken = intake.take()
+    assert [(t, p[-1]) for t, p in taken] == [("a", b"a3"), ("b", b"b1")]
+    assert taken[0][1] == [b"a1", b"a2", b"a3"]  # oldest to newest, for the fallback
+    assert intake.take() == []
+    intake.offer("b", b"b2")
+    intake.offer("a", b"a4")
+    intake.offer("b", b"b3")
+    assert [t for t, _ in intake.take()] == ["a", "b"]  # in order of the newest arrival
+
+
+def test_a_malformed_newest_frame_does_not_hide_the_valid_one_before_it(tmp_path):
+    """Runtime: newest first; a frame that does not decode is rejected and the one before it is
+    acted on; the older ones are skipped, never looked at."""
+
+    class Loop(Service):
+        name = "loop"
+
+        def setup(self) -> None:
+            self.seen: list[int] = []
+            self.subscribe(self.topics.setpoint("servo"), Setpoint, lambda sp: self.seen.append(sp.frame))
+
+    svc = Loop(ServiceConfig(instrument="t1", state_dir=tmp_path))
+    svc.intake.frame_topics = frozenset(svc._newest_only)
+    topic = svc.topics.setpoint("servo")
+    svc.batch_begin()
+    for k in (1, 2, 3):
+        svc.message(topic, encode(Setpoint(frame=k, values={"x": 1.0}, t_mono_s=time.monotonic())))
+    svc.message(topic, b"\xc1 not msgpack")
+    svc.batch_end()
+    svc.batch_flushed()
+    assert svc.seen == [3]
+    assert svc.counters["rejected"] == 1
+    assert svc.intake.skipped == 2
+    assert svc.counters["frames_in"] == 1
+
+
+def test_timing_percentiles_late_and_overruns():
+    timing = FrameTiming(period_s=1e-3, late_after_frames=2.0)
+    now = 100.0
+    for age in [0.0005] * 98 + [0.004, 0.010]:
+        timing.batch_begin()
+        timing.acted(now - age, now)
+        timing.batch_end(1, 0)
+        timing.frame_done()
+    snap = timing.snapshot()
+    assert snap.frames == 100
+    assert snap.age_ms_p50 == pytest.approx(0.5)
+    assert snap.age_ms_max == pytest.approx(10.0)
+    assert timing.late == 2  # 4 ms and 10 ms are beyond 2 periods
+    assert timing.overruns == 0
+    timing.batch_begin()
+    t_end = time.thread_time() + 3e-3  # 3 ms of CPU in one frame of 1 ms: an overrun
+    while time.thread_time() < t_end:
+        pass
+    timing.batch_end(1, 0)
+    timing.frame_done()
+    assert timing.overruns == 1
+    snap = timing.snapshot()
+    assert snap.frames == 1 and snap.cpu_us_p50 >= 3000
+    assert timing.snapshot().frames == 0  # a new interval
+
+
+def test_nested_batches_charge_each_loop_its_own_cpu():
+    """A loop that hands a frame to another loop of the same process (run_together) is not
+    charged for the other's work."""
+    outer, inner = FrameTiming(1e-3), FrameTiming(1e-3)
+
+    def burn(s: float) -> None:
+        t_end = time.thread_time() + s
+        while time.thread_time() < t_end:
+            pass
+
+    outer.batch_begin()
+    burn(1e-3)
+    inner.batch_begin()
+    burn(4e-3)
+    inner.batch_end(1, 0)
+    burn(1e-3)
+    outer.batch_end(1, 0)
+    outer.frame_done()
+    inner.frame_done()
+    o, i = outer.snapshot().cpu_us_p50, inner.snapshot().cpu_us_p50
+    assert 2000 <= o < 3500
+    assert 4000 <= i < 5500
+
+
+def test_counters_saturate():
+    assert saturating_add(COUNTER_MAX - 1, 10) == COUNTER_MAX
+    assert saturating_add(5, -10) == 0
+
+
+def test_cannot_keep_up_speaks_only_when_it_cannot():
+    assert cannot_keep_up("servo", Timing(frames=995, skipped=5, age_ms_p99=1.2, cpu_us_p50=200), 1000) is None
+    assert cannot_keep_up("servo", Timing(frames=750, skipped=250, age_ms_p99=2, cpu_us_p50=100), 1000) is None
+    line = cannot_keep_up("servo", Timing(frames=400, skipped=600, age_ms_p99=12, cpu_us_p50=900), 1000)
+    assert line is not None and "servo" in line and "60 % skipped" in line and "--rate" in line
+    old = cannot_keep_up("daq", Timing(frames=1000, skipped=0, age_ms_p99=30, cpu_us_p50=100), 1000)
+    assert old is not None and "30.0 ms old" in old
+
+
+def test_lockstep_gate_waits_for_a_decimated_device_only_at_its_frames():
+    gate = LockstepGate()
+    gate.register("fast")
+    gate.register("slow")
+    gate.open(0)
+    assert not gate.answer("fast", 0)
+    assert gate.answer("slow", 0, hold_frames=5)  # answers frames 0..4
+    for k in range(1, 5):
+        gate.open(k)
+        assert gate.pending == {"fast"}
+        assert gate.answer("fast", k)
+    gate.open(5)
+    assert gate.pending == {"fast", "slow"}
+
+
+def test_a_decimated_actuator_acts_once_per_loop_period_and_says_how_long_it_holds(tmp_path):
+    """Damping at 1 kHz frames runs its loop at 200 Hz: one command per 5 frames, each
+    answering its 5 frames (hold_frames), armed from a clean boot, stale input still caught."""
+    from kibble.bus_schema.codec import decode
+    from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, HwSensorFrame
+    from kibble.services.damping import Damping
+
+    damping = Damping(ServiceConfig(instrument="t2", state_dir=tmp_path,
+                                    settings={"frame_rate_hz": 1000.0, "loop_rate_hz": 200.0}))
+    sent: list[HwActuatorCommand] = []
+    damping.attach_local(lambda topic, payload, qos, retain: sent.append(decode(payload, HwActuatorCommand))
+                         if topic.endswith("hw/damping") else None)
+    assert damping.decimation == 5
+    for k in range(100):  # boot: the input flows, the guard is safe
+        damping.on_clock(HwSensorFrame(frame=k))
+        damping.on_daq_frame(DaqFrame(frame=k, coil_vx_m_s=1e-6))
+    damping.cmd_arm(Command(command="arm", id="1"))
+    sent.clear()
+    for k in range(100, 200):
+        damping.on_clock(HwSensorFrame(frame=k))
+        damping.on_daq_frame(DaqFrame(frame=k, coil_vx_m_s=1e-6))
+    assert damping.guard.state == "armed"
+    assert [c.frame for c in sent] == list(range(100, 200, 5))
+    assert {c.hold_frames for c in sent} == {5}
+    assert any(c.codes != [0] * 6 for c in sent)  # it damps
+    for k in range(200, 320):  # the DAQ falls silent: the clock alone drives the guard to safe
+        damping.on_clock(HwSensorFrame(frame=k))
+    assert damping.guard.state == "safe"
