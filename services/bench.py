@@ -12,6 +12,11 @@ Groups:
   paper's counts and the EFB's 1 mg, ``campaign_h_rel_err``, ``campaign_h_rel_u``,
   ``efb_mass_rel_err``, ``efb_mass_rel_u``, ``campaign_wall_s``). Not in
   :data:`DEFAULT_GROUPS`: it takes 20 to 40 minutes; ``--only campaign`` runs it.
+- ``realtime``: ``kibble.services.rtbench`` (the whole stack in real time, in force mode, seen
+  by an outside observer process: sensor-to-actuator latency, frames answered, trips, null,
+  CPU per frame per process, ``rt_<model>_<rate>_...``). Not in :data:`DEFAULT_GROUPS`: its
+  default four cases of 300 s take about 22 minutes; ``--only realtime`` runs it
+  (``--rt-seconds``, ``--rt-cases``, ``--rt-settle``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import tempfile
 import time
 import timeit
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,7 +65,7 @@ class _HopSink(Service):
         super().__init__(config)
 
     def setup(self) -> None:
-        self.subscribe(self.hop_topic, DaqFrame, self.on_frame)
+        self.subscribe(self.hop_topic, DaqFrame, self.on_frame, newest_only=False)
 
     def on_frame(self, frame: DaqFrame) -> None:
         if 0 <= frame.frame < self.n_frames:
@@ -160,10 +165,10 @@ def bench_bus(broker: str | None = None, duration_s: float = BUS_DURATION_S,
     }
 
 
-def _external(target: str) -> Callable[[], dict[str, float]]:
-    def run() -> dict[str, float]:
+def _external(target: str) -> Callable[..., dict[str, float]]:
+    def run(**kwargs: Any) -> dict[str, float]:
         module_name, _, func = target.partition(":")
-        return getattr(importlib.import_module(module_name), func)()
+        return getattr(importlib.import_module(module_name), func)(**kwargs)
     return run
 
 
@@ -174,15 +179,20 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "loop": _external("kibble.services.loopbench:run"),
     "hil": _external("kibble.services.loopbench:run_hil"),
     "campaign": _external("kibble.services.campaignbench:run"),
+    "realtime": _external("kibble.services.rtbench:run"),
 }
 DEFAULT_GROUPS = ("bus", "control", "sim", "loop")
 """What ``kibble bench`` runs without ``--only`` (``hil`` is the over-the-bus part of ``loop``;
-``campaign``, 20 to 40 minutes of offline campaigns, runs only when asked for)."""
+``campaign``, 20 to 40 minutes of offline campaigns, and ``realtime``, about 22 minutes of the
+whole stack in real time, run only when asked for)."""
 
 
 def run_benchmarks(only: list[str] | None = None, broker: str | None = None,
-                   progress: Callable[[str], None] = print) -> dict[str, float]:
-    """Run the named groups (default all) and merge their figures into one flat dict."""
+                   progress: Callable[[str], None] = print,
+                   group_args: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """Run the named groups (default all) and merge their figures into one flat dict.
+
+    ``group_args``: keyword arguments per group, e.g. ``{"realtime": {"seconds": 20}}``."""
     names = only or list(DEFAULT_GROUPS)
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
@@ -191,7 +201,8 @@ def run_benchmarks(only: list[str] | None = None, broker: str | None = None,
     for name in names:
         progress(f"bench {name} ...")
         t0 = time.monotonic()
-        figures = GROUPS[name](broker) if name == "bus" else GROUPS[name]()
+        kwargs = (group_args or {}).get(name, {})
+        figures = GROUPS[name](broker, **kwargs) if name == "bus" else GROUPS[name](**kwargs)
         results.update(figures)
         progress(f"bench {name}: done in {time.monotonic() - t0:.1f} s")
     return results

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import msgspec
 
+from kibble.bus_schema import realtime
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import (
     Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, ParamList, Reply, Setpoint, Status,
@@ -98,21 +99,28 @@ def decode_for_display(topic: str, payload: bytes) -> tuple[str, Any]:
 # ---------------------------------------------------------------------------- commands
 
 
-def status_table(statuses: list[Status]) -> str:
-    """One line per service: state, heartbeat age, counters, jitter and its detail."""
+def status_table(statuses: list[Status], stale_after_s: float = 3.0) -> str:
+    """One line per service: state, heartbeat age, counters, real-time timing and its detail.
+
+    A row whose heartbeat is older than ``stale_after_s`` is marked ``(stale)``: what it shows
+    may no longer be true."""
     now = time.time()
-    header = (f"{'service':<16}{'state':<10}{'online':<8}{'session':>8}{'hb age s':>10}{'in':>10}"
-              f"{'out':>10}{'rej':>6}{'late':>6}{'jitter us':>11}  detail")
+    header = (f"{'service':<16}{'state':<10}{'online':<8}{'session':>8}{'hb age s':>9}{'in':>9}"
+              f"{'out':>9}{'rej':>5}{'skip':>7}{'late':>7}{'ovr':>6}{'old':>5}{'cpu us':>8}"
+              f"{'p99':>7}{'age ms':>8}{'p99':>7}{'load':>6}  detail")
     lines = [header, "-" * len(header)]
     for status in sorted(statuses, key=lambda s: s.service):
-        c = status.counters
+        c, t = status.counters, status.timing
         age = now - status.t_utc_s if status.t_utc_s else float("nan")
+        state = status.state + (" (stale)" if status.online and not age <= stale_after_s else "")
         detail = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in status.detail.items())
-        lines.append(f"{status.service:<16}{status.state:<10}{str(status.online).lower():<8}"
-                     f"{status.session:>8}{age:>10.1f}{c.get('frames_in', 0):>10}"
-                     f"{c.get('frames_out', 0):>10}{c.get('rejected', 0):>6}{c.get('late', 0):>6}"
-                     f"{status.loop_period_jitter_s * 1e6:>11.1f}  {detail}")
+        lines.append(f"{status.service:<16}{state:<10}{str(status.online).lower():<8}"
+                     f"{status.session:>8}{age:>9.1f}{c.get('frames_in', 0):>9}"
+                     f"{c.get('frames_out', 0):>9}{c.get('rejected', 0):>5}"
+                     f"{c.get('frames_skipped', 0):>7}{c.get('late', 0):>7}{c.get('overruns', 0):>6}"
+                     f"{c.get('too_old', 0):>5}{t.cpu_us_p50:>8.0f}{t.cpu_us_p99:>7.0f}"
+                     f"{t.age_ms_p50:>8.2f}{t.age_ms_p99:>7.2f}{t.cpu_load:>6.2f}  {detail}")
     return "\n".join(lines)
 
 
@@ -185,18 +193,52 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 async def cmd_service(args: argparse.Namespace) -> int:
     from kibble.services.registry import service_class
-    from kibble.services.runtime import load_config
+    from kibble.services.runtime import load_config, run_together
 
-    cls = service_class(args.name)
-    config = load_config(cls.name, args.config, broker=args.broker, instrument=args.instrument,
-                         state_dir=args.state_dir, params=parse_assignments(args.param),
-                         settings=parse_assignments(args.setting),
-                         restore=False if args.no_restore else None)
-    service = cls(config)
-    print(f"{cls.name}: session {service.session} on {config.broker}, instrument {config.instrument}",
-          flush=True)
-    await service.run()
+    names = [n for n in args.name.split(",") if n]
+    try:
+        classes = [service_class(n) for n in names]
+    except ValueError as exc:
+        raise SystemExit(f"kibble: {exc}") from None
+    group = [cls.name for cls in classes]
+    params, settings = parse_assignments(args.param), parse_assignments(args.setting)
+    services = []
+    for cls in classes:
+        try:
+            config = load_config(cls.name, args.config, broker=args.broker, instrument=args.instrument,
+                                 state_dir=args.state_dir, params=_for_member(params, cls.name, group),
+                                 settings=_for_member(settings, cls.name, group),
+                                 process=split_assignments(args.process) or None,
+                                 restore=False if args.no_restore else None, clock=args.clock)
+            services.append(cls(config))
+        except ValueError as exc:
+            raise SystemExit(f"kibble: {cls.name}: {exc}") from None
+    for service in services:
+        print(f"{service.name}: session {service.session} on {service.config.broker}, "
+              f"instrument {service.config.instrument}", flush=True)
+    try:
+        if len(services) == 1:
+            await services[0].run()
+        else:
+            await run_together(services)
+    except ValueError as exc:  # e.g. process settings the system refused
+        raise SystemExit(f"kibble: {args.name}: {exc}") from None
     return 0
+
+
+def _for_member(values: dict[str, Any], name: str, group: list[str]) -> dict[str, Any]:
+    """The ``NAME=VALUE`` items for daemon ``name`` of a group: unqualified ones apply to every
+    member, ``SERVICE.NAME=VALUE`` only to that member (``ValueError`` for a non-member)."""
+    out = {}
+    for key, value in values.items():
+        member, dot, rest = key.partition(".")
+        if not dot:
+            out[key] = value
+        elif member not in group:
+            raise ValueError(f"{key}: {member} is not one of the daemons run here ({', '.join(group)})")
+        elif member == name:
+            out[rest] = value
+    return out
 
 
 async def cmd_broker(args: argparse.Namespace) -> int:
@@ -213,6 +255,13 @@ async def cmd_sim(args: argparse.Namespace) -> int:
     overrides = load_overrides_file(args.params) if args.params else {}
     overrides.update(dict(parse_override(item) for item in args.param))
     expect = [d for item in args.expect for d in item.split(",") if d]
+    from kibble.bus_schema.process import apply_process_settings, process_settings
+
+    try:
+        for line in apply_process_settings(process_settings(split_assignments(args.process))):
+            print(f"sim: process {line}", flush=True)
+    except ValueError as exc:
+        raise SystemExit(f"kibble sim: {exc}") from None
     server = SimServer(model=args.model, clock=args.clock, rate_hz=args.rate, seed=args.seed,
                        params=overrides, broker_url=args.broker, instrument=args.instrument,
                        expect=expect, lockstep_timeout_s=args.lockstep_timeout,
@@ -240,9 +289,18 @@ async def cmd_up(args: argparse.Namespace) -> int:
             raise SystemExit(f"kibble up: --setting wants SERVICE.NAME=VALUE, got {key!r}")
         settings.setdefault(service, {})[name] = value
     try:
+        process: dict[str, dict[str, Any]] = {}
+        for key, value in split_assignments(args.process).items():
+            who, dot, name = key.partition(".")
+            if not dot or not who or not name:
+                raise SystemExit(f"kibble up: --process wants SERVICE.NAME=VALUE, got {key!r}")
+            process.setdefault(who, {})[name] = value
+        together = (() if args.separate else
+                    None if args.together is None else
+                    tuple(tuple(n for n in g.split(",") if n) for g in args.together))
         stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
                       seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings,
-                      measurement=args.measurement)
+                      measurement=args.measurement, together=together, process=process)
     except ValueError as exc:
         raise SystemExit(f"kibble up: {exc}") from None
     async with stack:
@@ -317,7 +375,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kibble.services.bench import run_benchmarks
 
-    results = run_benchmarks(args.only, broker=args.broker_url, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    realtime = {key: value for key, value in (("seconds", args.rt_seconds), ("cases", args.rt_cases),
+                                              ("settle_s", args.rt_settle)) if value is not None}
+    results = run_benchmarks(args.only, broker=args.broker_url, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                             group_args={"realtime": realtime})
     text = json.dumps(results, indent=2, sort_keys=True)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -354,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "mosquitto", "amqtt"), default="auto")
     p.set_defaults(func=cmd_broker, is_async=True)
 
-    p = sub.add_parser("service", help="run one daemon (a registered NAME or module:Class)")
+    p = sub.add_parser("service", help="run one daemon (a registered NAME or module:Class), or "
+                                       "several in one process: NAME,NAME,...")
     p.add_argument("name")
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -363,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="service setting (repeatable; wins over the configuration file)")
     p.add_argument("--state-dir", type=Path, default=None, help="where tuned values persist")
     p.add_argument("--no-restore", action="store_true", help="ignore the saved state file")
+    p.add_argument("--clock", choices=("realtime", "lockstep"), default=None,
+                   help="the hardware's clock (default realtime; lockstep: no wall-clock age limit)")
+    p.add_argument("--process", action="append", default=[], metavar="NAME=VALUE",
+                   help="process setting: cpu_affinity=0,1 sched_policy=fifo|rr|other|batch|idle "
+                        "sched_priority=1..99 nice=-20..19 (repeatable)")
     bus_args(p)
     p.set_defaults(func=cmd_service, is_async=True)
 
@@ -407,8 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lockstep: wall-clock wait for the answers to a frame before a miss (s)")
     p.add_argument("--drop-after", type=int, default=3,
                    help="lockstep: unregister a device after N consecutive misses (0: never)")
-    p.add_argument("--truth-every", type=int, default=1,
-                   help="publish sim/truth every N frames (0: never)")
+    p.add_argument("--process", action="append", default=[], metavar="NAME=VALUE",
+                   help="process setting, as for kibble service (repeatable)")
+    p.add_argument("--truth-every", type=int, default=None,
+                   help="publish sim/truth every N frames (0: never; default every frame in "
+                        "lockstep, at most 100 Hz in realtime)")
     p.add_argument("--frames", type=int, default=0, help="stop after N frames (0: run until stopped)")
     p.add_argument("--broker", default=_env_broker(),
                    help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
@@ -432,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", action="append", default=[], metavar="SERVICE.NAME=VALUE",
                    help="a daemon's setting, e.g. damping.watchdog_xy_rms_m=1e-4 (repeatable)")
     p.add_argument("--status-every", type=float, default=5.0, help="status table period (s)")
+    p.add_argument("--together", action="append", default=None, metavar="NAME,NAME[,...]",
+                   help="daemons that share one process, their frames to each other passed in "
+                        "process (repeatable; default: the instrument's hot path above 250 Hz)")
+    p.add_argument("--separate", action="store_true", help="every daemon in its own process")
+    p.add_argument("--process", action="append", default=[], metavar="SERVICE.NAME=VALUE",
+                   help="process setting of a daemon (and so of the process it shares) or the "
+                        "sim, e.g. servo.sched_policy=fifo servo.sched_priority=50 sim.cpu_affinity=0")
     p.set_defaults(func=cmd_up, is_async=True)
 
     p = sub.add_parser("demo", help="the main job: the whole stack on the simulator, scripted (make run)")
@@ -472,11 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks and print (or write) flat JSON")
     p.add_argument("--only", action="append", default=None, metavar="GROUP",
                    help="bus, control, sim, loop, hil (the over-the-bus part of loop), campaign "
-                        "(the offline campaigns at the paper's counts, ~30 min); repeatable; "
-                        "default all but hil and campaign")
+                        "(the offline campaigns at the paper's counts, ~30 min), realtime (the "
+                        "whole stack in real time seen from outside, ~22 min); repeatable; "
+                        "default all but hil, campaign and realtime")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
+    p.add_argument("--rt-seconds", type=float, default=None, metavar="S",
+                   help="realtime: measured wall-clock window per case (default 300)")
+    p.add_argument("--rt-cases", default=None, metavar="MODEL:HZ,...",
+                   help="realtime: cases to run (default nist4:1000,nist4:500,nist4:200,efb:1000)")
+    p.add_argument("--rt-settle", type=float, default=None, metavar="S",
+                   help="realtime: settling after force mode (and after the EFB's artifact) "
+                        "before the window (default 5)")
     p.set_defaults(func=cmd_bench, is_async=False)
     return parser
 
@@ -488,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.is_async:
-            return asyncio.run(args.func(args))
+            return realtime.run(args.func(args))
         return args.func(args)
     except KeyboardInterrupt:
         return 130

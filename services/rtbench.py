@@ -1,0 +1,605 @@
+"""``kibble bench --only realtime``: the whole stack in real time, seen from outside.
+
+For each case (instrument and frame rate; by default ``nist4`` at 1000, 500 and 200 Hz and
+``efb`` at 1000 Hz) the whole stack is started in real time
+(:class:`~kibble.services.up.Stack` with ``clock="realtime"`` on a private broker started
+first: the simulator and every daemon as child processes, actuators armed) and put in force
+mode as ``kibble demo`` does it (NIST-4: ``servo mode force``; EFB: ``servo mode force``, then the 1 mg artifact on
+with ``servo mass test=true``). After ``settle_s`` the measured window of ``seconds`` of wall
+clock starts.
+
+Every figure comes from an *outside observer*: a separate OS process (spawned) with a plain
+paho-mqtt client (TCP_NODELAY) subscribed to ``kb/<instrument>/#`` that decodes every message it
+receives into the type of its topic, as an operator's tool would, and stamps its receipt with
+``time.monotonic()`` (the same clock on the same host as the parent's window). CPU figures come
+from ``/proc/<pid>/stat`` of every child process; the only numbers the daemons report about
+themselves (``..._cpu_us_per_frame_<daemon>``) are labelled as such.
+
+Flat JSON keys, per case, prefix ``rt_<model>_<rate>`` (e.g. ``rt_nist4_1000``):
+
+- ``_p50_ms``, ``_p99_ms``, ``_max_ms``: per sensor frame k, from the observer's receipt of
+  ``hw/sensors`` frame k to its receipt of the last lockstep actuator command tagged k (each
+  device counted only at the frames it tags; its first command tagged k);
+- ``_answered``: fraction of the window's sensor frames covered (``frame .. frame +
+  hold_frames - 1``) by a command of every lockstep device;
+- ``_answered_<device>``, ``_p99_ms_<device>``: the same per lockstep device;
+- ``_trips`` (``trip`` and ``safe`` events of any daemon in the window), ``_stale_events``
+  (``stale`` events), ``_actuators_safe_at_start`` / ``_actuators_safe_at_end`` (actuator
+  daemons whose last status state at the start / end of the window is ``tripped`` or ``safe``);
+- ``_null_nm``: RMS of the true coil z (``sim/truth`` ``z_m``) in 0.1 Hz bandwidth;
+- ``_frames_lost``: sensor frames missing in the sequence the observer received;
+  ``_frames``: sensor frames in the window; ``_observer_msgs_per_s``: every message it received;
+  ``_observer_lag_p50_ms``, ``_observer_lag_p99_ms``: from the simulator's publish stamp of a
+  sensor frame to the observer's receipt (broker hop plus the observer's own backlog: when it
+  is large, the observer is behind and its latencies are suspect);
+- ``_cpu_us_per_frame_<daemon>``: the daemon's own ``Status.timing.cpu_us_p50``, median over
+  its heartbeats in the window (NaN while the runtime does not fill it);
+- ``_cpu_outside_load_<name>`` (fraction of one core) and ``_cpu_outside_us_per_frame_<name>``
+  (CPU over the window / sensor frames) of every OS process: each daemon's (``servo``) or, where
+  daemons share one (:attr:`~kibble.services.up.Stack.together`, the stack's default above
+  250 Hz), the group's (``daq+servo+hv_source``), ``sim``, ``broker`` and the ``observer``;
+  ``_cpu_outside_us_per_frame_stack`` sums all but the observer; ``_daemon_processes``;
+- ``_restarts``: child restarts by the supervisor during the case;
+- ``_loadavg_start``, ``_loadavg_end``: ``os.getloadavg()[0]`` around the window;
+- ``_window_s`` (the window as measured), ``_observer_decode_errors`` (only if any);
+- ``_error``: the error text of a case that could not run (the other cases still run).
+
+And ``rt_seconds``, ``rt_wall_s`` for the group. About 22 minutes at the defaults (4 cases of
+300 s plus ~20 s each), so the group is not in ``bench.DEFAULT_GROUPS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+DEFAULT_CASES: tuple[tuple[str, float], ...] = (("nist4", 1000.0), ("nist4", 500.0),
+                                                ("nist4", 200.0), ("efb", 1000.0))
+DEFAULT_SECONDS = 300.0
+"""Measured window per case (wall clock)."""
+DEFAULT_SETTLE_S = 5.0
+"""After force mode (and, for the EFB, again after the artifact is loaded) before the window."""
+OVERHEAD_S = 20.0
+"""Rough wall time of one case besides its window: start-up, settling, stopping."""
+OBSERVER_READY_S = 30.0
+OBSERVER_DRAIN_S = 1.0
+"""After the window, how long the observer keeps listening (commands answering its last frames)."""
+OBSERVER_STOP_S = 30.0
+CASE_MARGIN_S = 300.0
+"""A case is abandoned (error recorded) this long after its window should have ended."""
+STOP_EVENTS = ("trip", "safe")
+STALE_EVENTS = ("stale",)
+
+
+def parse_cases(text: str | None) -> list[tuple[str, float]]:
+    """``"nist4:1000,efb:200"`` -> ``[("nist4", 1000.0), ("efb", 200.0)]``; None or empty: the
+    default cases."""
+    if not text:
+        return list(DEFAULT_CASES)
+    cases = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        model, sep, rate = item.partition(":")
+        if model not in ("nist4", "efb") or not sep:
+            raise ValueError(f"realtime case {item!r}: expected MODEL:RATE with MODEL nist4 or efb")
+        try:
+            rate_hz = float(rate)
+        except ValueError:
+            raise ValueError(f"realtime case {item!r}: rate {rate!r} is not a number") from None
+        if not 1.0 <= rate_hz <= 10000.0:
+            raise ValueError(f"realtime case {item!r}: rate outside 1..10000 Hz")
+        cases.append((model, rate_hz))
+    if not cases:
+        raise ValueError(f"no realtime case in {text!r}")
+    return cases
+
+
+def case_prefix(model: str, rate_hz: float) -> str:
+    return f"rt_{model}_{rate_hz:g}"
+
+
+# ============================================================================ the observer
+
+
+def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str], out_path: str,
+                   ready, stop, live) -> None:
+    """The outside observer (a spawned process): subscribe to ``kb/<instrument>/#``, decode
+    every message by its topic, store receipt times; on ``stop`` write everything to
+    ``out_path`` (pickle of arrays and lists). ``live[0..2]``: messages, sensor frames, last k."""
+    import socket
+    from array import array
+
+    import msgspec
+    import paho.mqtt.client as mqtt
+
+    from kibble.bus_schema.codec import decode
+    from kibble.bus_schema.messages import Event, HwActuatorCommand, HwSensorFrame, SimTruth, Status
+
+    prefix = f"kb/{instrument}/"
+    dev_index = {f"{prefix}hw/{d}": i for i, d in enumerate(devices)}
+    t_sensors = f"{prefix}hw/sensors"
+    t_truth = f"{prefix}sim/truth"
+    all_t = array("d")
+    s_t, s_k, s_pub = array("d"), array("q"), array("d")
+    c_t, c_k, c_h, c_d = array("d"), array("q"), array("q"), array("b")
+    tr_t, tr_k, tr_sim, tr_z = array("d"), array("q"), array("d"), array("d")
+    statuses: list[tuple] = []
+    events: list[tuple] = []
+    counts: dict[str, int] = {}
+    errors: dict[str, list] = {}
+    kinds: dict[str, int] = {}
+    SENSORS, COMMAND, TRUTH, STATUS, EVENT, OTHER = range(6)
+    plain = msgspec.msgpack.Decoder()
+    failure: list[str] = []
+
+    def kind_of(topic: str) -> int:
+        if topic == t_sensors:
+            return SENSORS
+        if topic == t_truth:
+            return TRUTH
+        if topic.startswith(prefix + "hw/"):
+            return COMMAND
+        if topic.endswith("/status"):
+            return STATUS
+        if topic.endswith("/event"):
+            return EVENT
+        return OTHER
+
+    def on_message(_client, _userdata, message) -> None:
+        t = time.monotonic()
+        topic = message.topic
+        payload = message.payload
+        all_t.append(t)
+        live[0] += 1
+        kind = kinds.get(topic)
+        if kind is None:
+            kind = kinds[topic] = kind_of(topic)
+        counts[topic] = counts.get(topic, 0) + 1
+        try:
+            if kind == SENSORS:
+                m = decode(payload, HwSensorFrame)
+                s_t.append(t)
+                s_k.append(m.frame)
+                s_pub.append(m.t_mono_s)
+                live[1] += 1
+                live[2] = m.frame
+            elif kind == COMMAND:
+                c = decode(payload, HwActuatorCommand)
+                d = dev_index.get(topic)
+                if d is not None:
+                    c_t.append(t)
+                    c_k.append(c.frame)
+                    c_h.append(c.hold_frames)
+                    c_d.append(d)
+            elif kind == TRUTH:
+                tr = decode(payload, SimTruth)
+                tr_t.append(t)
+                tr_k.append(tr.frame)
+                tr_sim.append(tr.sim_time_s)
+                tr_z.append(tr.values.get("z_m", math.nan))
+            elif kind == STATUS:
+                st = decode(payload, Status)
+                tm = st.timing
+                statuses.append((t, st.service, st.state, st.online, tm.frames, tm.cpu_us_p50,
+                                 tm.cpu_load))
+            elif kind == EVENT:
+                ev = decode(payload, Event)
+                events.append((t, ev.service, ev.kind, ev.severity,
+                               int(ev.data.get("suppressed_since_last", 0) or 0), ev.text[:200]))
+            elif payload:
+                plain.decode(payload)
+        except Exception as exc:  # DecodeError and anything else: counted, never fatal
+            # (an exception escaping a paho callback would end its network thread)
+            e = errors.setdefault(topic, [0, str(exc)[:200]])
+            e[0] += 1
+
+    def on_socket_open(_client, _userdata, sock) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def on_connect(client, _userdata, _flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            failure.append(f"connect refused: {reason_code}")
+            return
+        client.subscribe(prefix + "#", qos=1)
+
+    def on_subscribe(_client, _userdata, _mid, _reason_codes, _properties) -> None:
+        ready.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"kibble-rtbench-observer-{os.getpid()}")
+    client.on_message = on_message
+    client.on_socket_open = on_socket_open
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    t_start = time.monotonic()
+    try:
+        client.connect(host, port, keepalive=10)
+        client.loop_start()
+        while not stop.wait(0.2):
+            pass
+        client.disconnect()
+        client.loop_stop()
+    except Exception as exc:  # reported through the output file
+        failure.append(f"{type(exc).__name__}: {exc}")
+    out = {
+        "all_t": np.array(all_t, dtype=np.float64),
+        "s_t": np.array(s_t, dtype=np.float64), "s_k": np.array(s_k, dtype=np.int64),
+        "s_pub": np.array(s_pub, dtype=np.float64),
+        "c_t": np.array(c_t, dtype=np.float64), "c_k": np.array(c_k, dtype=np.int64),
+        "c_h": np.array(c_h, dtype=np.int64), "c_d": np.array(c_d, dtype=np.int64),
+        "tr_t": np.array(tr_t, dtype=np.float64), "tr_k": np.array(tr_k, dtype=np.int64),
+        "tr_sim": np.array(tr_sim, dtype=np.float64), "tr_z": np.array(tr_z, dtype=np.float64),
+        "statuses": statuses, "events": events, "counts": counts, "errors": errors,
+        "failure": failure, "t_start": t_start, "t_end": time.monotonic(),
+    }
+    with open(out_path, "wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# ============================================================================ pure analysis
+
+
+def frame_latencies(s_k: np.ndarray, s_t: np.ndarray, c_dev: np.ndarray, c_k: np.ndarray,
+                    c_hold: np.ndarray, c_t: np.ndarray, n_devices: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per sensor frame (``s_k`` received at ``s_t``): the latency to the last device's
+    command tagged k (NaN where no device tags k) and whether every device answered it.
+
+    A device's command (``c_dev``, tag ``c_k``, ``c_hold`` frames, received at ``c_t``) answers
+    frames ``c_k .. c_k + c_hold - 1``; its latency counts only at the frame it tags (its
+    first command with that tag). Commands with a negative tag (the hello) are ignored.
+    """
+    s_k = np.asarray(s_k, dtype=np.int64)
+    s_t = np.asarray(s_t, dtype=np.float64)
+    latency = np.full(s_k.size, np.nan)
+    answered = np.ones(s_k.size, dtype=bool)
+    for d in range(n_devices):
+        mine = (np.asarray(c_dev) == d) & (np.asarray(c_k) >= 0)
+        k = np.asarray(c_k, dtype=np.int64)[mine]
+        t = np.asarray(c_t, dtype=np.float64)[mine]
+        h = np.maximum(np.asarray(c_hold, dtype=np.int64)[mine], 1)
+        if k.size == 0:
+            answered[:] = False
+            continue
+        # latency: the first command (earliest receipt) per tag
+        order = np.lexsort((t, k))
+        k_sorted, t_sorted = k[order], t[order]
+        tags, first = np.unique(k_sorted, return_index=True)
+        t_first = t_sorted[first]
+        pos = np.searchsorted(tags, s_k)
+        pos_c = np.minimum(pos, tags.size - 1)
+        hit = tags[pos_c] == s_k
+        lat_d = np.where(hit, t_first[pos_c] - s_t, np.nan)
+        latency = np.fmax(latency, lat_d)
+        # coverage: the interval with the largest start <= k, with the running maximum end
+        order = np.argsort(k, kind="stable")
+        starts = k[order]
+        ends = np.maximum.accumulate(k[order] + h[order] - 1)
+        idx = np.searchsorted(starts, s_k, side="right") - 1
+        covered = (idx >= 0) & (ends[np.maximum(idx, 0)] >= s_k)
+        answered &= covered
+    return latency, answered
+
+
+def latency_summary(latency_s: np.ndarray) -> dict[str, float]:
+    """p50, p99 and max (ms) of the finite latencies; NaN if none."""
+    got = latency_s[np.isfinite(latency_s)]
+    if got.size == 0:
+        return {"p50_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan}
+    return {"p50_ms": float(np.percentile(got, 50) * 1e3), "p99_ms": float(np.percentile(got, 99) * 1e3),
+            "max_ms": float(got.max() * 1e3)}
+
+
+def frames_lost(k: np.ndarray) -> int:
+    """Frames missing from the sequence ``k`` (between its first and last)."""
+    if k.size == 0:
+        return 0
+    u = np.unique(k)
+    return int(u[-1] - u[0] + 1 - u.size)
+
+
+def _band_rms(x: np.ndarray, fs_hz: float, f_hz: float) -> float:
+    from kibble.services.scenarios import band_rms  # imports python-control: only when needed
+
+    return band_rms(x, fs_hz, f_hz)
+
+
+def null_rms_m(sim_t: np.ndarray, z: np.ndarray, f_hz: float = 0.1) -> float:
+    """RMS of ``z`` in ``f_hz`` bandwidth (:func:`~kibble.services.scenarios.band_rms`), its
+    sample rate taken from the hardware clock ``sim_t`` (samples sorted, duplicates dropped,
+    gaps filled linearly onto the median interval)."""
+    ok = np.isfinite(sim_t) & np.isfinite(z)
+    sim_t, z = np.asarray(sim_t)[ok], np.asarray(z)[ok]
+    if sim_t.size < 32:
+        return math.nan
+    sim_t, idx = np.unique(sim_t, return_index=True)
+    z = z[idx]
+    dt = float(np.median(np.diff(sim_t)))
+    if not dt > 0:
+        return math.nan
+    grid = sim_t[0] + dt * np.arange(int(round((sim_t[-1] - sim_t[0]) / dt)) + 1)
+    zz = np.interp(grid, sim_t, z)
+    try:
+        return _band_rms(zz, 1.0 / dt, f_hz)
+    except ValueError:
+        return math.nan
+
+
+def count_events(events: Sequence[tuple], t0: float, t1: float) -> dict[str, int]:
+    """``trips`` (kinds trip, safe) and ``stale`` events received in ``[t0, t1]``, each with
+    the count its publisher suppressed before it (``suppressed_since_last``)."""
+    trips = stale = 0
+    for t, _service, kind, _severity, suppressed, *_ in events:
+        if not t0 <= t <= t1:
+            continue
+        if kind in STOP_EVENTS:
+            trips += 1 + suppressed
+        elif kind in STALE_EVENTS:
+            stale += 1 + suppressed
+    return {"trips": trips, "stale": stale}
+
+
+def own_cpu_us(statuses: Sequence[tuple], t0: float, t1: float) -> dict[str, float]:
+    """Per service: median of its own ``timing.cpu_us_p50`` over the heartbeats received in
+    ``[t0, t1]`` that counted frames (NaN if none did: the runtime does not fill it yet)."""
+    per: dict[str, list[float]] = {}
+    for t, service, _state, _online, frames, cpu_us_p50, _load in statuses:
+        per.setdefault(service, [])
+        if t0 <= t <= t1 and frames > 0:
+            per[service].append(cpu_us_p50)
+    return {s: (float(np.median(v)) if v else math.nan) for s, v in per.items()}
+
+
+def end_states(statuses: Sequence[tuple], services: Sequence[str],
+               until: float = math.inf) -> dict[str, str]:
+    """The last status state received per service up to ``until`` (``?`` if none)."""
+    last = {s: "?" for s in services}
+    for t, service, state, *_ in statuses:
+        if service in last and t <= until:
+            last[service] = state
+    return last
+
+
+def proc_cpu_s(pid: int | None) -> float:
+    """utime + stime (s) of process ``pid`` from ``/proc/<pid>/stat``; NaN if unreadable."""
+    if pid is None:
+        return math.nan
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return math.nan
+    fields = text[text.rindex(")") + 2:].split()
+    # after the comm: state(3) ppid(4) ... utime(14) stime(15), 1-based in proc(5)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def analyze(rec: dict[str, Any], t0: float, t1: float, devices: Sequence[str],
+            services: Sequence[str], actuators: Sequence[str]) -> dict[str, float]:
+    """The observer's records over the window ``[t0, t1]`` to the case's figures (unprefixed
+    keys: ``p50_ms`` ...)."""
+    out: dict[str, float] = {}
+    win = (rec["s_t"] >= t0) & (rec["s_t"] <= t1)
+    s_k, s_t = rec["s_k"][win], rec["s_t"][win]
+    latency, answered = frame_latencies(s_k, s_t, rec["c_d"], rec["c_k"], rec["c_h"], rec["c_t"],
+                                        len(devices))
+    out.update(latency_summary(latency))
+    out["answered"] = float(answered.mean()) if answered.size else math.nan
+    for d, device in enumerate(devices):
+        mine = rec["c_d"] == d
+        lat_d, ans_d = frame_latencies(s_k, s_t, np.zeros(int(mine.sum()), dtype=np.int64),
+                                       rec["c_k"][mine], rec["c_h"][mine], rec["c_t"][mine], 1)
+        out[f"answered_{device}"] = float(ans_d.mean()) if ans_d.size else math.nan
+        out[f"p99_ms_{device}"] = latency_summary(lat_d)["p99_ms"]
+    lag = latency_summary(s_t - rec["s_pub"][win])
+    out["observer_lag_p50_ms"], out["observer_lag_p99_ms"] = lag["p50_ms"], lag["p99_ms"]
+    out["frames"] = int(np.unique(s_k).size)
+    out["frames_lost"] = frames_lost(s_k)
+    n_all = int(((rec["all_t"] >= t0) & (rec["all_t"] <= t1)).sum())
+    out["observer_msgs_per_s"] = n_all / (t1 - t0) if t1 > t0 else math.nan
+    ev = count_events(rec["events"], t0, t1)
+    out["trips"] = ev["trips"]
+    out["stale_events"] = ev["stale"]
+    for when, until in (("start", t0), ("end", t1)):
+        states = end_states(rec["statuses"], actuators, until)
+        out[f"actuators_safe_at_{when}"] = sum(1 for s in states.values() if s in ("tripped", "safe"))
+    tw = (rec["tr_t"] >= t0) & (rec["tr_t"] <= t1)
+    out["null_nm"] = null_rms_m(rec["tr_sim"][tw], rec["tr_z"][tw]) * 1e9
+    own = own_cpu_us(rec["statuses"], t0, t1)
+    for name in services:
+        out[f"cpu_us_per_frame_{name}"] = own.get(name, math.nan)
+    return out
+
+
+# ============================================================================ one case
+
+
+def _format_table(prefix: str, fig: dict[str, Any]) -> str:
+    rows = []
+    for key in sorted(fig):
+        if not key.startswith(prefix + "_"):
+            continue
+        value = fig[key]
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append((key[len(prefix) + 1:], text))
+    width = max((len(r[0]) for r in rows), default=10)
+    return "\n".join(f"    {name.ljust(width)}  {text}" for name, text in rows)
+
+
+async def run_case(model: str, rate_hz: float, seconds: float, settle_s: float,
+                   say: Callable[[str], None], tmp: str) -> dict[str, Any]:
+    """One case: a private broker, the observer subscribed to it, the stack up in real time on
+    it, force mode, settling, the window; the figures (prefixed)."""
+    from kibble.bus_schema.transport import parse_broker_url
+    from kibble.services.broker import Broker
+    from kibble.services.up import STACKS, Stack
+
+    prefix = case_prefix(model, rate_hz)
+    spec = STACKS[model]
+    devices = spec["devices"]
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, Any] = {}
+    run_dir = Path(tmp) / f"{model}-{rate_hz:g}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rec_path = run_dir / "observer.pkl"
+    async with Broker() as broker:
+        say(f"    broker: {broker.backend} on {broker.url}")
+        host, port = parse_broker_url(broker.url)
+        ready, stop = ctx.Event(), ctx.Event()
+        live = ctx.Array("q", 3, lock=False)
+        # the observer subscribes before the stack starts: it sees the whole run (the window
+        # is cut afterwards), and the stack goes to force mode as soon as it is armed
+        obs = ctx.Process(target=_observer_main, name="kibble-rt-observer",
+                          args=(host, port, model, list(devices), str(rec_path),
+                                ready, stop, live), daemon=True)
+        obs.start()
+        try:
+            deadline = time.monotonic() + OBSERVER_READY_S
+            while not ready.is_set():
+                if not obs.is_alive():
+                    raise RuntimeError(f"the observer exited with code {obs.exitcode} before it subscribed")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the observer did not subscribe within {OBSERVER_READY_S:g} s")
+                await asyncio.sleep(0.05)
+            say(f"    observer subscribed to kb/{model}/# (pid {obs.pid})")
+            async with Stack(model, clock="realtime", rate_hz=rate_hz, broker_url=broker.url,
+                             run_dir=run_dir, progress=lambda s: say(f"    {s}")) as stack:
+                say("    force mode (servo mode force)")
+                await stack.request("servo", "mode", {"mode": "force"})
+                if model == "efb":
+                    await asyncio.sleep(settle_s)
+                    say("    EFB: 1 mg artifact on (servo mass test=true)")
+                    await stack.request("servo", "mass", {"test": True})
+                say(f"    settling {settle_s:g} s")
+                await asyncio.sleep(settle_s)
+
+                broker_proc = getattr(broker, "_proc", None)
+                pids = {name: (c.proc.pid if c.proc is not None else None)
+                        for name, c in stack.children.items()}
+                pids["broker"] = broker_proc.pid if broker_proc is not None else None
+                pids["observer"] = obs.pid
+                restarts0 = sum(c.restarts for c in stack.children.values())
+                out[f"{prefix}_loadavg_start"] = os.getloadavg()[0]
+                cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+                t0 = time.monotonic()
+                f0 = live[1]
+                t_end = t0 + seconds
+                say(f"    measuring {seconds:g} s")
+                next_line = t0 + min(10.0, seconds / 2)
+                while True:
+                    now = time.monotonic()
+                    if now >= t_end:
+                        break
+                    await asyncio.sleep(min(0.5, t_end - now))
+                    now = time.monotonic()
+                    if now >= next_line or now >= t_end:
+                        next_line = now + 10.0
+                        n = live[1] - f0
+                        say(f"    {model}:{rate_hz:g}  {now - t0:5.0f}/{seconds:g} s, "
+                            f"{max(0.0, t_end - now):4.0f} s left: {n} sensor frames seen "
+                            f"({n / max(now - t0, 1e-9):.0f}/s), {live[0]} messages")
+                t1 = time.monotonic()
+                cpu1 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+                out[f"{prefix}_loadavg_end"] = os.getloadavg()[0]
+                pids1 = {name: (c.proc.pid if c.proc is not None else None)
+                         for name, c in stack.children.items()}
+                out[f"{prefix}_restarts"] = sum(c.restarts for c in stack.children.values()) - restarts0
+                await asyncio.sleep(OBSERVER_DRAIN_S)
+                stop.set()  # before the stack stops: its shutdown is not part of the run
+                await asyncio.get_running_loop().run_in_executor(None, obs.join, OBSERVER_STOP_S)
+        finally:
+            stop.set()
+            await asyncio.get_running_loop().run_in_executor(None, obs.join, OBSERVER_STOP_S)
+            if obs.is_alive():
+                obs.kill()
+                obs.join(5.0)
+    if not rec_path.exists():
+        raise RuntimeError(f"the observer wrote no records (exit code {obs.exitcode})")
+    with open(rec_path, "rb") as f:
+        rec = pickle.load(f)
+    if rec["failure"]:
+        raise RuntimeError(f"observer: {'; '.join(rec['failure'])}")
+    fig = analyze(rec, t0, t1, devices, spec["services"], spec["actuators"])
+    frames = fig["frames"] + fig["frames_lost"]
+    dt = t1 - t0
+    stack_total = 0.0
+    # one entry per OS process: "sim", each daemon alone ("servo") or each group of daemons
+    # sharing a process ("daq+servo+hv_source", see up.Stack.together), "broker", "observer"
+    for name in pids:
+        used = cpu1.get(name, math.nan) - cpu0.get(name, math.nan)
+        if name in pids1 and pids1[name] != pids.get(name):
+            used = math.nan  # restarted during the window: its CPU is not comparable
+        fig[f"cpu_outside_load_{name}"] = used / dt
+        fig[f"cpu_outside_us_per_frame_{name}"] = used / frames * 1e6 if frames else math.nan
+        if name != "observer":
+            stack_total += fig[f"cpu_outside_us_per_frame_{name}"]
+    fig["cpu_outside_us_per_frame_stack"] = stack_total
+    fig["daemon_processes"] = len(pids) - 3
+    fig["window_s"] = dt
+    if rec["errors"]:
+        n_err = sum(e[0] for e in rec["errors"].values())
+        fig["observer_decode_errors"] = n_err
+        topic, (count, text) = next(iter(rec["errors"].items()))
+        say(f"    observer: {n_err} undecodable messages, e.g. {count} on {topic}: {text}")
+    for key, value in fig.items():
+        out[f"{prefix}_{key}"] = value
+    for when, until in (("start", t0), ("end", t1)):
+        states = end_states(rec["statuses"], spec["actuators"], until)
+        say(f"  {prefix}: actuator states at the {when} of the window: "
+            + ", ".join(f"{s} {v}" for s, v in states.items()))
+    return out
+
+
+def run(seconds: float | None = None, cases: str | Sequence[tuple[str, float]] | None = None,
+        settle_s: float | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every case in turn (flat dict). ~22 minutes at the defaults (4 x (300 s + ~20 s))."""
+    import functools
+    import sys
+
+    seconds = DEFAULT_SECONDS if seconds is None else float(seconds)
+    settle_s = DEFAULT_SETTLE_S if settle_s is None else float(settle_s)
+    if not seconds > 0 or settle_s < 0:
+        raise ValueError(f"realtime: --rt-seconds must be > 0 (got {seconds}) and the settle >= 0")
+    case_list = parse_cases(cases) if cases is None or isinstance(cases, str) else list(cases)
+    say = say or functools.partial(print, file=sys.stderr, flush=True)
+    results: dict[str, Any] = {"rt_seconds": seconds}
+    t_group = time.monotonic()
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory(prefix="kibble-rtbench-") as tmp:
+            for i, (model, rate_hz) in enumerate(case_list):
+                left = (len(case_list) - i) * (seconds + OVERHEAD_S)
+                prefix = case_prefix(model, rate_hz)
+                say(f"  realtime case {i + 1}/{len(case_list)}: {model} at {rate_hz:g} Hz, "
+                    f"{seconds:g} s window (group: ~{left / 60:.1f} min left)")
+                t_case = time.monotonic()
+                try:
+                    fig = await asyncio.wait_for(
+                        run_case(model, rate_hz, seconds, settle_s, say, tmp),
+                        seconds + settle_s * 2 + CASE_MARGIN_S)
+                except asyncio.TimeoutError:
+                    fig = {f"{prefix}_error": f"timed out after {time.monotonic() - t_case:.0f} s"}
+                except Exception as exc:  # the case failed: record it, go on
+                    fig = {f"{prefix}_error": f"{type(exc).__name__}: {exc}"}
+                results.update(fig)
+                if f"{prefix}_error" in fig:
+                    say(f"  {prefix}: FAILED: {fig[f'{prefix}_error']}")
+                else:
+                    say(f"  {prefix} ({time.monotonic() - t_case:.0f} s):\n{_format_table(prefix, fig)}")
+
+    asyncio.run(main())
+    results["rt_wall_s"] = time.monotonic() - t_group
+    return results

@@ -1,0 +1,101 @@
+"""The pure analysis of ``kibble bench --only realtime`` (kibble.services.rtbench), on made-up
+observer records (no stack, no broker; well under a second)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from kibble.services import bench, rtbench
+
+
+def _commands(rows):
+    """rows of (device, tag, hold, t) -> the observer's command arrays."""
+    a = np.array(rows, dtype=float).reshape(-1, 4)
+    return a[:, 0].astype(int), a[:, 1].astype(int), a[:, 2].astype(int), a[:, 3]
+
+
+def test_latency_is_the_last_device_tagging_the_frame_and_hold_frames_cover():
+    s_k = np.arange(10, 16)                         # frames 10..15
+    s_t = 1.0 + 0.001 * np.arange(6)
+    rows = []
+    for i, k in enumerate(s_k):                     # device 0 answers every frame after 0.2 ms
+        rows.append((0, k, 1, s_t[i] + 0.0002))
+    for k in (10, 12, 14):                          # device 1 decimated by 2, after 0.5 ms
+        rows.append((1, k, 2, s_t[k - 10] + 0.0005))
+    rows.append((0, 12, 1, s_t[2] + 0.003))         # a later duplicate of frame 12: ignored
+    rows.append((1, -1, 1, 0.5))                    # the hello: ignored
+    d, k, h, t = _commands(rows)
+    lat, answered = rtbench.frame_latencies(s_k, s_t, d, k, h, t, 2)
+    np.testing.assert_allclose(lat, [5e-4, 2e-4, 5e-4, 2e-4, 5e-4, 2e-4], atol=1e-9)
+    assert answered.all()
+    summary = rtbench.latency_summary(lat)
+    assert summary["max_ms"] == pytest.approx(0.5)
+    assert summary["p50_ms"] == pytest.approx(0.35)
+
+
+def test_unanswered_frames_and_missing_device():
+    s_k = np.arange(0, 8)
+    s_t = np.arange(8) * 1e-3
+    # device 0 answers 0..5 only; device 1 holds 3 frames from 0 (covers 0..2) and from 4 (4..6)
+    rows = [(0, k, 1, s_t[k] + 1e-4) for k in range(6)] + [(1, 0, 3, 1e-4), (1, 4, 3, 4e-3 + 1e-4)]
+    d, k, h, t = _commands(rows)
+    lat, answered = rtbench.frame_latencies(s_k, s_t, d, k, h, t, 2)
+    assert answered.tolist() == [True, True, True, False, True, True, False, False]
+    assert math.isnan(lat[7]) and np.isfinite(lat[:6]).all()
+    # a device that never answered: nothing is answered
+    _, answered = rtbench.frame_latencies(s_k, s_t, d, k, h, t, 3)
+    assert not answered.any()
+
+
+def test_frames_lost_events_states_and_own_cpu():
+    assert rtbench.frames_lost(np.array([5, 6, 8, 9, 9, 12])) == 3
+    assert rtbench.frames_lost(np.array([], dtype=int)) == 0
+    events = [(1.0, "damping", "stale", "warning", 0, ""), (2.0, "damping", "safe", "alarm", 0, ""),
+              (3.0, "hv_source", "trip", "alarm", 2, ""), (3.5, "servo", "audit", "info", 0, ""),
+              (9.0, "damping", "trip", "alarm", 0, "")]
+    assert rtbench.count_events(events, 0.5, 5.0) == {"trips": 4, "stale": 1}
+    statuses = [(1.0, "servo", "running", True, 0, 0.0, 0.0),      # timing not filled: skipped
+                (2.0, "servo", "running", True, 900, 40.0, 0.1),
+                (3.0, "servo", "running", True, 900, 60.0, 0.1),
+                (2.0, "damping", "armed", True, 0, 0.0, 0.0),
+                (4.0, "damping", "safe", True, 0, 0.0, 0.0)]
+    own = rtbench.own_cpu_us(statuses, 0.0, 5.0)
+    assert own["servo"] == pytest.approx(50.0) and math.isnan(own["damping"])
+    assert rtbench.end_states(statuses, ["damping", "theta_z"]) == {"damping": "safe", "theta_z": "?"}
+
+
+def test_null_uses_the_truth_clock_and_cases_parse(monkeypatch):
+    # scenarios.band_rms itself (and its python-control import, seconds) is not under test here:
+    # what reaches it is
+    seen = {}
+
+    def band_rms(x, fs_hz, f_hz):
+        seen.update(x=x, fs_hz=fs_hz, f_hz=f_hz)
+        return float(np.sqrt(np.mean((x - x.mean()) ** 2)))
+
+    monkeypatch.setattr(rtbench, "_band_rms", band_rms)
+    fs = 50.0                                        # truth at 50 Hz, one sample lost, shuffled
+    t = 100.0 + np.arange(0, 200.0, 1 / fs)
+    z = 1e-9 * np.sin(2 * np.pi * 0.02 * (t - 100.0))
+    keep = np.ones(t.size, bool)
+    keep[1234] = False
+    order = np.random.default_rng(0).permutation(int(keep.sum()))
+    rms = rtbench.null_rms_m(t[keep][order], z[keep][order])
+    assert seen["fs_hz"] == pytest.approx(fs) and seen["f_hz"] == 0.1
+    assert seen["x"].size == t.size                  # the gap filled on the truth clock
+    np.testing.assert_allclose(seen["x"], z, atol=1e-12)
+    assert rms == pytest.approx(1e-9 / math.sqrt(2), rel=0.01)
+    assert math.isnan(rtbench.null_rms_m(t[:10], z[:10]))
+    assert rtbench.parse_cases("nist4:1000, efb:200") == [("nist4", 1000.0), ("efb", 200.0)]
+    assert rtbench.parse_cases(None) == list(rtbench.DEFAULT_CASES)
+    for bad in ("nist5:100", "nist4", "efb:fast", "efb:0"):
+        with pytest.raises(ValueError):
+            rtbench.parse_cases(bad)
+    assert rtbench.case_prefix("nist4", 1000.0) == "rt_nist4_1000"
+    assert "realtime" in bench.GROUPS and "realtime" not in bench.DEFAULT_GROUPS
+    assert rtbench.proc_cpu_s(os.getpid()) >= 0.0
+    assert math.isnan(rtbench.proc_cpu_s(None))
