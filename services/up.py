@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Status
+from kibble.bus_schema.transport import broker_spec, without_password
 from kibble.services.broker import Broker
 from kibble.services.bus import BusClient, BusError
 
@@ -120,6 +121,10 @@ class Stack:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Settings per daemon, ``{"damping": {"watchdog_xy_rms_m": 1e-4}}`` (``--setting``)."""
     arm: bool = True
+    credentials_dir: Path | None = None
+    """With ``broker_url``: every child connects as ``kibble-<name>`` with the password in
+    ``<credentials_dir>/kibble-<name>.password`` (``kibble deploy-credentials``); the stack's
+    own requests (waiting, arming) keep ``broker_url``'s identity, an operator's."""
     progress: Callable[[str], None] = print
     startup_timeout_s: float = 60.0
     max_restarts: int = 5
@@ -155,14 +160,24 @@ class Stack:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.broker_url is not None and self.credentials_dir is None:
+            password = broker_spec(self.broker_url, env={}).password
+            if password is not None:  # not on the children's command lines (ps shows those)
+                env["KIBBLE_BROKER_PASSWORD"] = password
         return env
 
     def _kibble(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "kibble.services.cli", *args]
 
-    def _bus_args(self) -> list[str]:
+    def _bus_args(self, child: str | None = None) -> list[str]:
         assert self.broker_url is not None
-        return ["--broker", self.broker_url, "--instrument", self.instrument]
+        url = self.broker_url
+        if child is not None and self.credentials_dir is not None:
+            from kibble.services.credentials import child_url
+            url = child_url(url, child, self.credentials_dir)
+        elif child is not None:
+            url = without_password(url)  # a password given in the URL goes by environment (_env)
+        return ["--broker", url, "--instrument", self.instrument]
 
     async def __aenter__(self) -> "Stack":
         try:
@@ -189,7 +204,7 @@ class Stack:
         sim = Child("sim", self._kibble("sim", "--model", self.model, "--clock", self.clock,
                                         "--rate", rate, "--seed", str(self.seed),
                                         "--expect", ",".join(self.spec["devices"]),
-                                        *self.sim_args, *self._bus_args()),
+                                        *self.sim_args, *self._bus_args("sim")),
                     logs / "sim.log")
         self.children["sim"] = sim
         daemons = self.daemons
@@ -199,7 +214,7 @@ class Stack:
                 "service", name, "--config", str(stack_config(self.model)),
                 *frame_rate, "--state-dir", str(self.run_dir / "state"),
                 *(f"--setting={key}={value}" for key, value in self.settings.get(name, {}).items()),
-                *self._bus_args()), logs / f"{name}.log")
+                *self._bus_args(name)), logs / f"{name}.log")
         env = self._env()
         # the simulator first: the actuators' hello (their registration with the lockstep
         # clock) must find it subscribed
