@@ -1,7 +1,10 @@
 """MQTT transport plumbing shared by the services, the simulator, the CLI and the tests.
 
-- :func:`parse_broker_url` turns ``mqtt://host:port`` into ``(host, port)``.
+- :func:`parse_broker_url` turns ``mqtt://host:port`` into ``(host, port)``;
+  :func:`broker_spec` reads the whole connection from a URL (user, password, TLS; see
+  "Broker URLs" below), :func:`redact_url` is the URL fit to print.
 - :func:`make_client` builds an ``aiomqtt.Client`` with TCP_NODELAY and a short keepalive.
+- :func:`connect_error_text` turns a failed connect into one line (a refused login says so).
 - :func:`deliver_directly` is the low-latency receive path: the handler runs in the
   socket-readable callback, with no queue and no task in between.
 - :func:`publish_now` is the low-latency publish path: it writes the packet to the socket at
@@ -17,17 +20,37 @@
 
 It lives beside the schema, not in ``kibble.services``, because the HIL simulator speaks the bus
 too and must import nothing from the services.
+
+Broker URLs
+-----------
+
+``mqtt://[USER[:PASSWORD]@]HOST[:PORT][?OPTIONS]`` (port 1883) or ``mqtts://...`` (TLS, port
+8883). ``OPTIONS`` (``&``-separated, all paths, none secret):
+
+- ``password_file=PATH``: the password is the file's first line (the way to keep it off the
+  command line; ``kibble deploy-credentials`` writes one 0600 file per identity);
+- ``ca_file=PATH``: the CA certificate(s) that signed the broker's (default: the system's);
+- ``cert_file=PATH``, ``key_file=PATH``: a client certificate and its key (optional).
+
+What the URL leaves out comes from the environment: ``KIBBLE_BROKER_USER``,
+``KIBBLE_BROKER_PASSWORD_FILE``, ``KIBBLE_BROKER_PASSWORD`` (in that order of preference after
+the URL's own password and ``password_file``), and for ``mqtts://`` ``KIBBLE_BROKER_CA``,
+``KIBBLE_BROKER_CERT``, ``KIBBLE_BROKER_KEY``. A password in the URL works but is visible in the
+process list; nothing here ever logs or prints one (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import ssl
 import time
 from collections import deque
-from typing import Callable, Iterator, Protocol
-from urllib.parse import urlparse
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Protocol
+from urllib.parse import parse_qsl, quote, unquote, urlparse
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -38,32 +61,245 @@ KEEPALIVE_S = 2
 TCP_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host:port`` (port defaults to 1883) to ``(host, port)``; ``ValueError`` if not."""
+_PLAIN_SCHEMES = ("mqtt", "tcp")
+_TLS_SCHEMES = ("mqtts", "ssl", "tls")
+_URL_OPTIONS = ("password_file", "ca_file", "cert_file", "key_file")
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    """Everything needed to connect: address, TLS files, user and password (never shown)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        """``mqtt[s]://[user@]host:port``: no password, no options."""
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
+
+    def read_password(self) -> str | None:
+        """The password: given, else the first line of ``password_file``; ``ValueError`` if
+        that file cannot be read (its path in the text, never its content)."""
+        if self.password is not None or not self.password_file:
+            return self.password
+        try:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read the broker password file {self.password_file}: "
+                             f"{exc.strerror or exc}") from None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context: ``ca_file`` (else the system's CAs), and the client
+        certificate if given. ``ValueError`` naming a file that cannot be loaded."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the broker CA file {self.ca_file}: {exc}") from None
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the client certificate {self.cert_file} "
+                                 f"(key {self.key_file}): {exc}") from None
+        return context
+
+
+def broker_spec(url: str, env: Mapping[str, str] | None = None) -> BrokerSpec:
+    """Parse a broker URL (see "Broker URLs" in the module docstring), filling what it leaves
+    out from ``env`` (default ``os.environ``). ``ValueError`` (without the password) if the URL
+    is not one; the password file is read only at connect time (:func:`make_client`)."""
+    env = os.environ if env is None else env
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
-        raise ValueError(f"broker URL {url!r} is not of the form mqtt://host:port")
+    shown = redact_url(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in _PLAIN_SCHEMES + _TLS_SCHEMES or not parsed.hostname:
+        raise ValueError(f"broker URL {shown!r} is not of the form mqtt://[user@]host:port "
+                         "or mqtts://[user@]host:port")
+    tls = scheme in _TLS_SCHEMES
     try:
-        port = parsed.port or 1883
+        port = parsed.port or (8883 if tls else 1883)
     except ValueError:
-        raise ValueError(f"broker URL {url!r} has an invalid port") from None
-    return parsed.hostname, port
+        raise ValueError(f"broker URL {shown!r} has an invalid port") from None
+    if parsed.path not in ("", "/") or parsed.fragment or parsed.params:
+        raise ValueError(f"broker URL {shown!r}: nothing may follow host:port but ?options")
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(parsed.query, keep_blank_values=True, strict_parsing=False):
+        if key not in _URL_OPTIONS:
+            raise ValueError(f"broker URL {shown!r}: unknown option {key!r} "
+                             f"(known: {', '.join(_URL_OPTIONS)})")
+        if not value:
+            raise ValueError(f"broker URL {shown!r}: option {key!r} needs a value")
+        options[key] = value
+    if not tls and any(k in options for k in ("ca_file", "cert_file", "key_file")):
+        raise ValueError(f"broker URL {shown!r}: ca_file, cert_file and key_file need mqtts://")
+    username = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password is not None else None
+    if password is not None and not username:
+        raise ValueError(f"broker URL {shown!r} has a password but no user")
+    username = username or env.get("KIBBLE_BROKER_USER") or None
+    password_file = options.get("password_file")
+    if password is None and password_file is None and username:
+        password_file = env.get("KIBBLE_BROKER_PASSWORD_FILE") or None
+        if password_file is None:
+            password = env.get("KIBBLE_BROKER_PASSWORD") or None
+    if password_file is not None and not username:
+        raise ValueError(f"broker URL {shown!r} has a password_file but no user")
+    ca_file = cert_file = key_file = None
+    if tls:
+        ca_file = options.get("ca_file") or env.get("KIBBLE_BROKER_CA") or None
+        cert_file = options.get("cert_file") or env.get("KIBBLE_BROKER_CERT") or None
+        key_file = options.get("key_file") or env.get("KIBBLE_BROKER_KEY") or None
+        if key_file and not cert_file:
+            raise ValueError(f"broker URL {shown!r}: a key_file without a cert_file")
+    return BrokerSpec(parsed.hostname, port, tls, username, password, password_file,
+                      ca_file, cert_file, key_file)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: the form to log or print."""
+    try:
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.password is None:
+            return url
+        netloc = parsed.netloc.rpartition("@")[2]
+        user = parsed.username or ""
+        return parsed._replace(netloc=f"{user}:***@{netloc}").geturl()
+    except ValueError:
+        return "<unparsable broker URL>"
+
+
+def with_identity(url: str, username: str, password_file: str | os.PathLike | None = None) -> str:
+    """``url`` for another user: its user and password replaced by ``username`` (and its
+    ``password_file`` option by ``password_file``), its address and TLS options kept."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    host = parsed.netloc.rpartition("@")[2]
+    options = [(k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True)
+               if k != "password_file"]
+    if password_file is not None:
+        options.append(("password_file", os.fspath(password_file)))
+    query = "&".join(f"{k}={quote(v, safe='/._-~')}" for k, v in options)
+    return parsed._replace(netloc=f"{quote(username, safe='')}@{host}", query=query).geturl()
+
+
+def with_options(url: str, username: str | None = None, password_file: str | os.PathLike | None = None,
+                 ca_file: str | os.PathLike | None = None, cert_file: str | os.PathLike | None = None,
+                 key_file: str | os.PathLike | None = None) -> str:
+    """``url`` with what it leaves out filled in (its own user and options win): how the
+    configuration's ``broker_user``, ``broker_password_file`` ... and the command line's
+    ``--broker-user`` ... join the broker URL."""
+    spec = broker_spec(url, env={})
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    options = dict(parse_qsl(parsed.query, keep_blank_values=True))
+    for key, value in (("password_file", password_file), ("ca_file", ca_file),
+                       ("cert_file", cert_file), ("key_file", key_file)):
+        if value is not None and key not in options and not (key == "password_file" and spec.password):
+            options[key] = os.fspath(value)
+    netloc = parsed.netloc
+    if username and not spec.username:
+        netloc = f"{quote(username, safe='')}@{netloc}"
+    query = "&".join(f"{k}={quote(v, safe='/._-~')}" for k, v in options.items())
+    out = parsed._replace(netloc=netloc, query=query).geturl()
+    broker_spec(out, env={})  # the options must fit the scheme (ca_file needs mqtts://)
+    return out
+
+
+def without_password(url: str) -> str:
+    """``url`` without the password of its ``user:password@`` (the user stays)."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.password is None:
+        return url
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{parsed.username}@{host}").geturl()
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt[s]://[user@]host:port`` to ``(host, port)`` (1883, or 8883 for ``mqtts``);
+    ``ValueError`` if it is not a broker URL (:func:`broker_spec` has the rest)."""
+    spec = broker_spec(url, env={})
+    return spec.host, spec.port
+
+
+_REFUSED_LOGIN = {4: "bad user name or password", 5: "not authorized",
+                  134: "bad user name or password", 135: "not authorized"}
+
+
+def connect_error_text(url: str, exc: BaseException, connecting: bool = False) -> str:
+    """One line for an MQTT error with ``url``: a refused login names the user (``broker
+    ... refused user 'x': not authorized``); anything else gives the URL without its password
+    and the error (``cannot connect to the broker at URL: ...`` if ``connecting``)."""
+    try:
+        spec = broker_spec(url)
+        where, user = spec.display, spec.username
+    except ValueError:
+        where, user = redact_url(url), None
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    if isinstance(exc, aiomqtt.MqttCodeError) and code in _REFUSED_LOGIN:
+        who = f"user {user!r}" if user else "an anonymous login (give a user: mqtt://USER@host)"
+        return f"broker {where} refused {who}: {_REFUSED_LOGIN[code]}"
+    if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():
+        return f"TLS with the broker {where} failed: {exc}"
+    if connecting:
+        return f"cannot connect to the broker at {where}: {exc}"
+    return f"broker {where}: {exc}"
 
 
 def make_client(url: str, client_id: str, will: aiomqtt.Will | None = None,
                 keepalive_s: int = KEEPALIVE_S) -> aiomqtt.Client:
-    """An aiomqtt client for ``url`` with TCP_NODELAY, MQTT 3.1.1 and a clean session.
+    """An aiomqtt client for ``url`` with TCP_NODELAY, MQTT 3.1.1 and a clean session; the
+    user, password and TLS of the URL (see "Broker URLs" above).
 
-    Must be called inside the event loop that will use it.
+    Must be called inside the event loop that will use it. ``ValueError`` for a bad URL, an
+    unreadable password file or TLS file.
     """
-    host, port = parse_broker_url(url)
+    spec = broker_spec(url)
+    password = spec.read_password()
     client = aiomqtt.Client(
-        host, port, identifier=client_id, will=will, keepalive=keepalive_s,
+        spec.host, spec.port, identifier=client_id, will=will, keepalive=keepalive_s,
+        username=spec.username, password=password,
+        tls_context=spec.ssl_context() if spec.tls else None,
         socket_options=TCP_NODELAY, protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
         timeout=10.0, max_queued_incoming_messages=100_000)
     _keep_writer_in_step(client)
     _tx_for(client)
+    if spec.tls:
+        _drain_tls_reads(client)
     return client
+
+
+def _drain_tls_reads(client: aiomqtt.Client) -> None:
+    """Make paho's ``loop_read`` read on while the TLS layer holds decrypted bytes.
+
+    paho reads one packet per ``loop_read`` (when nothing is in flight); over TLS the rest of
+    a record is already out of the socket, inside the ``SSLSocket``, so the socket does not
+    become readable again and those packets would wait for the next bytes from the broker.
+    Both aiomqtt's reader and :func:`deliver_directly` (which hands non-plain sockets to
+    paho) call ``loop_read`` through the instance, so they both get this.
+    """
+    paho_client: paho.Client = client._client
+    loop_read = paho_client.loop_read
+
+    def drained(max_packets: int = 1) -> paho.MQTTErrorCode:
+        rc = loop_read(max_packets)
+        while rc == paho.MQTT_ERR_SUCCESS:
+            sock = paho_client._sock
+            if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                break
+            rc = loop_read(max_packets)
+        return rc
+
+    paho_client.loop_read = drained  # type: ignore[method-assign]
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
@@ -182,9 +418,14 @@ class _Tx:
         self.cork = 0
         self.pending: list[bytes] = []
 
-    def publish(self, topic: str, payload: bytes, retain: bool) -> bool:
-        if self.paho._sock is None:
+    def publish(self, topic: str, payload: bytes, retain: bool) -> bool | None:
+        """Queue or write one packet; None when the socket is not plain TCP (TLS): then
+        the caller publishes through paho, which writes through the TLS layer."""
+        sock = self.paho._sock
+        if sock is None:
             return False
+        if type(sock) is not socket.socket:
+            return None
         head = self.heads.get(topic)
         if head is None:
             head = self.heads[topic] = _topic_head(topic)
@@ -476,7 +717,10 @@ def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, qos: int = 0
     paho_client: paho.Client = client._client  # the one place we reach into aiomqtt
     tx = getattr(paho_client, "_kibble_tx", None)
     if qos == 0 and tx is not None:
-        return tx.publish(topic, payload, retain)
+        sent = tx.publish(topic, payload, retain)
+        if sent is not None:
+            return sent
+        # not a plain socket (TLS): paho builds and writes the packet, as for QoS 1
     if tx is not None and tx.pending:  # keep the order of what is corked
         tx.flush()
     info = paho_client.publish(topic, payload, qos, retain)
@@ -486,5 +730,7 @@ def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, qos: int = 0
     return True
 
 
-__all__ = ["DEFAULT_BROKER", "KEEPALIVE_S", "TCP_NODELAY", "Receiver", "corked", "deliver_directly",
-           "make_client", "parse_broker_url", "publish_now", "publish_packet"]
+__all__ = ["DEFAULT_BROKER", "KEEPALIVE_S", "TCP_NODELAY", "BrokerSpec", "Receiver", "broker_spec",
+           "connect_error_text", "corked", "deliver_directly", "make_client", "parse_broker_url",
+           "publish_now", "publish_packet", "redact_url", "with_identity", "with_options",
+           "without_password"]

@@ -57,7 +57,8 @@ from kibble.bus_schema.messages import (
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming
 from kibble.bus_schema.topics import Topics
 from kibble.bus_schema.transport import (
-    DEFAULT_BROKER, corked, deliver_directly, make_client, parse_broker_url, publish_now,
+    DEFAULT_BROKER, connect_error_text, corked, deliver_directly, make_client, parse_broker_url,
+    publish_now,
 )
 
 from . import efb as efb_model
@@ -717,7 +718,7 @@ class SimServer:
                         connected_at = time.monotonic()
                         await self._serve(client, failed)
                 except aiomqtt.MqttError as exc:
-                    log.warning("sim: broker %s: %s", self.broker_url, exc)
+                    log.warning("sim: %s", connect_error_text(self.broker_url, exc))
                 finally:
                     self._client = None
                     self.connected.clear()

@@ -21,7 +21,7 @@ from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, Message, Reply
 from kibble.bus_schema.topics import Topics
 from kibble.bus_schema.transport import (
-    DEFAULT_BROKER, make_client, parse_broker_url, publish_now,
+    DEFAULT_BROKER, connect_error_text, make_client, parse_broker_url, publish_now, redact_url,
 )
 
 M = TypeVar("M", bound=Message)
@@ -62,7 +62,7 @@ class BusClient:
         try:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:
-            raise BusError(f"cannot connect to the broker at {self.url}: {exc}") from None
+            raise BusError(connect_error_text(self.url, exc, connecting=True)) from None
         await self._client.subscribe(self._reply_topic, qos=1)
         self._reader = asyncio.create_task(self._read())
         return self
@@ -87,7 +87,7 @@ class BusClient:
                     if message.topic.matches(pattern):
                         queue.put_nowait((topic, payload))
         except aiomqtt.MqttError as exc:
-            err = BusError(f"lost the broker at {self.url}: {exc}")
+            err = BusError(f"lost the broker at {redact_url(self.url)}: {exc}")
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(err)
@@ -141,7 +141,7 @@ class BusClient:
             try:
                 await self._client.subscribe(pattern, qos=qos)
             except aiomqtt.MqttError as exc:
-                raise BusError(f"cannot subscribe to {pattern!r} at {self.url}: {exc}") from None
+                raise BusError(f"cannot subscribe to {pattern!r} at {redact_url(self.url)}: {exc}") from None
             yield sub
         finally:
             self._queues.remove(entry)

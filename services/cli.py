@@ -1,6 +1,8 @@
 """The ``kibble`` command line.
 
-Every command that talks to the bus takes ``--broker mqtt://host:port`` and
+Every command that talks to the bus takes ``--broker mqtt[s]://[user@]host:port`` (with
+``--broker-user``, ``--broker-password-file``, ``--broker-ca``, ``--broker-cert``,
+``--broker-key``; see :mod:`kibble.bus_schema.transport`, "Broker URLs") and
 ``--instrument ID``. Exit status: 0 on success, 1 when a request was rejected or timed out,
 2 for a usage error.
 """
@@ -25,6 +27,7 @@ from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import (
     Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, ParamList, Reply, Setpoint, Status,
 )
+from kibble.bus_schema.transport import redact_url, with_options
 from kibble.services.bus import DEFAULT_BROKER, BusClient, BusError
 
 
@@ -134,7 +137,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         except DecodeError as exc:
             print(f"kibble: {topic}: {exc}", file=sys.stderr)
     if not rows:
-        print(f"no services seen on instrument {args.instrument!r} at {args.broker}")
+        print(f"no services seen on instrument {args.instrument!r} at {redact_url(args.broker)}")
         return 0
     print(status_table(list(rows.values())))
     return 0
@@ -193,9 +196,12 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 async def cmd_service(args: argparse.Namespace) -> int:
     from kibble.services.registry import service_class
+    from kibble.services.credentials import child_url
     from kibble.services.runtime import load_config, run_together
 
     names = [n for n in args.name.split(",") if n]
+    # --broker, else $KIBBLE_BROKER, else the configuration's broker key, else the default
+    broker = args.broker or os.environ.get("KIBBLE_BROKER") or None
     try:
         classes = [service_class(n) for n in names]
     except ValueError as exc:
@@ -205,7 +211,13 @@ async def cmd_service(args: argparse.Namespace) -> int:
     services = []
     for cls in classes:
         try:
-            config = load_config(cls.name, args.config, broker=args.broker, instrument=args.instrument,
+            url = broker if args.credentials is None else child_url(
+                broker or DEFAULT_BROKER, cls.name, args.credentials)
+            config = load_config(cls.name, args.config, broker=url, instrument=args.instrument,
+                                 broker_user=args.broker_user,
+                                 broker_password_file=args.broker_password_file,
+                                 broker_ca_file=args.broker_ca, broker_cert_file=args.broker_cert,
+                                 broker_key_file=args.broker_key,
                                  state_dir=args.state_dir, params=_for_member(params, cls.name, group),
                                  settings=_for_member(settings, cls.name, group),
                                  process=split_assignments(args.process) or None,
@@ -214,7 +226,7 @@ async def cmd_service(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise SystemExit(f"kibble: {cls.name}: {exc}") from None
     for service in services:
-        print(f"{service.name}: session {service.session} on {service.config.broker}, "
+        print(f"{service.name}: session {service.session} on {redact_url(service.config.broker)}, "
               f"instrument {service.config.instrument}", flush=True)
     try:
         if len(services) == 1:
@@ -267,7 +279,7 @@ async def cmd_sim(args: argparse.Namespace) -> int:
                        expect=expect, lockstep_timeout_s=args.lockstep_timeout,
                        drop_after_misses=args.drop_after, truth_every=args.truth_every,
                        max_frames=args.frames, client_id=args.client_id)
-    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, on {args.broker}, "
+    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, on {redact_url(args.broker)}, "
           f"instrument {args.instrument}", flush=True)
     await server.run()
     return 0
@@ -300,12 +312,13 @@ async def cmd_up(args: argparse.Namespace) -> int:
                     tuple(tuple(n for n in g.split(",") if n) for g in args.together))
         stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
                       seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings,
-                      measurement=args.measurement, together=together, process=process)
+                      measurement=args.measurement, together=together, process=process,
+                      credentials_dir=args.credentials)
     except ValueError as exc:
         raise SystemExit(f"kibble up: {exc}") from None
     async with stack:
         assert stack.broker_url is not None
-        print(f"up: {args.sim} on {stack.broker_url} (instrument {stack.instrument}); "
+        print(f"up: {args.sim} on {redact_url(stack.broker_url)} (instrument {stack.instrument}); "
               f"Ctrl-C stops everything", flush=True)
         async with BusClient(stack.broker_url, stack.instrument) as bus:
             statuses: dict[str, Status] = {}
@@ -392,22 +405,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kibble", description=__doc__.splitlines()[0])
+
+    def auth_args(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("broker identity and TLS (each also $KIBBLE_BROKER_USER, "
+                                 "$KIBBLE_BROKER_PASSWORD_FILE, $KIBBLE_BROKER_PASSWORD, "
+                                 "$KIBBLE_BROKER_CA, $KIBBLE_BROKER_CERT, $KIBBLE_BROKER_KEY)")
+        g.add_argument("--broker-user", default=None, metavar="USER",
+                       help="user name (the URL's user@ wins)")
+        g.add_argument("--broker-password-file", default=None, metavar="PATH",
+                       help="file whose first line is the password (keeps it off the command line)")
+        g.add_argument("--broker-ca", default=None, metavar="PATH",
+                       help="mqtts://: CA certificate(s) of the broker (default: the system's)")
+        g.add_argument("--broker-cert", default=None, metavar="PATH",
+                       help="mqtts://: client certificate")
+        g.add_argument("--broker-key", default=None, metavar="PATH",
+                       help="mqtts://: key of the client certificate")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def bus_args_no_timeout(p: argparse.ArgumentParser) -> None:
         p.add_argument("--broker", default=_env_broker(),
-                       help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
+                       help="broker URL mqtt[s]://[user@]host:port (default $KIBBLE_BROKER or %(default)s)")
         p.add_argument("--instrument", default=_env_instrument(),
                        help="instrument id, first topic level after kb/ (default %(default)s)")
+        auth_args(p)
 
     def bus_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--broker", default=_env_broker(),
-                       help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
-        p.add_argument("--instrument", default=_env_instrument(),
-                       help="instrument id, first topic level after kb/ (default %(default)s)")
+        bus_args_no_timeout(p)
         p.add_argument("--timeout", type=float, default=5.0, help="reply timeout in s")
         p.add_argument("--client-id", default=None, help="client id recorded in audit events")
+
+    p = sub.add_parser("deploy-credentials",
+                       help="one broker identity per daemon: mosquitto password file, ACL, 0600 secrets")
+    from kibble.services import credentials
+    credentials.add_arguments(p)
+    p.set_defaults(func=credentials.run, is_async=False)
 
     p = sub.add_parser("broker", help="run an MQTT broker in the foreground")
     p.add_argument("--host", default="127.0.0.1")
@@ -427,10 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restore", action="store_true", help="ignore the saved state file")
     p.add_argument("--clock", choices=("realtime", "lockstep"), default=None,
                    help="the hardware's clock (default realtime; lockstep: no wall-clock age limit)")
+    p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
+                   help="connect each daemon as kibble-NAME with the password in "
+                        "DIR/kibble-NAME.password (kibble deploy-credentials writes them)")
     p.add_argument("--process", action="append", default=[], metavar="NAME=VALUE",
                    help="process setting: cpu_affinity=0,1 sched_policy=fifo|rr|other|batch|idle "
                         "sched_priority=1..99 nice=-20..19 (repeatable)")
     bus_args(p)
+    p.set_defaults(broker=None)  # so that the configuration's broker key counts
     p.set_defaults(func=cmd_service, is_async=True)
 
     p = sub.add_parser("status", help="table of every service seen on the bus")
@@ -480,10 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish sim/truth every N frames (0: never; default every frame in "
                         "lockstep, at most 100 Hz in realtime)")
     p.add_argument("--frames", type=int, default=0, help="stop after N frames (0: run until stopped)")
-    p.add_argument("--broker", default=_env_broker(),
-                   help="broker URL mqtt://host:port (default $KIBBLE_BROKER or %(default)s)")
-    p.add_argument("--instrument", default=_env_instrument(),
-                   help="instrument id, first topic level after kb/ (default %(default)s)")
+    bus_args_no_timeout(p)
     p.add_argument("--client-id", default=None, help="MQTT client id of the simulator")
     p.set_defaults(func=cmd_sim, is_async=True)
 
@@ -492,7 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=("lockstep", "realtime"), default="lockstep")
     p.add_argument("--rate", type=float, default=1000.0, help="frame (loop) rate in Hz")
     p.add_argument("--broker", default=None,
-                   help="use this broker (mqtt://host:port); default: start an embedded one")
+                   help="use this broker (mqtt[s]://[user@]host:port: the identity of kibble up "
+                        "itself, an operator); default: start an embedded one")
+    auth_args(p)
+    p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
+                   help="with --broker: give each daemon and the simulator its own identity "
+                        "kibble-NAME, password from DIR/kibble-NAME.password "
+                        "(kibble deploy-credentials writes them)")
     p.add_argument("--seed", type=int, default=0, help="simulator random seed")
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "up",
                    help="logs and state files of the daemons")
@@ -562,13 +601,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rt-settle", type=float, default=None, metavar="S",
                    help="realtime: settling after force mode (and after the EFB's artifact) "
                         "before the window (default 5)")
+    auth_args(p)
     p.set_defaults(func=cmd_bench, is_async=False)
     return parser
+
+
+def _fold_broker_options(args: argparse.Namespace) -> None:
+    """``--broker-user`` ... join the broker URL (``args.broker`` or bench's ``broker_url``)."""
+    if not hasattr(args, "broker_user"):
+        return
+    options = (args.broker_user, args.broker_password_file, args.broker_ca, args.broker_cert,
+               args.broker_key)
+    for attr in ("broker", "broker_url"):
+        url = getattr(args, attr, None)
+        if url is not None:
+            setattr(args, attr, with_options(url, *options))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        _fold_broker_options(args)
+    except ValueError as exc:
+        print(f"kibble: {exc}", file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -48,7 +48,8 @@ from kibble.bus_schema.messages import (
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming, saturating_add
 from kibble.bus_schema.topics import Topics, check_name
 from kibble.bus_schema.transport import (
-    DEFAULT_BROKER, deliver_directly, make_client, parse_broker_url, publish_now,
+    DEFAULT_BROKER, connect_error_text, deliver_directly, make_client, parse_broker_url, publish_now,
+    with_options,
 )
 from kibble.services.params import Change, ParamError, ParamRegistry, declared_params
 from kibble.bus_schema.process import ProcessSettings, apply_process_settings, process_settings
@@ -99,9 +100,20 @@ class ServiceConfig:
     old: an actuator treats it as missing input (hold, then safe; one event)."""
     process: ProcessSettings = field(default_factory=lambda: ProcessSettings())
     """CPU affinity and scheduling of the daemon's process (``[services.NAME.process]``)."""
+    broker_user: str | None = None
+    """Broker identity (``kibble-<service>`` in deploy/); the URL's own user wins."""
+    broker_password_file: str | None = None
+    """File whose first line is the password (mode 0600; never the password in the TOML)."""
+    broker_ca_file: str | None = None
+    broker_cert_file: str | None = None
+    broker_key_file: str | None = None
+    """TLS (``mqtts://``): CA of the broker's certificate, optional client certificate and key."""
 
     def __post_init__(self) -> None:
         check_name("instrument id", self.instrument)
+        # the broker_* keys join the URL (see kibble.bus_schema.transport, "Broker URLs")
+        self.broker = with_options(self.broker, self.broker_user, self.broker_password_file,
+                                   self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
         parse_broker_url(self.broker)
         self.state_dir = Path(self.state_dir)
         if not (0.05 <= self.heartbeat_s <= 60):
@@ -116,7 +128,8 @@ class ServiceConfig:
 
 _CONFIG_KEYS = {"instrument", "broker", "state_dir", "heartbeat_s", "restore", "event_burst",
                 "event_rate_per_s", "reconnect_min_s", "reconnect_max_s", "clock",
-                "max_frame_age_frames", "process"}
+                "max_frame_age_frames", "process", "broker_user", "broker_password_file",
+                "broker_ca_file", "broker_cert_file", "broker_key_file"}
 
 
 def load_config(service: str, path: Path | str | None = None, **overrides: Any) -> ServiceConfig:
@@ -692,7 +705,7 @@ class Service:
                     connected_at = time.monotonic()
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
-                log.warning("%s: broker %s: %s", self.name, self.config.broker, exc)
+                log.warning("%s: %s", self.name, connect_error_text(self.config.broker, exc))
             finally:
                 self._client = None
                 self.connected.clear()

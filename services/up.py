@@ -30,6 +30,7 @@ from typing import Any, Callable
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Status
 from kibble.bus_schema.realtime import AGE_TOO_OLD_FRAMES, cannot_keep_up
+from kibble.bus_schema.transport import broker_spec, without_password
 from kibble.services.broker import Broker
 from kibble.services.bus import BusClient, BusError
 
@@ -138,6 +139,10 @@ class Stack:
     process: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Process settings per daemon or ``sim`` (``--process SERVICE.NAME=VALUE``, see
     :mod:`kibble.bus_schema.process`); a group of daemons takes its members' together."""
+    credentials_dir: Path | None = None
+    """With ``broker_url``: every child connects as ``kibble-<name>`` with the password in
+    ``<credentials_dir>/kibble-<name>.password`` (``kibble deploy-credentials``); the stack's
+    own requests (waiting, arming) keep ``broker_url``'s identity, an operator's."""
     progress: Callable[[str], None] = print
     startup_timeout_s: float = 60.0
     max_restarts: int = 5
@@ -196,6 +201,10 @@ class Stack:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.broker_url is not None and self.credentials_dir is None:
+            password = broker_spec(self.broker_url, env={}).password
+            if password is not None:  # not on the children's command lines (ps shows those)
+                env["KIBBLE_BROKER_PASSWORD"] = password
         return env
 
     def _kibble(self, *args: str) -> list[str]:
@@ -213,9 +222,19 @@ class Stack:
                 merged[key] = value
         return [f"--process={key}={value}" for key, value in merged.items()]
 
-    def _bus_args(self) -> list[str]:
+    def _bus_args(self, child: str | None = None) -> list[str]:
         assert self.broker_url is not None
-        return ["--broker", self.broker_url, "--instrument", self.instrument]
+        url = self.broker_url
+        if child == "sim" and self.credentials_dir is not None:
+            from kibble.services.credentials import child_url
+            url = child_url(url, child, self.credentials_dir)
+        elif child is not None and self.credentials_dir is not None:
+            # each daemon of the process connects as itself (kibble service --credentials)
+            return ["--broker", without_password(url), "--credentials", str(self.credentials_dir),
+                    "--instrument", self.instrument]
+        elif child is not None:
+            url = without_password(url)  # a password given in the URL goes by environment (_env)
+        return ["--broker", url, "--instrument", self.instrument]
 
     async def __aenter__(self) -> "Stack":
         try:
@@ -243,7 +262,7 @@ class Stack:
                                         "--rate", rate, "--seed", str(self.seed),
                                         "--expect", ",".join(self.spec["devices"]),
                                         *self._process_args("sim"), *self.sim_args,
-                                        *self._bus_args()),
+                                        *self._bus_args("sim")),
                     logs / "sim.log")
         self.children["sim"] = sim
         daemons = self.daemons
@@ -257,7 +276,8 @@ class Stack:
             self.children[child] = Child(child, self._kibble(
                 "service", ",".join(group), "--config", str(stack_config(self.model)),
                 "--clock", self.clock, *frame_rate, "--state-dir", str(self.run_dir / "state"),
-                *own, *self._process_args(*group), *self._bus_args()), logs / f"{child}.log")
+                *own, *self._process_args(*group), *self._bus_args(child)),
+                logs / f"{child}.log")
         env = self._env()
         # the simulator first: the actuators' hello (their registration with the lockstep
         # clock) must find it subscribed

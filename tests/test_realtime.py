@@ -162,6 +162,9 @@ def test_a_decimated_actuator_acts_once_per_loop_period_and_says_how_long_it_hol
     assert [c.frame for c in sent] == list(range(100, 200, 5))
     assert {c.hold_frames for c in sent} == {5}
     assert any(c.codes != [0] * 6 for c in sent)  # it damps
-    for k in range(200, 320):  # the DAQ falls silent: the clock alone drives the guard to safe
+    for k in range(200, 400):  # the DAQ falls silent: stale after 50 ms, held for 0.25 s
+        damping.on_clock(HwSensorFrame(frame=k))
+    assert damping.guard.state == "armed" and damping.guard.stale
+    for k in range(400, 600):  # then the clock alone drives the guard to safe
         damping.on_clock(HwSensorFrame(frame=k))
     assert damping.guard.state == "safe"
