@@ -22,6 +22,7 @@ from kibble.services.current_source import CurrentSource
 from kibble.services.runtime import Service, ServiceConfig
 from kibble.services.scenarios import band_rms
 from kibble.services.up import STACKS, Stack
+from tests.test_runtime_bus import running
 
 pytestmark = pytest.mark.broker
 
@@ -31,17 +32,6 @@ RATE_HZ = 500.0
 def _config(broker, tmp_path, **settings: Any) -> ServiceConfig:
     return ServiceConfig(broker=broker.url, instrument=f"t{uuid.uuid4().hex[:10]}",
                          state_dir=tmp_path, heartbeat_s=0.5, settings=settings)
-
-
-@contextlib.asynccontextmanager
-async def running(service: Service):
-    task = asyncio.create_task(service.run(install_signal_handlers=False))
-    try:
-        await asyncio.wait_for(service.connected.wait(), 10)
-        yield service
-    finally:
-        service.stop()
-        await asyncio.wait_for(task, 10)
 
 
 async def feed(url: str, frames: dict[str, Any], rate_hz: float, seconds: float,
