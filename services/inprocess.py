@@ -72,8 +72,10 @@ class InProcessStack:
         self.services: dict[str, Service] = {}
         for name in services or STACKS[model]["services"]:
             cls = service_class(name)
+            # lockstep: the plant advances as fast as the daemons answer; wall-clock frame
+            # ages mean nothing here (a kernel compiled mid-frame must not make input "too old")
             cfg = load_config(cls.name, stack_config(model), instrument=model, state_dir=state,
-                              restore=False, params=dict((params or {}).get(name, {})),
+                              restore=False, clock="lockstep", params=dict((params or {}).get(name, {})),
                               settings={**dict((settings or {}).get(name, {})), "frame_rate_hz": self.rate_hz})
             svc = cls(cfg)
             self.services[name] = svc
