@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["sweep_eval", "sweep_duration_s", "sweep_plan", "erase_eval", "erase_duration_s",
-           "load_step_feedforward"]
+           "load_step_feedforward", "load_step_feedforward_at"]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -163,3 +163,22 @@ def load_step_feedforward(t_s, t0_s, ramp_s, delta_mass_kg, g_m_s2, bl_t_m, lag_
             out[k] = di
         else:
             out[k] = di * x + lag_s * di / ramp_s
+
+
+def load_step_feedforward_at(t_s: float, t0_s: float, ramp_s: float, delta_mass_kg: float,
+                             g_m_s2: float, bl_t_m: float, lag_s: float) -> float:
+    """:func:`load_step_feedforward` at one time ``t_s`` (s), in plain Python: a service's
+    per-frame call costs a fraction of the kernel's dispatch. The same IEEE operations in the
+    same order (the kernel is compiled without fastmath), so the same bits."""
+    if ramp_s == 0.0 or bl_t_m == 0.0:  # the kernel's division by zero (inf/nan, no exception)
+        out = np.zeros(1)
+        load_step_feedforward(np.array([t_s], dtype=float), t0_s, ramp_s, delta_mass_kg,
+                              g_m_s2, bl_t_m, lag_s, out)
+        return float(out[0])
+    di = delta_mass_kg * g_m_s2 / bl_t_m
+    x = (t_s - t0_s) / ramp_s
+    if x <= 0.0 or x != x:
+        return 0.0
+    if x >= 1.0:
+        return di
+    return di * x + lag_s * di / ramp_s

@@ -32,6 +32,7 @@ from numba import njit
 from scipy.linalg import expm
 
 from .errors import ActuatorError, PlantError
+from .nist4 import NormalDraws, normals_needed
 from .noise import ground_filter, ground_tick, white_std
 from .params import Params, load_params
 
@@ -99,11 +100,19 @@ def _forces(x, slip, env, act, P, hyk):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, rng, n_frames, n_sub,
+def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, nz, nzu, n_frames, n_sub,
          out, tr, rec):
-    """Advance n_frames frames of n_sub steps with ``act`` held. Per frame ``rng`` gives 5
-    standard normals per noise tick (ground 3, HV 1, temperature 1) then 5 at the frame end
-    (ifo, dvm, bridge, thermometer, gauge). Returns frames done (< n_frames: non-finite)."""
+    """Advance n_frames frames of n_sub steps with ``act`` held. ``nz``: standard normals of
+    the plant's Generator (see :class:`~kibble.hil_sim.nist4.NormalDraws`); per frame the
+    kernel takes 5 per noise tick (ground 3, HV 1, temperature 1) then 5 at the frame end
+    (ifo, dvm, bridge, thermometer, gauge), and writes how many it took to ``nzu[0]`` (-1:
+    ``nz`` was too short). Returns frames done (< n_frames: non-finite, the state then put
+    back as it was at the call)."""
+    iz = 0
+    nzn = nz.shape[0]
+    x0 = x.copy()
+    slip0 = slip.copy()
+    env0 = env.copy()
     h = P[P_H]
     gs = np.zeros(2)
     tick_n = int(P[P_TICKN])
@@ -117,8 +126,15 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, rng, n_frames, n_sub,
         dvm_acc = 0.0
         for sub in range(n_sub):
             if env[E_TICK] <= 0.0:
+                if iz + 5 > nzn:
+                    nzu[0] = -1
+                    x[:] = x0
+                    slip[:] = slip0
+                    env[:] = env0
+                    return fr
                 for j in range(5):
-                    nt[j] = rng.standard_normal()
+                    nt[j] = nz[iz + j]
+                iz += 5
                 gs[0] = env[E_GS0]
                 gs[1] = env[E_GS1]
                 env[E_AG] = ground_tick(gs, gphi, gL, gc, P[P_FLOOR], nt[0], nt[1], nt[2])
@@ -155,10 +171,16 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, rng, n_frames, n_sub,
             if env[E_EXTN] > 0.0:
                 env[E_EXTN] -= 1.0
             env[E_T] += h
-        if not (np.isfinite(x[0]) and np.isfinite(x[1]) and np.isfinite(x[2])):
+        ok = np.isfinite(x[0]) and np.isfinite(x[1]) and np.isfinite(x[2])
+        if not ok or iz + 5 > nzn:
+            nzu[0] = -1 if ok else iz  # (ok: the normals ran out)
+            x[:] = x0
+            slip[:] = slip0
+            env[:] = env0
             return fr
         for j in range(5):
-            nf[j] = rng.standard_normal()
+            nf[j] = nz[iz + j]
+        iz += 5
         ph = 4.0 * math.pi * x[Z] / P[P_LAM] + P[P_PHSTD] * nf[0]
         nfr = math.floor(ph / (2.0 * math.pi))
         out[fr, S_FR] = nfr
@@ -201,6 +223,7 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, rng, n_frames, n_sub,
             tr[fr, 10] = env[E_AG]
             tr[fr, 11] = env[E_M]
             tr[fr, 12] = env[E_FH]
+    nzu[0] = iz
     return n_frames
 
 
@@ -375,9 +398,16 @@ class EfbPlant:
         self._quantize_dac = p["noise.dac_quantization"]
         self._out1 = np.zeros((1, NS))
         self._tr1 = np.zeros((1, NT))
+        self._normals = NormalDraws()
 
     # -------------------------------------------------------------- commands
     def decode(self, a: EfbActuators) -> np.ndarray:
+        v = a.hv_code if type(a) is EfbActuators else None
+        if (type(v) is int and -(2 ** (self._bits - 1)) <= v <= 2 ** (self._bits - 1) - 1
+                and type(a.hv_to_main) is bool and type(a.hv_enable) is bool):
+            # an int code and bools (what the bus adapter holds): the checks below pass
+            return np.array([float(v) * self._V_per_code, 1.0 if a.hv_to_main else 0.0,
+                             1.0 if a.hv_enable else 0.0])
         if not isinstance(a, EfbActuators):
             raise ActuatorError("frame", a, "expected an EfbActuators")
         v = a.hv_code
@@ -403,13 +433,43 @@ class EfbPlant:
     def volts_to_code(self, volts: float) -> int:
         return int(max(-(2 ** (self._bits - 1)), min(2 ** (self._bits - 1) - 1, round(volts / self._V_per_code))))
 
+    _CHUNK = 4096
+    """Frames per kernel call of a long block (bounds the normals drawn ahead)."""
+
     def _advance(self, act, n_frames, out, tr, rec):
-        saved = (self.x.copy(), self.slip.copy(), self.env.copy())
-        done = _run(self.x, self.slip, self.env, act, self.P, self.hyk, self.hyth, self.W,
-                    self._gphi, self._gL, self._gc, self.rng, n_frames, self.n_sub, out, tr, rec)
-        if done != n_frames:
-            self.x, self.slip, self.env = saved
-            raise PlantError(f"non-finite plant state in frame {done}; block rolled back")
+        normals, used = self._normals, self._normals.used
+        tick_n, n_sub = int(self.P[P_TICKN]), self.n_sub
+        saved = None
+        done = 0
+        while True:
+            # cut only where a frame starts on a noise tick (always: tick_n divides n_sub)
+            n = n_frames - done
+            env_tick = float(self.env[E_TICK])
+            if n > self._CHUNK and not env_tick > 0.0:
+                n = self._CHUNK
+                if saved is None:  # the kernel puts back its own call; a block of calls, here
+                    saved = (self.x.copy(), self.slip.copy(), self.env.copy())
+            if n == 1 and env_tick == 0.0:  # one frame from a tick: the usual call
+                count = 5 + 5 * (1 + (n_sub - 1) // max(1, tick_n))
+            else:
+                count = normals_needed(env_tick, tick_n, n * n_sub, n, 5, 5)
+            nz = normals.draw(self.rng, count)
+            whole = done == 0 and n == n_frames
+            got = _run(self.x, self.slip, self.env, act, self.P, self.hyk, self.hyth, self.W,
+                       self._gphi, self._gL, self._gc, nz, used, n, n_sub,
+                       out if whole else out[done:done + n],
+                       tr if whole or not rec else tr[done:done + n], rec)
+            taken = int(used[0])
+            if got != n or taken != count:
+                if saved is not None:
+                    self.x, self.slip, self.env = saved
+                if taken < 0 or got == n:
+                    raise RuntimeError(f"plant kernel took {taken} normals, {count} were drawn")
+                normals.rewind(self.rng, count, taken)
+                raise PlantError(f"non-finite plant state in frame {done + got}; block rolled back")
+            done += n
+            if done >= n_frames:
+                return
 
     def step_frame(self, actuators: EfbActuators) -> EfbSensors:
         act = self.decode(actuators)
@@ -423,7 +483,7 @@ class EfbPlant:
         self.act = act
         self.last_actuators = actuators
         out = np.zeros((n_frames, NS))
-        tr = np.zeros((n_frames if record_truth else 1, NT))
+        tr = np.zeros((n_frames, NT)) if record_truth else self._tr1  # (not written unrecorded)
         self._advance(act, n_frames, out, tr, record_truth)
         return EfbBlock(out, tr if record_truth else None)
 

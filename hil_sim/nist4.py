@@ -284,12 +284,22 @@ def _quant(v, lsb, fs):
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, gc,
-         rng, n_frames, n_sub, out, tr, rec):
+         nz, nzu, n_frames, n_sub, out, tr, rec):
     """Advance the plant n_frames frames of n_sub steps with actuators ``act`` held.
-    rng: the plant's numpy Generator; per frame it draws, in this order, 12 standard normals
-    per noise tick (3 x 3 ground, 2 current, 1 temperature) and 15 at the frame end (4 ifo,
-    6 psd, dvm, 2 monitors, thermometer, pressure gauge), whatever the switches. Returns the number of frames done (< n_frames if a non-finite state
-    appeared; the state is then left at the last finite step)."""
+    nz: standard normals drawn from the plant's numpy Generator (:meth:`Nist4Plant._advance`;
+    passing the Generator itself costs ~10 us per call); per frame the kernel takes, in this
+    order, 12 per noise tick (3 x 3 ground, 2 current, 1 temperature) and 15 at the frame end
+    (4 ifo, 6 psd, dvm, 2 monitors, thermometer, pressure gauge), whatever the switches, and
+    writes how many it took to ``nzu[0]`` (-1: ``nz`` was too short). Returns the number of
+    frames done (< n_frames if a non-finite state appeared, or nz was too short; the state is
+    then put back as it was at the call)."""
+    iz = 0
+    nzn = nz.shape[0]
+    x0 = x.copy()
+    eta0 = eta.copy()
+    slip0 = slip.copy()
+    env0 = env.copy()
+    W0 = W.copy()
     h = P[P_H]
     r = P[P_R]
     Q = np.zeros(5)
@@ -357,8 +367,17 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
         for sub in range(n_sub):
             # ---- noise tick
             if env[E_TICK] <= 0.0:
+                if iz + 12 > nzn:
+                    nzu[0] = -1
+                    x[:] = x0
+                    eta[:] = eta0
+                    slip[:] = slip0
+                    env[:] = env0
+                    W[:] = W0
+                    return fr
                 for j in range(12):
-                    nt[j] = rng.standard_normal()
+                    nt[j] = nz[iz + j]
+                iz += 12
                 for ax in range(3):
                     gs = env[E_GS + 2 * ax:E_GS + 2 * ax + 2]
                     env[E_AG + ax] = ground_tick(gs, gphi, gL, gc, P[P_FLOOR], nt[3 * ax],
@@ -566,11 +585,18 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
         for i in range(NX):
             if not np.isfinite(x[i]):
                 ok = False
-        if not ok:
+        if not ok or iz + 15 > nzn:
+            nzu[0] = -1 if ok else iz  # (ok: the normals ran out)
+            x[:] = x0
+            eta[:] = eta0
+            slip[:] = slip0
+            env[:] = env0
+            W[:] = W0
             return fr
         # ---- sensors at frame end
         for j in range(15):
-            nf[j] = rng.standard_normal()
+            nf[j] = nz[iz + j]
+        iz += 15
         th = x[TH]
         lam = P[P_LAM]
         for i in range(4):
@@ -631,6 +657,7 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
             tr[fr, 26] = env[E_MT]
             tr[fr, 27] = env[E_MA]
             tr[fr, 28] = env[E_TAUH]
+    nzu[0] = iz
     return n_frames
 
 
@@ -654,6 +681,60 @@ def _deriv(x, slip, env, act, P, hyk, K5, C5, Minv, dx):
             f -= K5[i, j] * x[Q0 + j] + C5[i, j] * x[QD0 + j]
         dx[QD0 + i] = Minv[i] * f
     return emf, im, ic, bl
+
+
+class NormalDraws:
+    """Standard normals of a plant's numpy Generator, drawn in Python for its kernel.
+
+    The kernels used to take the Generator itself and draw one value at a time; numba's
+    unboxing of a Generator costs ~10 us per call, more than a whole frame of the plant. Numba's
+    ``standard_normal`` is numpy's (the same ziggurat on the same bit generator: the same
+    values, the same state after), so a kernel given ``rng.standard_normal(n)`` computes the
+    same bits, provided ``n`` is exactly what it takes. A block that stops at a non-finite
+    state took fewer; :meth:`rewind` then puts the generator where the per-value draws left
+    it: back to a mark (a state snapshot, taken every :data:`MARK_EVERY` values) and forward
+    by every value drawn since, minus the ones the kernel did not take. The plant's Generator
+    must be drawn from by its plant only (it always was)."""
+
+    MARK_EVERY = 1 << 17
+
+    def __init__(self) -> None:
+        self._rng: np.random.Generator | None = None
+        self._mark: dict | None = None
+        self._since = 0
+        self.used = np.zeros(1, dtype=np.int64)
+        """The kernel writes how many of the values it took here (-1: too few were given)."""
+
+    def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        if rng is not self._rng or self._mark is None or self._since > self.MARK_EVERY:
+            self._rng, self._mark, self._since = rng, rng.bit_generator.state, 0
+        self._since += count
+        return rng.standard_normal(count)
+
+    def rewind(self, rng: np.random.Generator, drawn: int, taken: int) -> None:
+        """The generator as if only ``taken`` of the last ``drawn`` values had been drawn."""
+        n = self._since - drawn + taken
+        rng.bit_generator.state = self._mark
+        while n > 0:
+            k = min(n, 1 << 20)
+            rng.standard_normal(k)
+            n -= k
+        self._mark = None
+
+
+def normals_needed(env_tick: float, tick_n: int, n_steps: int, n_frames: int, per_tick: int,
+                   per_frame: int) -> int:
+    """How many normals a kernel takes for ``n_frames`` frames of ``n_steps`` steps in all: it
+    ticks at a step whose counter ``env_tick`` (decremented by one each step, reset to
+    ``tick_n`` at a tick) is <= 0 and takes ``per_tick`` there, and ``per_frame`` at each
+    frame end."""
+    tick_n = max(1, tick_n)
+    if not env_tick < n_steps:  # (also NaN: never ticks)
+        ticks = 0
+    else:
+        s0 = 0 if env_tick <= 0.0 else math.ceil(env_tick)
+        ticks = 0 if s0 >= n_steps else 1 + (n_steps - 1 - s0) // tick_n
+    return per_tick * ticks + per_frame * n_frames
 
 
 # =============================================================================================
@@ -966,6 +1047,7 @@ class Nist4Plant:
         self.last_actuators = Nist4Actuators()
         self._out1 = np.zeros((1, NS))
         self._tr1 = np.zeros((1, NT))
+        self._normals = NormalDraws()
 
         # DAC scalings
         self._dac = {}
@@ -1036,8 +1118,98 @@ class Nist4Plant:
             raise ActuatorError(name, v, "relay state must be a bool")
         return 1.0 if v else 0.0
 
+    def _decode_fast(self, a: Nist4Actuators) -> np.ndarray | None:
+        """:meth:`decode` of a frame of plain ints and bools (what the bus adapter holds), in a
+        few microseconds instead of tens; None for anything else (:meth:`decode` then checks
+        it the long way, with its error texts). The same operations in the same order as
+        :meth:`decode` and :meth:`_derive`, so the same bits. The damping and HV parts are
+        kept with the tuple they came from: the same tuple object (immutable; the adapter makes
+        a new one per command, and the decimated loops send one every few frames) gives them
+        again without a check."""
+        c = self._dec_consts
+        if c is None:
+            c = self._dec_consts = self._decode_constants()
+        m_lo, m_hi, mf_lo, mf_hi, m_lsb, m_flsb, c_lo, c_hi, cf_lo, cf_hi, c_lsb, c_flsb = c[0]
+        mc, mf, cc, cf = a.main_coarse, a.main_fine, a.cm_coarse, a.cm_fine
+        if not (type(mc) is int and type(mf) is int and type(cc) is int and type(cf) is int
+                and m_lo <= mc <= m_hi and mf_lo <= mf <= mf_hi
+                and c_lo <= cc <= c_hi and cf_lo <= cf <= cf_hi):
+            return None
+        fm, cme, de, hve = a.main_force_mode, a.cm_enable, a.damping_enable, a.hv_enable
+        if not (type(fm) is bool and type(cme) is bool and type(de) is bool and type(hve) is bool):
+            return None
+        damp, hv = a.damping, a.hv
+        cached = self._damp_cache
+        if cached is not None and cached[0] is damp and cached[1] is de:
+            idc, derived = cached[2], cached[3]
+        else:
+            d_lo, d_hi, d_per, damp_k, kv, kh, rd = c[1]
+            if type(damp) is not tuple or len(damp) != 6:
+                return None
+            for v in damp:
+                if type(v) is not int or not d_lo <= v <= d_hi:
+                    return None
+            idc = [float(v) * d_per for v in damp]
+            # _derive: the damping coils' summed vertical force and generalized forces
+            fvs = q0 = q1 = q2 = q3 = q4 = 0.0
+            if de:
+                for k in range(3):
+                    cs, sn = damp_k[k]
+                    fv = kv * idc[2 * k]
+                    fh = kh * idc[2 * k + 1]
+                    fvs += fv
+                    q0 += -sn * fh
+                    q1 += cs * fh
+                    q2 += rd * sn * fv
+                    q3 += -rd * cs * fv
+                    q4 += rd * fh
+            derived = [fvs, q0, q1, q2, q3, q4]
+            self._damp_cache = (damp, de, idc, derived)
+        cached = self._hv_cache
+        if cached is not None and cached[0] is hv:
+            volts = cached[1]
+        else:
+            h_lo, h_hi, h_per, hv_lim = c[2]
+            if type(hv) is not tuple or len(hv) != 6:
+                return None
+            for v in hv:
+                if type(v) is not int or not h_lo <= v <= h_hi:
+                    return None
+            volts = [max(-hv_lim, min(hv_lim, float(v) * h_per)) for v in hv]
+            self._hv_cache = (hv, volts)
+        act = [float(mc) * m_lsb + float(mf) * m_flsb, float(cc) * c_lsb + float(cf) * c_flsb]
+        act += idc
+        act += volts
+        act += (1.0 if fm else 0.0, 1.0 if cme else 0.0, 1.0 if de else 0.0, 1.0 if hve else 0.0)
+        act += derived
+        return np.array(act, dtype=float)
+
+    _damp_cache: tuple | None = None
+    _hv_cache: tuple | None = None
+    _dec_consts: tuple | None = None
+
+    def _decode_constants(self) -> tuple:
+        """Code ranges and scalings of :meth:`_decode_fast`: (sources, damping, HV); Python
+        floats (the same values: numpy scalars would make every operation slow). ``P`` is
+        fixed after ``__init__``."""
+        P = self.P
+        src: list = []
+        for name in ("main_source", "cm_source"):
+            cb, fb, lsb, flsb = self._dac[name]
+            src += [-(2 ** (cb - 1)), 2 ** (cb - 1) - 1, -(2 ** (fb - 1)), 2 ** (fb - 1) - 1, lsb, flsb]
+        damp = (-(2 ** (self._dbits - 1)), 2 ** (self._dbits - 1) - 1, self._damp_A_per_code,
+                tuple((math.cos(P[P_D0 + k]), math.sin(P[P_D0 + k])) for k in range(3)),
+                float(P[P_KV]), float(P[P_KH]), float(P[P_RD]))
+        hv = (-(2 ** (self._hbits - 1)), 2 ** (self._hbits - 1) - 1, self._hv_V_per_code,
+              float(P[P_HVLIM]))
+        return tuple(src), damp, hv
+
     def decode(self, a: Nist4Actuators) -> np.ndarray:
         """Validate a command frame and return the physical actuator vector (A, V, flags)."""
+        if type(a) is Nist4Actuators:
+            act = self._decode_fast(a)
+            if act is not None:
+                return act
         if not isinstance(a, Nist4Actuators):
             raise ActuatorError("frame", a, "expected a Nist4Actuators")
         act = np.zeros(NA)
@@ -1097,15 +1269,45 @@ class Nist4Plant:
         return coarse * lsb + fine * flsb
 
     # ---------------------------------------------------------------- stepping
+    _CHUNK = 4096
+    """Frames per kernel call of a long block (bounds the normals drawn ahead)."""
+
     def _advance(self, act: np.ndarray, n_frames: int, out: np.ndarray, tr: np.ndarray, rec: bool):
-        saved = (self.x.copy(), self.slip.copy(), self.env.copy(), self.W.copy())
-        saved = saved + (self.eta.copy(),)
-        done = _run(self.x, self.eta, self.slip, self.env, act, self.P, self.hyk, self.hyth,
-                    self.Lam5, self.Geta, self.T5, self.Rq, self.W, self._gphi, self._gL, self._gc,
-                    self.rng, n_frames, self.n_sub, out, tr, rec)
-        if done != n_frames:
-            self.x, self.slip, self.env, self.W, self.eta = saved
-            raise PlantError(f"non-finite plant state in frame {done}; block rolled back")
+        normals, used = self._normals, self._normals.used
+        tick_n, n_sub = int(self.P[P_TICKN]), self.n_sub
+        saved = None
+        done = 0
+        while True:
+            # a block is cut only where a frame starts on a noise tick (as it always does:
+            # tick_n divides n_sub), so the pieces compute what one call would
+            n = n_frames - done
+            env_tick = float(self.env[E_TICK])
+            if n > self._CHUNK and not env_tick > 0.0:
+                n = self._CHUNK
+                if saved is None:  # the kernel puts back its own call; a block of calls, here
+                    saved = (self.x.copy(), self.slip.copy(), self.env.copy(), self.W.copy(),
+                             self.eta.copy())
+            if n == 1 and env_tick == 0.0:  # one frame from a tick: the usual call
+                count = 15 + 12 * (1 + (n_sub - 1) // max(1, tick_n))
+            else:
+                count = normals_needed(env_tick, tick_n, n * n_sub, n, 12, 15)
+            nz = normals.draw(self.rng, count)
+            whole = done == 0 and n == n_frames
+            got = _run(self.x, self.eta, self.slip, self.env, act, self.P, self.hyk, self.hyth,
+                       self.Lam5, self.Geta, self.T5, self.Rq, self.W, self._gphi, self._gL,
+                       self._gc, nz, used, n, n_sub, out if whole else out[done:done + n],
+                       tr if whole or not rec else tr[done:done + n], rec)
+            taken = int(used[0])
+            if got != n or taken != count:
+                if saved is not None:
+                    self.x, self.slip, self.env, self.W, self.eta = saved
+                if taken < 0 or got == n:
+                    raise RuntimeError(f"plant kernel took {taken} normals, {count} were drawn")
+                normals.rewind(self.rng, count, taken)
+                raise PlantError(f"non-finite plant state in frame {done + got}; block rolled back")
+            done += n
+            if done >= n_frames:
+                return
 
     def step_frame(self, actuators: Nist4Actuators) -> Nist4Sensors:
         """Hold ``actuators`` over one frame (``n_sub`` integration steps); return the frame."""
@@ -1121,7 +1323,7 @@ class Nist4Plant:
         self.act = act
         self.last_actuators = actuators
         out = np.zeros((n_frames, NS))
-        tr = np.zeros((n_frames if record_truth else 1, NT))
+        tr = np.zeros((n_frames, NT)) if record_truth else self._tr1  # (not written unrecorded)
         self._advance(act, n_frames, out, tr, record_truth)
         return Nist4Block(out, tr if record_truth else None)
 

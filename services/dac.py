@@ -38,17 +38,23 @@ class Dac:
     def __post_init__(self) -> None:
         if not (2 <= self.bits <= 32) or not (math.isfinite(self.full_scale) and self.full_scale > 0):
             raise ValueError(f"DAC needs 2..32 bits and a positive full scale, got {self.bits}, {self.full_scale}")
+        # per-frame constants (the conversions run for every channel of every frame)
+        object.__setattr__(self, "_lsb", self.full_scale / (1 << (self.bits - 1)))
+        object.__setattr__(self, "_lo", -(1 << (self.bits - 1)))
+        object.__setattr__(self, "_hi", (1 << (self.bits - 1)) - 1)
 
     @property
     def lsb(self) -> float:
-        return self.full_scale / (1 << (self.bits - 1))
+        return self._lsb
 
     def to_code(self, value: float) -> int:
-        _check(value, "DAC")
-        return _clamp_code(int(round(value / self.lsb)), self.bits)
+        if not math.isfinite(value):
+            _check(value, "DAC")
+        code = int(round(value / self._lsb))
+        return self._lo if code < self._lo else self._hi if code > self._hi else code
 
     def to_value(self, code: int) -> float:
-        return code * self.lsb
+        return code * self._lsb
 
 
 @dataclass(frozen=True)
@@ -64,21 +70,32 @@ class CoarseFineDac:
         Dac(self.coarse_bits, self.full_scale)
         if not (2 <= self.fine_bits <= 32) or not (self.fine_span_lsb > 0):
             raise ValueError("fine DAC needs 2..32 bits and a positive span")
+        coarse_lsb = self.full_scale / (1 << (self.coarse_bits - 1))
+        object.__setattr__(self, "_coarse_lsb", coarse_lsb)
+        object.__setattr__(self, "_fine_lsb", coarse_lsb * self.fine_span_lsb / (1 << self.fine_bits))
+        object.__setattr__(self, "_clo", -(1 << (self.coarse_bits - 1)))
+        object.__setattr__(self, "_chi", (1 << (self.coarse_bits - 1)) - 1)
+        object.__setattr__(self, "_flo", -(1 << (self.fine_bits - 1)))
+        object.__setattr__(self, "_fhi", (1 << (self.fine_bits - 1)) - 1)
 
     @property
     def coarse_lsb(self) -> float:
-        return self.full_scale / (1 << (self.coarse_bits - 1))
+        return self._coarse_lsb
 
     @property
     def fine_lsb(self) -> float:
-        return self.coarse_lsb * self.fine_span_lsb / (1 << self.fine_bits)
+        return self._fine_lsb
 
     def to_codes(self, value: float) -> tuple[int, int]:
         """Nearest ``(coarse, fine)`` codes: coarse rounds, fine takes the remainder."""
-        _check(value, "current source DAC")
-        coarse = _clamp_code(int(round(value / self.coarse_lsb)), self.coarse_bits)
-        fine = _clamp_code(int(round((value - coarse * self.coarse_lsb) / self.fine_lsb)), self.fine_bits)
+        if not math.isfinite(value):
+            _check(value, "current source DAC")
+        coarse_lsb = self._coarse_lsb
+        coarse = int(round(value / coarse_lsb))
+        coarse = self._clo if coarse < self._clo else self._chi if coarse > self._chi else coarse
+        fine = int(round((value - coarse * coarse_lsb) / self._fine_lsb))
+        fine = self._flo if fine < self._flo else self._fhi if fine > self._fhi else fine
         return coarse, fine
 
     def to_value(self, coarse: int, fine: int) -> float:
-        return coarse * self.coarse_lsb + fine * self.fine_lsb
+        return coarse * self._coarse_lsb + fine * self._fine_lsb

@@ -25,6 +25,7 @@ import msgspec
 import numpy as np
 
 from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame
+from kibble.bus_schema.realtime import saturating_add
 from kibble.control.geometry import ifo_fusion_matrix, psd_matrix
 from kibble.services.actuator import typed_settings
 from kibble.services.params import Param
@@ -85,6 +86,7 @@ class Daq(Service):
         self._last_frame = -1
         self.cm_z_m = 0.0
         self.subscribe(self.topics.hw("sensors"), HwSensorFrame, self.on_sensors)
+        self.frame_clock(self.topics.hw("sensors"), self.dt_s)
 
     def _check(self, hw: HwSensorFrame) -> str | None:
         need = {"fringe_count": self.n_ifo + (1 if self.settings.kind == "nist4" else 0),
@@ -95,43 +97,70 @@ class Daq(Service):
                 return f"{field} has {len(getattr(hw, field))} channels, {self.settings.kind} needs {n}"
         return None
 
-    def on_sensors(self, hw: HwSensorFrame) -> None:
-        problem = self._check(hw)
-        if problem is not None:
-            self.reject(self.topics.hw("sensors"), problem)
-            return
+    _fast: tuple | None = None
+    """Constants of the frame path, built at the first frame (:meth:`_frame_constants`)."""
+
+    def _frame_constants(self) -> tuple:
+        """The per-frame constants, and the pose and velocity as lists of floats (a frame
+        handles six numbers: plain floats cost a fraction of what 6-element arrays do)."""
         s = self.settings
-        half = 0.5 * s.wavelength_m
-        disp = [(hw.fringe_count[i] + hw.fringe_phase_rad[i] / (2 * math.pi)) * half
-                for i in range(len(hw.fringe_count))]
-        pose = self.pose
-        if s.kind == "nist4":
-            pose[2:5] = self.fusion @ np.asarray(disp[:3])
-            xyt = self.psd @ np.asarray(hw.psd_v[:self.n_psd])
-            pose[0], pose[1], pose[5] = xyt[0], xyt[1], xyt[4]
+        nist4 = s.kind == "nist4"
+        n_fringe = self.n_ifo + (1 if nist4 else 0)
+        self.pose = np.asarray(self.pose, dtype=float).tolist()
+        self.vel = np.asarray(self.vel, dtype=float).tolist()
+        if self._last_pose is not None:
+            self._last_pose = np.asarray(self._last_pose, dtype=float).tolist()
+        self._fast = (nist4, n_fringe, self.n_psd, 0.5 * s.wavelength_m, 2 * math.pi,
+                      self.topics.hw("sensors"), self.topics.frame(self.name),
+                      s.main_monitor_v_per_a, s.cm_monitor_v_per_a)
+        return self._fast
+
+    def on_sensors(self, hw: HwSensorFrame) -> None:
+        fast = self._fast or self._frame_constants()
+        nist4, n_fringe, n_psd, half, two_pi, t_sensors, t_frame, main_v_per_a, cm_v_per_a = fast
+        fc, fph = hw.fringe_count, hw.fringe_phase_rad
+        if len(fc) < n_fringe or len(fph) < n_fringe or len(hw.psd_v) < n_psd:
+            problem = self._check(hw)
+            if problem is not None:
+                self.reject(t_sensors, problem)
+                return
+        if len(fph) >= len(fc):
+            disp = [(c + ph / two_pi) * half for c, ph in zip(fc, fph)]
+        else:  # (as before: runs into the missing phase)
+            disp = [(fc[i] + fph[i] / two_pi) * half for i in range(len(fc))]
+        if nist4:
+            # the matrix products stay numpy's (BLAS): the same bits as always
+            z = (self.fusion @ np.asarray(disp[:3])).tolist()
+            xyt = (self.psd @ np.asarray(hw.psd_v[:n_psd])).tolist()
+            pose = self.pose = [xyt[0], xyt[1], z[0], z[1], z[2], xyt[4]]
             self.cm_z_m = disp[3]
         else:
+            pose = self.pose = list(self.pose)
             pose[2] = disp[0]
         self._update_velocity(hw.frame)
         values = self.params.values
-        p = [float(v) - values[key] for v, key in zip(pose, _ZERO_KEYS)]
-        v = self.vel.tolist()
+        p = [x - values[key] for x, key in zip(pose, _ZERO_KEYS)]
+        v = self.vel
+        if nist4:
+            dvm = (hw.dvm_v[0] if hw.dvm_v else 0.0) + values["pjvs_voltage_v"]
+            mon = hw.current_monitor_v
+            if len(mon) >= 2:
+                i_main, i_cm = mon[0] / main_v_per_a, mon[1] / cm_v_per_a
+            else:
+                i_main = i_cm = 0.0
+            cap = 0.0
+        else:
+            dvm = hw.dvm_v[0] if hw.dvm_v else 0.0
+            i_main = i_cm = 0.0
+            cap = hw.capacitance_f[0] if hw.capacitance_f else 0.0
         out = DaqFrame(
             frame=hw.frame, sim_time_s=hw.sim_time_s, coil_x_m=p[0], coil_y_m=p[1],
             coil_z_m=p[2], coil_theta_x_rad=p[3], coil_theta_y_rad=p[4], coil_theta_z_rad=p[5],
             coil_vx_m_s=v[0], coil_vy_m_s=v[1], coil_vz_m_s=v[2], coil_wx_rad_s=v[3],
             coil_wy_rad_s=v[4], coil_wz_rad_s=v[5], counter_mass_z_m=float(self.cm_z_m),
-            temperature_k=hw.temperature_k, pressure_pa=hw.pressure_pa)
-        if s.kind == "nist4":
-            dvm = (hw.dvm_v[0] if hw.dvm_v else 0.0) + self.pjvs_voltage_v
-            out.coil_voltage_v = dvm
-            if len(hw.current_monitor_v) >= 2:
-                out.main_coil_current_a = hw.current_monitor_v[0] / s.main_monitor_v_per_a
-                out.counter_mass_current_a = hw.current_monitor_v[1] / s.cm_monitor_v_per_a
-        else:
-            out.coil_voltage_v = hw.dvm_v[0] if hw.dvm_v else 0.0
-            out.capacitance_f = hw.capacitance_f[0] if hw.capacitance_f else 0.0
-        self.publish(self.topics.frame(self.name), out)
+            coil_voltage_v=dvm, main_coil_current_a=i_main, counter_mass_current_a=i_cm,
+            capacitance_f=cap, temperature_k=hw.temperature_k, pressure_pa=hw.pressure_pa)
+        self.publish(t_frame, out)
         self.counters["frames_out"] += 1
         self.loop_timer.tick(time.monotonic())
         if self.state != "running":
@@ -140,16 +169,18 @@ class Daq(Service):
     def _update_velocity(self, frame: int) -> None:
         gap = frame - self._last_frame
         if self._last_pose is None or gap <= 0:
-            self._last_pose = self.pose.copy()
+            self._last_pose = list(self.pose)
             self._last_frame = frame
             return
         if gap > 1:
-            self.counters["late"] += gap - 1
-        raw = (self.pose - self._last_pose) / (gap * self.dt_s)
+            self.counters["frames_missed"] = saturating_add(self.counters.get("frames_missed", 0), gap - 1)
+        h = gap * self.dt_s
         tau = self.velocity_filter_s
         alpha = 1.0 if tau <= 0 else min(1.0, gap * self.dt_s / (tau + gap * self.dt_s))
-        self.vel += alpha * (raw - self.vel)
-        self._last_pose[:] = self.pose
+        # (pose - last) / h is the raw velocity; vel += alpha (raw - vel), per DOF
+        self.vel = [v + alpha * ((x - x0) / h - v)
+                    for x, x0, v in zip(self.pose, self._last_pose, self.vel)]
+        self._last_pose = list(self.pose)
         self._last_frame = frame
 
     @command("zero")

@@ -36,6 +36,10 @@ GuardState = Literal["safe", "armed", "tripped"]
 
 _ABS_MAX = 1e150
 """Cap of one motion sample's magnitude, so a huge reading trips without overflowing the window."""
+_U = 2.0 ** -53
+"""Unit roundoff of float64."""
+_U2 = 2.3e-16
+"""Bound (> 2 u) on the rounding error of one running-sum update, per unit of its results."""
 
 
 @dataclass
@@ -81,7 +85,15 @@ class GuardConfig:
 
 @dataclass
 class ActuatorGuard:
-    """Arm/disarm, limits, slew, stale-input hold and ramp, excess-motion watchdog."""
+    """Arm/disarm, limits, slew, stale-input hold and ramp, excess-motion watchdog.
+
+    The per-frame methods work on plain Python floats (the channels are few, and a numpy call
+    costs about a microsecond each); the arithmetic is the same IEEE operations in the same
+    order as the array form, so the outputs are the same to the bit. The watchdog keeps a
+    running sum of each DOF's window with a rigorous bound on its rounding error: while every
+    DOF is clearly below its limit (by far more than that bound) nothing is summed; otherwise
+    the window is summed exactly as before, so a trip and its reason are the same too.
+    """
 
     config: GuardConfig
     state: GuardState = field(default="safe", init=False)
@@ -90,18 +102,51 @@ class ActuatorGuard:
 
     def __post_init__(self) -> None:
         c = self.config
+        n = len(c.names)
+        self._n = n
         self._limits = np.asarray(c.limits, dtype=float)
-        self._step = np.asarray(c.slew_per_s, dtype=float) * c.frame_period_s
-        self._safe_step = np.asarray(c.safe_slew_per_s, dtype=float) * c.frame_period_s
-        self.out = np.zeros(len(c.names))
-        self.request_values = np.zeros(len(c.names))
+        self._lim = self._limits.tolist()
+        self._stp = (np.asarray(c.slew_per_s, dtype=float) * c.frame_period_s).tolist()
+        self._sstp = (np.asarray(c.safe_slew_per_s, dtype=float) * c.frame_period_s).tolist()
+        self._out = [0.0] * n
+        self._req: list[float] = [0.0] * n
+        self._req_arr: np.ndarray | None = None
+        """An array request is kept as the array itself (as ``np.asarray`` keeps it)."""
         self._request_frame: int | None = None
         self._stale_since: int | None = None
         n_win = max(1, int(round(c.watchdog_window_s / c.frame_period_s)))
-        self._win = np.zeros((n_win, len(c.watch_names)))
+        n_dof = len(c.watch_names)
+        self._n_win = n_win
+        self._n_dof = n_dof
+        self._wbuf = [0.0] * (n_win * n_dof)
+        """The window, row-major (n_win, n_dof): squared, capped motion samples."""
         self._win_i = 0
         self._win_n = 0
         self._rms_limit = np.asarray(c.watchdog_rms, dtype=float)
+        self._wsum = [0.0] * n_dof
+        self._werr = [0.0] * n_dof
+        self._wsync = 0
+        # "clearly below": running sum + its error bound under limit^2 n_win (1 - rel), rel far
+        # above the rounding of any summation order of n_win terms, the division and the sqrt
+        rel = 1e-6 + 8.0 * n_win * _U
+        self._wthr = [lim * lim * n_win * (1.0 - rel) if 0.0 < lim <= math.inf else -math.inf
+                      for lim in self._rms_limit.tolist()]
+
+    @property
+    def out(self) -> np.ndarray:
+        """The outputs applied last (a new array)."""
+        return np.array(self._out, dtype=float)
+
+    @out.setter
+    def out(self, value: Sequence[float]) -> None:
+        self._out = np.asarray(value, dtype=float).tolist()
+
+    @property
+    def request_values(self) -> np.ndarray:
+        """The last accepted request."""
+        if self._req_arr is not None:
+            return self._req_arr
+        return np.array(self._req, dtype=float)
 
     # ------------------------------------------------------------------ operator actions
 
@@ -126,23 +171,42 @@ class ActuatorGuard:
         if self.state == "tripped":
             self.state = "safe"
         self.trip_reason = ""
-        self._win[:] = 0.0
+        self._wbuf = [0.0] * (self._n_win * self._n_dof)
+        self._wsum = [0.0] * self._n_dof
+        self._werr = [0.0] * self._n_dof
+        self._wsync = 0
         self._win_n = 0
 
     # ------------------------------------------------------------------ per frame
 
     def request(self, frame: int, values: Sequence[float]) -> None:
         """Accept a requested output vector for ``frame``; ``ValueError`` if any is bad."""
-        arr = np.asarray(values, dtype=float)
-        names = self.config.names
-        if arr.shape != self._limits.shape:
-            raise ValueError(f"expected {len(names)} values ({', '.join(names)}), got {arr.size}")
-        for i, v in enumerate(arr):
+        arr = None
+        if type(values) is list or type(values) is tuple:
+            vals = values
+            for v in vals:
+                if type(v) is not float:
+                    vals = None
+                    break
+            if vals is not None and len(vals) != self._n:
+                vals = None
+        else:
+            vals = None
+        if vals is None:
+            arr = np.asarray(values, dtype=float)
+            names = self.config.names
+            if arr.shape != self._limits.shape:
+                raise ValueError(f"expected {len(names)} values ({', '.join(names)}), got {arr.size}")
+            vals = arr.tolist()
+        lim = self._lim
+        for i, v in enumerate(vals):
             if not math.isfinite(v):
-                raise ValueError(f"{names[i]}: {v} is not finite")
-            if abs(v) > self._limits[i]:
-                raise ValueError(f"{names[i]}: {v:.6g} is beyond the limit +-{self._limits[i]:.6g}")
-        self.request_values = arr
+                raise ValueError(f"{self.config.names[i]}: {v} is not finite")
+            if abs(v) > lim[i]:
+                raise ValueError(f"{self.config.names[i]}: {v:.6g} is beyond the limit +-{lim[i]:.6g}")
+        self._req_arr = arr  # an array request is kept as np.asarray gave it (it may be the caller's)
+        if arr is None:
+            self._req = list(vals)
         self._request_frame = frame
 
     def observe(self, motion: Sequence[float]) -> str | None:
@@ -150,28 +214,91 @@ class ActuatorGuard:
 
         A non-finite reading trips at once (the sensor can no longer be trusted).
         """
-        if not self.config.watch_names:
+        n_dof = self._n_dof
+        if not n_dof:
             return None
-        m = np.asarray(motion, dtype=float)
-        if not np.all(np.isfinite(m)):
-            reason = f"non-finite motion reading {m.tolist()}"
+        vals = None
+        if type(motion) is tuple or type(motion) is list:
+            if len(motion) == n_dof:
+                vals = motion
+                for v in vals:
+                    if type(v) is not float:
+                        vals = None
+                        break
+        sq: list[float] | None = None
+        if vals is None:
+            m = np.asarray(motion, dtype=float)
+            if np.all(np.isfinite(m)):
+                row = np.zeros(n_dof)
+                row[...] = np.minimum(np.abs(m), _ABS_MAX) ** 2  # broadcasts (or fails) as before
+                sq = row.tolist()
+            else:
+                bad = m.tolist()
         else:
-            self._win[self._win_i] = np.minimum(np.abs(m), _ABS_MAX) ** 2
-            self._win_i = (self._win_i + 1) % len(self._win)
-            self._win_n = min(self._win_n + 1, len(self._win))
-            if self._win_n < len(self._win):
-                return None
-            rms = np.sqrt(self._win.sum(axis=0) / self._win_n)
-            over = np.nonzero(rms > self._rms_limit)[0]
-            if over.size == 0:
-                return None
-            i = int(over[0])
-            reason = (f"{self.config.watch_names[i]} RMS {rms[i]:.4g} over "
-                      f"{self.config.watchdog_window_s:g} s exceeds {self._rms_limit[i]:.4g}")
-        if self.state == "armed":
-            self.trip(reason)
-            return reason
-        return None
+            for v in vals:
+                if not math.isfinite(v):
+                    bad = list(vals)
+                    break
+            else:
+                sq = []
+                for v in vals:
+                    a = abs(v)
+                    if a > _ABS_MAX:
+                        a = _ABS_MAX
+                    sq.append(a * a)
+        if sq is None:
+            if self.state == "armed":
+                reason = f"non-finite motion reading {bad}"
+                self.trip(reason)
+                return reason
+            return None
+        # ---- the window (ring) and its running sums
+        buf, sums, errs = self._wbuf, self._wsum, self._werr
+        base = self._win_i * n_dof
+        for j in range(n_dof):
+            s1 = sums[j] + sq[j]
+            s2 = s1 - buf[base + j]
+            buf[base + j] = sq[j]
+            sums[j] = s2
+            errs[j] += _U2 * (abs(s1) + abs(s2))
+        n_win = self._n_win
+        self._win_i = (self._win_i + 1) % n_win
+        if self._win_n < n_win:
+            self._win_n += 1
+        self._wsync += 1
+        if self._wsync >= n_win:
+            self._resync()
+        if self._win_n < n_win or self.state != "armed":
+            return None  # (not armed: the old code found any excess but returned None)
+        thr = self._wthr
+        for j in range(n_dof):
+            if not sums[j] + errs[j] < thr[j]:
+                break
+        else:
+            return None
+        # ---- near or over a limit: the RMS exactly as it always was computed
+        win = np.array(buf, dtype=float).reshape(n_win, n_dof)
+        rms = np.sqrt(win.sum(axis=0) / self._win_n)
+        over = np.nonzero(rms > self._rms_limit)[0]
+        if over.size == 0:
+            return None
+        i = int(over[0])
+        reason = (f"{self.config.watch_names[i]} RMS {rms[i]:.4g} over "
+                  f"{self.config.watchdog_window_s:g} s exceeds {self._rms_limit[i]:.4g}")
+        self.trip(reason)
+        return reason
+
+    def _resync(self) -> None:
+        """Recompute the running sums (correctly rounded) so their error bound stays small."""
+        n_dof, buf = self._n_dof, self._wbuf
+        for j in range(n_dof):
+            try:
+                s = math.fsum(buf[j::n_dof])
+            except OverflowError:
+                s = math.inf
+            self._wsum[j] = s
+            self._werr[j] = _U2 * s
+        self._wsync = 0
 
     def output(self, frame: int) -> np.ndarray:
         """The outputs to apply at ``frame`` (always finite and within the limits)."""
@@ -185,19 +312,42 @@ class ActuatorGuard:
                 if (frame - self._stale_since) * c.frame_period_s >= c.hold_s:
                     self.state = "safe"
                 else:
-                    return self.out.copy()
+                    return np.array(self._out, dtype=float)
             else:
                 self.stale = False
                 self._stale_since = None
-                target = np.clip(self.request_values, -self._limits, self._limits)
-                self.out = self.out + np.clip(target - self.out, -self._step, self._step)
-                return self.out.copy()
-        self.out = self.out - np.clip(self.out, -self._safe_step, self._safe_step)
-        return self.out.copy()
+                req = self._req if self._req_arr is None else self._req_arr.tolist()
+                new = []
+                for r, o, lim, step in zip(req, self._out, self._lim, self._stp):
+                    # out + np.clip(np.clip(request, -limit, limit) - out, -step, step), where
+                    # np.clip(x, lo, hi) is min(max(x, lo), hi) with NaN kept and the bound
+                    # taken on a tie: exactly the two comparisons below
+                    if r <= -lim:
+                        r = -lim
+                    if r >= lim:
+                        r = lim
+                    d = r - o
+                    if d <= -step:
+                        d = -step
+                    if d >= step:
+                        d = step
+                    new.append(o + d)
+                self._out = new
+                return np.array(new, dtype=float)
+        new = []
+        for o, step in zip(self._out, self._sstp):
+            d = o                   # out - np.clip(out, -safe_step, safe_step)
+            if d <= -step:
+                d = -step
+            if d >= step:
+                d = step
+            new.append(o - d)
+        self._out = new
+        return np.array(new, dtype=float)
 
     @property
     def at_zero(self) -> bool:
-        return not np.any(self.out)
+        return not any(self._out)
 
     @property
     def live(self) -> bool:

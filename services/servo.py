@@ -54,7 +54,8 @@ from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, Loo
 from kibble.control import pid as P
 from kibble.control.electrostatic import efb_force_to_voltage
 from kibble.control.trajectory import (
-    erase_duration_s, erase_eval, load_step_feedforward, sweep_duration_s, sweep_eval,
+    erase_duration_s, erase_eval, load_step_feedforward, load_step_feedforward_at,
+    sweep_duration_s, sweep_eval,
 )
 from kibble.services.actuator import typed_settings
 from kibble.services.params import Param
@@ -164,6 +165,7 @@ class Servo(Service):
         self.err_n = 0
         self.mass_topic = self.topics.hw(s.mass_lift_device)
         self.subscribe(self.topics.frame("daq"), DaqFrame, self.on_frame)
+        self.frame_clock(self.topics.frame("daq"), self.dt_s)
 
     # ---------------------------------------------------------------- parameters
 
@@ -180,28 +182,39 @@ class Servo(Service):
 
     # ---------------------------------------------------------------- the loop
 
+    def warm_up(self) -> None:
+        par, st, io = self.pid_par.copy(), self.pid_st.copy(), self.io.copy()
+        P.pid_run(par, st, io)
+        P.pid_sample(par, st, 0, 0.0, 0.0, 0.0)
+        P.pid_reset(par, st, u0=0.0)
+        t, ref, out = np.zeros(1), np.zeros((1, 3)), np.zeros(1)
+        erase_eval(t, 0.0, 1e-6, 1.0, 0.1, 10.0, ref)
+        sweep_eval(t, 0.0, 1.0, 1e-3, 1e-3, math.inf, 1e-3, ref)
+        load_step_feedforward(t, 0.0, 1.0, 1.0, 9.8, 1.0, 0.0, out)
+        efb_force_to_voltage(np.ones(1), 1e-9, 0.0, 1.0, 1000.0, 0.0, out)
+
     @property
     def t_s(self) -> float:
         return self.frame * self.dt_s
 
     def on_frame(self, daq: DaqFrame) -> None:
-        self.frame = daq.frame
-        t = self.t_s
+        frame = self.frame = daq.frame
+        t = frame * self.dt_s
         z = self.z_m = daq.coil_z_m
-        self._advance_reference(t)
+        if self.traj is not None:
+            self._advance_reference(t)
         if self.mode == "idle":
-            self._publish(daq.frame, z, 0.0)
+            self._publish(frame, z, 0.0)
             return
         ff = self._feedforward(t)
-        io = self.io
-        io[0, 0, P.IO_R], io[0, 0, P.IO_Y], io[0, 0, P.IO_FF] = self.ref[0, 0], z, ff
-        P.pid_run(self.pid_par, self.pid_st, io)
-        self.force_n = float(io[0, 0, P.IO_U])
-        err = self.ref[0, 0] - z
+        r = float(self.ref[0, 0])
+        # pid_run's one sample of one axis, without the io block (the same kernel sample)
+        self.force_n = P.pid_sample(self.pid_par, self.pid_st, 0, r, z, ff)
+        err = r - z
         if math.isfinite(err):
             self.err_sq += err * err
             self.err_n += 1
-        self._publish(daq.frame, z, ff)
+        self._publish(frame, z, ff)
 
     def _advance_reference(self, t: float) -> None:
         if self.traj is None:
@@ -223,50 +236,62 @@ class Servo(Service):
         """Force (N): announced load steps in force/erase modes, inertia + spring in velocity."""
         if self.mode == "velocity":
             return float(self.effective_mass_kg * self.ref[0, 2] + self.spring_n_m * self.ref[0, 0])
-        ff = self.tare_force_n
-        self._t[0] = t
-        for t0, dm in self.load_steps:
-            load_step_feedforward(self._t, t0, self.lift_ramp_s, dm, self.g_m_s2, 1.0,
-                                  self.current_lag_s, self._ff)
-            ff += float(self._ff[0])
+        values = self.params.values
+        ff = values["tare_force_n"]
+        if self.load_steps:
+            ramp, g, lag = values["lift_ramp_s"], values["g_m_s2"], values["current_lag_s"]
+            for t0, dm in self.load_steps:  # load_step_feedforward, one sample in Python
+                ff += load_step_feedforward_at(t, t0, ramp, dm, g, 1.0, lag)
         return ff
 
     def _actuator_force(self) -> float:
         """The force (N) the actuators produce now, from the last setpoint."""
         return self.force_n if self.mode != "idle" else 0.0
 
+    _fast: tuple | None = None
+    """Constants of the frame path, built at the first frame (settings are fixed)."""
+
     def _publish(self, frame: int, z: float, ff: float) -> None:
-        s = self.settings
-        f = self.force_n if self.mode != "idle" else 0.0
-        if s.kind == "nist4":
-            if self.mode in ("force", "erase"):
-                values = {"main_coil_current_a": _clip(f / self.bl_t_m, s.main_limit_a),
-                          "counter_mass_current_a": self.cm_hold_a, "main_coil_connected": 1.0}
-            elif self.mode == "velocity":
-                values = {"main_coil_current_a": 0.0,
-                          "counter_mass_current_a": _clip(-f / self.motor_bl_t_m, s.cm_limit_a),
-                          "main_coil_connected": 0.0}
+        fast = self._fast
+        if fast is None:
+            s = self.settings
+            fast = self._fast = (s.kind == "nist4", self.topics.setpoint(self.name),
+                                 self.topics.frame(self.name), s.main_limit_a, s.cm_limit_a)
+        nist4, t_setpoint, t_frame, main_limit, cm_limit = fast
+        values = self.params.values
+        mode = self.mode
+        f = self.force_n if mode != "idle" else 0.0
+        if nist4:
+            if mode == "force" or mode == "erase":
+                sp = {"main_coil_current_a": _clip(f / values["bl_t_m"], main_limit),
+                      "counter_mass_current_a": self.cm_hold_a, "main_coil_connected": 1.0}
+            elif mode == "velocity":
+                sp = {"main_coil_current_a": 0.0,
+                      "counter_mass_current_a": _clip(-f / values["motor_bl_t_m"], cm_limit),
+                      "main_coil_connected": 0.0}
             else:
-                values = {"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0,
-                          "main_coil_connected": 1.0}
+                sp = {"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0,
+                      "main_coil_connected": 1.0}
         else:
             self._v[0] = f
             if self.to_main:
-                kappa, v_s, sign = self.kappa_f_m, self.surface_potential_v, 1.0 if self.polarity == "+" else -1.0
+                kappa, v_s = values["kappa_f_m"], values["surface_potential_v"]
+                sign = 1.0 if values["polarity"] == "+" else -1.0
             else:
-                kappa, v_s, sign = self.aux_kappa_f_m, self.aux_surface_potential_v, 1.0
-            efb_force_to_voltage(self._v, kappa, v_s, sign, s.hv_limit_v, self.v_out, self._v_out)
-            self.v_out = float(self._v_out[0]) if self.mode != "idle" else 0.0
-            values = {"hv_voltage_v": self.v_out, "hv_to_main": 1.0 if self.to_main else 0.0,
-                      "z_ref_m": float(self.ref[0, 0])}
-        self.publish(self.topics.setpoint(self.name), Setpoint(frame=frame, values=values))
+                kappa, v_s, sign = values["aux_kappa_f_m"], values["aux_surface_potential_v"], 1.0
+            efb_force_to_voltage(self._v, kappa, v_s, sign, self.settings.hv_limit_v, self.v_out,
+                                 self._v_out)
+            self.v_out = float(self._v_out[0]) if mode != "idle" else 0.0
+            sp = {"hv_voltage_v": self.v_out, "hv_to_main": 1.0 if self.to_main else 0.0,
+                  "z_ref_m": float(self.ref[0, 0])}
+        self.publish(t_setpoint, Setpoint(frame=frame, values=sp))
         self.counters["frames_out"] += 1
-        if frame % self.frame_decimation == 0:
-            self.publish(self.topics.frame(self.name), LoopFrame(frame=frame, mode=self.mode, values={
-                "z_ref_m": float(self.ref[0, 0]), "v_ref_m_s": float(self.ref[0, 1]),
-                "z_m": z if math.isfinite(z) else 0.0,
-                "error_m": float(self.ref[0, 0] - z) if math.isfinite(z) else 0.0,
-                "force_n": f, "feedforward_n": ff}))
+        if frame % values["frame_decimation"] == 0:
+            ref = self.ref[0].tolist()
+            finite = math.isfinite(z)
+            self.publish(t_frame, LoopFrame(frame=frame, mode=mode, values={
+                "z_ref_m": ref[0], "v_ref_m_s": ref[1], "z_m": z if finite else 0.0,
+                "error_m": ref[0] - z if finite else 0.0, "force_n": f, "feedforward_n": ff}))
 
     # ---------------------------------------------------------------- modes
 
