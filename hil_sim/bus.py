@@ -12,7 +12,9 @@ Clocks (``clock``):
 
 - ``realtime``: frame k is integrated and published at ``t0 + k / rate_hz`` on the monotonic
   clock (drift-free schedule); the plant integrates the commands last received (zero-order
-  hold), as hardware does.
+  hold), as hardware does. ``t0`` is when every device of ``expect`` has said hello: the plant
+  does not run (an EFB link falls ~0.1 mm in 5 s unheld) while the daemons are still starting.
+  Within a receive batch only the newest command per device is applied.
 - ``lockstep``: the simulator publishes frame k and integrates frame k + 1 only when every
   registered device has answered with a command tagged ``frame == k``, or when
   ``lockstep_timeout_s`` of wall time has passed (a miss per missing device; after
@@ -663,6 +665,13 @@ class SimServer:
         """CPU per frame (receiving the commands and integrating, publishing the frame) and
         the age of the commands applied."""
         self.intake = FrameIntake(self._device_topics)
+        self._seen: set[str] = set()
+        """Realtime: the devices heard from (their hello or any command)."""
+        self._connected_devices = asyncio.Event()
+        """Realtime: set once every device of ``expect`` has been heard from (at once when
+        ``expect`` is empty), when frame 0 goes out."""
+        if not self.expect:
+            self._connected_devices.set()
         self.counters: dict[str, int] = {
             "frames_out": 0, "frames_in": 0, "rejected": 0, "misses": 0, "dropped": 0,
             "stale_tags": 0, "commands": 0, "publish_failed": 0, "events_suppressed": 0,
@@ -895,6 +904,11 @@ class SimServer:
 
     async def _realtime(self) -> None:
         loop = asyncio.get_running_loop()
+        if not self._started:  # the plant starts when the devices of ``expect`` are connected
+            await self._connected_devices.wait()
+            self._started = True
+            self.event("started", f"realtime clock started with {sorted(self._seen)}",
+                       data={"devices": sorted(self._seen)})
         sched = self.schedule
         sched.start(loop.time())
         while True:
@@ -998,6 +1012,10 @@ class SimServer:
             self._reject(spec.name, topic, reason, msg.frame)
         self.latency.answered(spec.name, msg.frame, t_rx)
         if self.clock != "lockstep" or not spec.lockstep:
+            if spec.lockstep and spec.name not in self._seen:
+                self._seen.add(spec.name)
+                if self.expect <= self._seen:
+                    self._connected_devices.set()
             return reason is None
         if 0 <= msg.frame < self.frame:
             self.counters["stale_tags"] += 1
