@@ -1,4 +1,4 @@
-"""The real-time receive path shared by the daemons and the simulator (DESIGN.md section 7a).
+"""The real-time receive path shared by the daemons and the simulator (docs/architecture.md section 7a).
 
 Sans-I/O: the transport (:func:`kibble.bus_schema.transport.deliver_directly`) hands every
 message of one socket read to :meth:`FrameIntake.offer` and calls :meth:`FrameIntake.take` at

@@ -1,4 +1,4 @@
-"""The MQTT topic tree (DESIGN.md section 4), instrument id first.
+"""The MQTT topic tree (docs/architecture.md section 4), instrument id first.
 
 ::
 

@@ -8,7 +8,7 @@
 4. a summary table of the measured figures against their targets.
 
 Every figure is measured from the simulator's ground truth over the bus, with the loop rate
-given (``--rate``, 200 Hz by default so the run fits in a few minutes; DESIGN.md section 6).
+given (``--rate``, 200 Hz by default so the run fits in a few minutes; docs/architecture.md section 6).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""``kibble bench --only loop``: the closed-loop figures of DESIGN.md section 7.
+"""``kibble bench --only loop``: the closed-loop figures of docs/architecture.md section 7.
 
 In process (real daemons + plant, :class:`~kibble.services.inprocess.InProcessStack`, 1 kHz,
 default noise): ``null_rms_nm`` (force mode, 600 s, 0.1 Hz bandwidth), ``mass_exchange_peak_um``
 and ``mass_exchange_settle_s`` (worst of two on/off cycles), ``velocity_err_rel_rms`` (one full
 80 mm sweep each way), ``damping_decay_ratio_min``, ``theta_z_rms_urad``, ``efb_null_rms_nm``
 (1 mg loaded, 300 s). Over the bus (:class:`~kibble.services.up.Stack`, every daemon a process,
-private broker): ``hil_chain_steps_per_s``, the DESIGN's HIL chain hw -> daq -> servo ->
+private broker): ``hil_chain_steps_per_s``, the architecture's (docs/architecture.md) HIL chain hw -> daq -> servo ->
 current_source -> hw in lockstep (the simulator and those three daemons only, counted by the
 simulator, with its sensor-frame-to-answer latency ``hil_chain_latency_p50_ms``/``_p99_ms``);
 ``hil_fullstack_steps_per_s`` (lockstep, every daemon, paced by a script reading ``sim/truth``
@@ -33,7 +33,7 @@ RATE_HZ = 1000.0
 CHAIN_SPEC: dict[str, tuple[str, ...]] = {
     "services": ("daq", "current_source", "servo"), "actuators": ("current_source",),
     "devices": ("main_source", "cm_source")}
-"""The HIL chain of DESIGN.md section 7: hw -> daq -> servo -> current_source -> hw."""
+"""The HIL chain of docs/architecture.md section 7: hw -> daq -> servo -> current_source -> hw."""
 
 
 class ChainStack(Stack):

@@ -16,7 +16,7 @@ SERVICES: dict[str, str] = {
     "recorder": "kibble.services.recorder:Recorder",
     "sequencer": "kibble.services.sequencer:Sequencer",
 }
-"""Service name -> ``module:Class`` of every daemon (DESIGN.md section 5)."""
+"""Service name -> ``module:Class`` of every daemon (docs/architecture.md section 5)."""
 
 
 def service_class(name: str) -> type[Service]:

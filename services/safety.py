@@ -1,4 +1,4 @@
-"""The safety core every actuator service wraps its outputs in (DESIGN.md section 8).
+"""The safety core every actuator service wraps its outputs in (docs/architecture.md section 8).
 
 :class:`ActuatorGuard` is pure (no I/O, no clock of its own): the service feeds it the frame
 index k of the hardware clock, the requested outputs and the measured motion, and applies what

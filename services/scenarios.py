@@ -1,4 +1,4 @@
-"""Closed-loop scenarios that measure the figures of DESIGN.md section 7.
+"""Closed-loop scenarios that measure the figures of docs/architecture.md section 7.
 
 Each scenario drives a running stack the way an operator would (commands to the daemons,
 simulator control for disturbances) and reads the simulator's ground truth. A stack is anything

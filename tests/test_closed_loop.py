@@ -1,6 +1,6 @@
 """The whole loop in process (real daemons + plant, no broker), default noise on, 1 kHz.
 
-Each test asserts one figure of DESIGN.md section 7 and, where there is one, checks it against
+Each test asserts one figure of docs/architecture.md section 7 and, where there is one, checks it against
 an independent calculation: the mass-exchange current against m g / Bl of the plant's own Bl,
 the undamped decay times from the linearized plant's eigenvalues (python-control), the EFB
 voltage against sqrt(F / kappa) of the plant's own kappa.

@@ -78,7 +78,7 @@ def _force(sp: Setpoint, servo) -> float:
 
 
 async def test_gradient_mode_hands_over_bumplessly_moves_slewed_and_refuses_bad_commands():
-    """At 1 kHz (the DESIGN's loop rate: 6 frames for the HV to slew between the electrodes'
+    """At 1 kHz (the architecture's (docs/architecture.md) loop rate: 6 frames for the HV to slew between the electrodes'
     voltages). Handover: the force the servo asks for steps no more across the relay switch
     than from one frame to the next (1.9 % RMS here, the derivative on the interferometer
     noise), the relay follows in the same frame, and the plant's true electrostatic force is off

@@ -4,7 +4,7 @@ behaviour an operator relies on: a parameter set mid-run over MQTT takes effect 
 output step, a watchdog trip and its reset, HV refused above the pressure limit, and a killed
 servo leaving the current source in its safe state (then restarted by the supervisor).
 
-200 Hz frames (DESIGN.md section 6: the chain makes a few hundred steps per second over MQTT on
+200 Hz frames (docs/architecture.md section 6: the chain makes a few hundred steps per second over MQTT on
 this machine); figures come from ``sim/truth``, as in ``make run``.
 """
 

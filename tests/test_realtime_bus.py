@@ -233,6 +233,6 @@ async def test_both_instruments_hold_their_null_in_realtime_with_an_operator_wat
     for status in got["status"].values():
         if status.service != "sim" and status.timing.frames:
             assert status.timing.age_ms_p99 < 5 * 1e3 / RATE_HZ, (status.service, status.timing)
-    # the null: NIST-4 holds ~0.005 nm and the EFB ~0.01 nm in 0.1 Hz in lockstep (DESIGN
+    # the null: NIST-4 holds ~0.005 nm and the EFB ~0.01 nm in 0.1 Hz in lockstep (docs/architecture.md
     # section 7 figures, quiet simulator noise); a lost balance sits at its stops, mm away
     assert math.isfinite(fig["null_nm"]) and fig["null_nm"] < 1.0, fig
