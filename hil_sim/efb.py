@@ -31,8 +31,8 @@ import numpy as np
 from numba import njit
 from scipy.linalg import expm
 
-from .errors import ActuatorError, PlantError
-from .nist4 import NormalDraws, normals_needed
+from .errors import ActuatorError
+from .nist4 import NormalDraws, advance_in_chunks
 from .noise import ground_filter, ground_tick, white_std
 from .params import Params, load_params
 
@@ -433,43 +433,14 @@ class EfbPlant:
     def volts_to_code(self, volts: float) -> int:
         return int(max(-(2 ** (self._bits - 1)), min(2 ** (self._bits - 1) - 1, round(volts / self._V_per_code))))
 
-    _CHUNK = 4096
-    """Frames per kernel call of a long block (bounds the normals drawn ahead)."""
-
     def _advance(self, act, n_frames, out, tr, rec):
-        normals, used = self._normals, self._normals.used
-        tick_n, n_sub = int(self.P[P_TICKN]), self.n_sub
-        saved = None
-        done = 0
-        while True:
-            # cut only where a frame starts on a noise tick (always: tick_n divides n_sub)
-            n = n_frames - done
-            env_tick = float(self.env[E_TICK])
-            if n > self._CHUNK and not env_tick > 0.0:
-                n = self._CHUNK
-                if saved is None:  # the kernel puts back its own call; a block of calls, here
-                    saved = (self.x.copy(), self.slip.copy(), self.env.copy())
-            if n == 1 and env_tick == 0.0:  # one frame from a tick: the usual call
-                count = 5 + 5 * (1 + (n_sub - 1) // max(1, tick_n))
-            else:
-                count = normals_needed(env_tick, tick_n, n * n_sub, n, 5, 5)
-            nz = normals.draw(self.rng, count)
-            whole = done == 0 and n == n_frames
-            got = _run(self.x, self.slip, self.env, act, self.P, self.hyk, self.hyth, self.W,
-                       self._gphi, self._gL, self._gc, nz, used, n, n_sub,
-                       out if whole else out[done:done + n],
-                       tr if whole or not rec else tr[done:done + n], rec)
-            taken = int(used[0])
-            if got != n or taken != count:
-                if saved is not None:
-                    self.x, self.slip, self.env = saved
-                if taken < 0 or got == n:
-                    raise RuntimeError(f"plant kernel took {taken} normals, {count} were drawn")
-                normals.rewind(self.rng, count, taken)
-                raise PlantError(f"non-finite plant state in frame {done + got}; block rolled back")
-            done += n
-            if done >= n_frames:
-                return
+        def kernel(nz, used, n, out_n, tr_n):
+            return _run(self.x, self.slip, self.env, act, self.P, self.hyk, self.hyth, self.W,
+                        self._gphi, self._gL, self._gc, nz, used, n, self.n_sub, out_n, tr_n, rec)
+
+        advance_in_chunks(self, n_frames, out, tr, rec, state=("x", "slip", "env"), per_tick=5,
+                          per_frame=5, tick_n=int(self.P[P_TICKN]),
+                          env_tick=lambda: float(self.env[E_TICK]), kernel=kernel)
 
     def step_frame(self, actuators: EfbActuators) -> EfbSensors:
         act = self.decode(actuators)

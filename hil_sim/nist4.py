@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, asdict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from numba import njit
@@ -737,6 +737,51 @@ def normals_needed(env_tick: float, tick_n: int, n_steps: int, n_frames: int, pe
     return per_tick * ticks + per_frame * n_frames
 
 
+def advance_in_chunks(plant: Any, n_frames: int, out: np.ndarray, tr: np.ndarray, rec: bool, *,
+                      state: tuple[str, ...], per_tick: int, per_frame: int, tick_n: int,
+                      env_tick: Callable[[], float], kernel: Callable[..., int],
+                      chunk: int = 4096) -> None:
+    """Step ``plant`` by ``n_frames`` frames through its compiled ``kernel``, in calls of at
+    most ``chunk`` frames (bounding the normals drawn ahead), each given exactly the normals it
+    takes (:class:`NormalDraws`, :func:`normals_needed`). A block is cut only where a frame
+    starts on a noise tick (as it always does: ``tick_n`` divides ``n_sub``), so the pieces
+    compute what one call would. ``kernel(nz, used, n, out, tr)`` returns the frames it did;
+    it puts back its own state when it stops at a non-finite state, and the block's earlier
+    calls are put back here (the plant attributes named in ``state``), the generator rewound
+    to where the per-value draws left it, and :class:`PlantError` raised."""
+    normals, used = plant._normals, plant._normals.used
+    n_sub = plant.n_sub
+    saved = None
+    done = 0
+    while True:
+        n = n_frames - done
+        tick = env_tick()
+        if n > chunk and not tick > 0.0:
+            n = chunk
+            if saved is None:
+                saved = [getattr(plant, name).copy() for name in state]
+        if n == 1 and tick == 0.0:  # one frame from a tick: the usual call
+            count = per_frame + per_tick * (1 + (n_sub - 1) // max(1, tick_n))
+        else:
+            count = normals_needed(tick, tick_n, n * n_sub, n, per_tick, per_frame)
+        nz = normals.draw(plant.rng, count)
+        whole = done == 0 and n == n_frames
+        got = kernel(nz, used, n, out if whole else out[done:done + n],
+                     tr if whole or not rec else tr[done:done + n])
+        taken = int(used[0])
+        if got != n or taken != count:
+            if saved is not None:
+                for name, value in zip(state, saved):
+                    setattr(plant, name, value)
+            if taken < 0 or got == n:
+                raise RuntimeError(f"plant kernel took {taken} normals, {count} were drawn")
+            normals.rewind(plant.rng, count, taken)
+            raise PlantError(f"non-finite plant state in frame {done + got}; block rolled back")
+        done += n
+        if done >= n_frames:
+            return
+
+
 # =============================================================================================
 # Python interface
 # =============================================================================================
@@ -1269,45 +1314,15 @@ class Nist4Plant:
         return coarse * lsb + fine * flsb
 
     # ---------------------------------------------------------------- stepping
-    _CHUNK = 4096
-    """Frames per kernel call of a long block (bounds the normals drawn ahead)."""
-
     def _advance(self, act: np.ndarray, n_frames: int, out: np.ndarray, tr: np.ndarray, rec: bool):
-        normals, used = self._normals, self._normals.used
-        tick_n, n_sub = int(self.P[P_TICKN]), self.n_sub
-        saved = None
-        done = 0
-        while True:
-            # a block is cut only where a frame starts on a noise tick (as it always does:
-            # tick_n divides n_sub), so the pieces compute what one call would
-            n = n_frames - done
-            env_tick = float(self.env[E_TICK])
-            if n > self._CHUNK and not env_tick > 0.0:
-                n = self._CHUNK
-                if saved is None:  # the kernel puts back its own call; a block of calls, here
-                    saved = (self.x.copy(), self.slip.copy(), self.env.copy(), self.W.copy(),
-                             self.eta.copy())
-            if n == 1 and env_tick == 0.0:  # one frame from a tick: the usual call
-                count = 15 + 12 * (1 + (n_sub - 1) // max(1, tick_n))
-            else:
-                count = normals_needed(env_tick, tick_n, n * n_sub, n, 12, 15)
-            nz = normals.draw(self.rng, count)
-            whole = done == 0 and n == n_frames
-            got = _run(self.x, self.eta, self.slip, self.env, act, self.P, self.hyk, self.hyth,
-                       self.Lam5, self.Geta, self.T5, self.Rq, self.W, self._gphi, self._gL,
-                       self._gc, nz, used, n, n_sub, out if whole else out[done:done + n],
-                       tr if whole or not rec else tr[done:done + n], rec)
-            taken = int(used[0])
-            if got != n or taken != count:
-                if saved is not None:
-                    self.x, self.slip, self.env, self.W, self.eta = saved
-                if taken < 0 or got == n:
-                    raise RuntimeError(f"plant kernel took {taken} normals, {count} were drawn")
-                normals.rewind(self.rng, count, taken)
-                raise PlantError(f"non-finite plant state in frame {done + got}; block rolled back")
-            done += n
-            if done >= n_frames:
-                return
+        def kernel(nz, used, n, out_n, tr_n):
+            return _run(self.x, self.eta, self.slip, self.env, act, self.P, self.hyk, self.hyth,
+                        self.Lam5, self.Geta, self.T5, self.Rq, self.W, self._gphi, self._gL,
+                        self._gc, nz, used, n, self.n_sub, out_n, tr_n, rec)
+
+        advance_in_chunks(self, n_frames, out, tr, rec, state=("x", "slip", "env", "W", "eta"),
+                          per_tick=12, per_frame=15, tick_n=int(self.P[P_TICKN]),
+                          env_tick=lambda: float(self.env[E_TICK]), kernel=kernel)
 
     def step_frame(self, actuators: Nist4Actuators) -> Nist4Sensors:
         """Hold ``actuators`` over one frame (``n_sub`` integration steps); return the frame."""
