@@ -285,6 +285,18 @@ async def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_service(values: dict[str, Any], flag: str) -> dict[str, dict[str, Any]]:
+    """``SERVICE.NAME=VALUE`` items of ``kibble up`` to ``{SERVICE: {NAME: VALUE}}``; exits
+    naming ``flag`` on a word without a service."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        service, dot, name = key.partition(".")
+        if not dot or not service or not name:
+            raise SystemExit(f"kibble up: {flag} wants SERVICE.NAME=VALUE, got {key!r}")
+        out.setdefault(service, {})[name] = value
+    return out
+
+
 async def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
@@ -294,19 +306,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    settings: dict[str, dict[str, Any]] = {}
-    for key, value in parse_assignments(args.setting).items():
-        service, dot, name = key.partition(".")
-        if not dot or not service or not name:
-            raise SystemExit(f"kibble up: --setting wants SERVICE.NAME=VALUE, got {key!r}")
-        settings.setdefault(service, {})[name] = value
+    settings = _per_service(parse_assignments(args.setting), "--setting")
     try:
-        process: dict[str, dict[str, Any]] = {}
-        for key, value in split_assignments(args.process).items():
-            who, dot, name = key.partition(".")
-            if not dot or not who or not name:
-                raise SystemExit(f"kibble up: --process wants SERVICE.NAME=VALUE, got {key!r}")
-            process.setdefault(who, {})[name] = value
+        process = _per_service(split_assignments(args.process), "--process")
         together = (() if args.separate else
                     None if args.together is None else
                     tuple(tuple(n for n in g.split(",") if n) for g in args.together))
