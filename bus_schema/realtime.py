@@ -61,7 +61,7 @@ class FrameIntake:
     is either acted on, rejected or counted as skipped.
     """
 
-    __slots__ = ("frame_topics", "_held", "skipped", "received")
+    __slots__ = ("frame_topics", "_held", "skipped")
 
     def __init__(self, frame_topics: Iterable[str] = ()) -> None:
         self.frame_topics = frozenset(frame_topics)
@@ -69,14 +69,11 @@ class FrameIntake:
         self.skipped = 0
         """Frames never looked at because a newer one of the same topic came in the same
         batch (this session)."""
-        self.received = 0
-        """Frames offered (this session)."""
 
     def offer(self, topic: str, payload: bytes) -> bool:
         """Hold a frame until :meth:`take` (True), or False if ``topic`` is not a frame topic."""
         if topic not in self.frame_topics:
             return False
-        self.received += 1
         held = self._held
         queue = held.pop(topic, None)
         if queue is None:

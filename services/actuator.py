@@ -110,11 +110,6 @@ class ActuatorService(Service):
         """Loop periods without a fresh input after which the clock alone drives the guard."""
         self.frame_clock(self.topics.hw("sensors"), config.frame_period_s / self.decimation)
 
-    @property
-    def loop_period_s(self) -> float:
-        """This loop's period (s): ``decimation`` frame periods."""
-        return self.frame_period_s * self.decimation
-
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
         """The watched DOF of a DAQ frame, in the guard's ``watch_names`` order."""
         return ()
