@@ -104,11 +104,11 @@ class ActuatorService(Service):
     def make_guard(self, config: GuardConfig) -> None:
         """Build the guard; ``config.frame_period_s`` is the frame period, and the guard runs
         once per loop period (``decimation`` frames)."""
+        self.frame_clock(self.topics.hw("sensors"), config.frame_period_s)
         config = dataclasses.replace(config, frame_period_s=config.frame_period_s * self.decimation)
         self.guard = ActuatorGuard(config)
         self.stale_ticks = max(1, int(round(config.stale_after_s / config.frame_period_s)))
         """Loop periods without a fresh input after which the clock alone drives the guard."""
-        self.frame_clock(self.topics.hw("sensors"), config.frame_period_s / self.decimation)
 
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
         """The watched DOF of a DAQ frame, in the guard's ``watch_names`` order."""

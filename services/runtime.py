@@ -295,8 +295,6 @@ class Service:
         self._batch_skipped_at = 0
         self.frame_age_s = 0.0
         """Age of the frame being handled (receive time minus its publisher's stamp, s)."""
-        self.max_frame_age_s = (math.inf if self.config.clock == "lockstep"
-                                else self.config.max_frame_age_frames * self.frame_period_s)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._local_sink: Callable[[str, bytes, int, bool], None] | None = None
@@ -390,8 +388,14 @@ class Service:
         self._clock_topic = topic
         self.frame_period_s = period_s
         self.timing = FrameTiming(period_s)
-        if self.config.clock != "lockstep":
-            self.max_frame_age_s = self.config.max_frame_age_frames * period_s
+
+    @property
+    def max_frame_age_s(self) -> float:
+        """The frame-age limit (s): ``max_frame_age_frames`` periods in realtime, none in
+        lockstep."""
+        if self.config.clock == "lockstep":
+            return math.inf
+        return self.config.max_frame_age_frames * self.frame_period_s
 
     @property
     def frame_too_old(self) -> bool:
