@@ -208,6 +208,42 @@ AGE_TOO_OLD_FRAMES = 5.0
 """99th-percentile frame age, in frame periods, beyond which a loop cannot keep up."""
 
 
+class LoopTimer:
+    """Frame-period statistics over one heartbeat interval (telemetry, not logs).
+
+    ``tick(t_s)`` once per frame with a monotonic time; ``snapshot()`` returns mean, standard
+    deviation (jitter) and maximum of the period since the last snapshot.
+    """
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._n = 0
+        self._sum = 0.0
+        self._sumsq = 0.0
+        self._max = 0.0
+
+    def tick(self, t_s: float) -> None:
+        if self._last is not None:
+            period = t_s - self._last
+            self._n += 1
+            self._sum += period
+            self._sumsq += period * period
+            self._max = max(self._max, period)
+        self._last = t_s
+
+    def snapshot(self) -> tuple[float, float, float]:
+        if self._n == 0:
+            return 0.0, 0.0, 0.0
+        mean = self._sum / self._n
+        var = max(0.0, self._sumsq / self._n - mean * mean)
+        out = (mean, math.sqrt(var), self._max)
+        self._reset()
+        return out
+
+
 def cannot_keep_up(service: str, timing: Timing, rate_hz: float) -> str | None:
     """One line saying that ``service`` cannot run ``rate_hz`` (from one interval's
     :class:`Timing`), with a lower rate to try; None while it keeps up."""

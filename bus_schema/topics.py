@@ -96,9 +96,32 @@ class Topics:
             raise ValueError(f"unknown service topic leaf {leaf!r}; one of {SERVICE_LEAVES}")
         return f"{self.prefix}/+/{leaf}"
 
+    def check_reply_to(self, topic: str) -> str:
+        """Return ``topic`` if a node may publish a reply there: ``kb/<instrument>/<name>/reply``
+        of this instrument, ``<name>`` a valid level (no wildcard). Nothing subscribes to a
+        ``reply`` topic as control input, so a caller cannot make a node write a setpoint, a
+        hardware command, a status or another instrument's tree. ``ValueError`` says why not."""
+        parts = topic.split("/") if isinstance(topic, str) else []
+        if len(parts) != 4 or parts[0] != ROOT or parts[1] != self.instrument or parts[3] != "reply" \
+                or not _NAME.match(parts[2]):
+            raise ValueError(f"reply_to {str(topic)[:200]!r} is not a reply topic of this "
+                             f"instrument ({self.prefix}/<name>/reply, no wildcards)")
+        return topic
+
     def parse(self, topic: str) -> tuple[str, str]:
         """Split ``kb/<instrument>/<a>/<b>`` into ``(a, b)``; ``ValueError`` if not ours."""
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != ROOT or parts[1] != self.instrument:
             raise ValueError(f"topic {topic!r} is not under {self.prefix}/<x>/<y>")
         return parts[2], parts[3]
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT wildcard match: ``+`` is one level, a final ``#`` the parent and every level below."""
+    want, have = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)

@@ -38,30 +38,24 @@ period and is sampled at its end, ``sim_time_s = (k + 1) / rate_hz`` in lockstep
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import signal
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Mapping, Sequence
 
 import aiomqtt
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import (
-    Command, Event, HwActuatorCommand, HwSensorFrame, Message, Reply, Severity, SimTruth, Status,
-    Timing,
+    Command, HwActuatorCommand, HwSensorFrame, Message, Reply, SimTruth, Status, Timing,
 )
-from kibble.bus_schema.realtime import FrameIntake, FrameTiming
-from kibble.bus_schema.topics import Topics
-from kibble.bus_schema.transport import (
-    DEFAULT_BROKER, connect_error_text, corked, deliver_directly, make_client, parse_broker_url,
-    publish_now,
-)
+from kibble.bus_schema.node import BusNode
+from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
+from kibble.bus_schema.transport import DEFAULT_BROKER, corked, publish_now
 
 from . import efb as efb_model
 from . import nist4 as nist4_model
@@ -525,24 +519,6 @@ def frame_overrides(model: str, rate_hz: float, overrides: Mapping[str, Any] | N
 # ============================================================================ the server
 
 
-class _EventLimiter:
-    """Token bucket per event kind: ``burst`` at once, then ``rate_per_s``; counts the rest."""
-
-    def __init__(self, burst: int = 5, rate_per_s: float = 1.0) -> None:
-        self.burst, self.rate_per_s = burst, rate_per_s
-        self._tokens: dict[str, tuple[float, float]] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def allow(self, kind: str, now_s: float) -> bool:
-        tokens, last = self._tokens.get(kind, (float(self.burst), now_s))
-        tokens = min(float(self.burst), tokens + (now_s - last) * self.rate_per_s)
-        ok = tokens >= 1.0
-        self._tokens[kind] = (tokens - 1.0 if ok else tokens, now_s)
-        if not ok:
-            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
-        return ok
-
-
 class _SimReceiver:
     """The simulator's side of :func:`~kibble.bus_schema.transport.deliver_directly`.
 
@@ -551,11 +527,10 @@ class _SimReceiver:
     anyway); in lockstep every command is an answer and is handled in order.
     """
 
-    __slots__ = ("sim", "failed", "intake", "messages", "skipped_at")
+    __slots__ = ("sim", "intake", "messages", "skipped_at")
 
-    def __init__(self, sim: "SimServer", failed: asyncio.Future) -> None:
+    def __init__(self, sim: "SimServer") -> None:
         self.sim = sim
-        self.failed = failed
         self.intake = sim.intake
         self.messages = 0
         self.skipped_at = 0
@@ -564,7 +539,7 @@ class _SimReceiver:
         self.messages += 1
         if self.sim.clock == "realtime" and self.intake.offer(topic, payload):
             return
-        self.sim._on_message(topic, payload, self.failed)
+        self.sim._on_message(topic, payload)
 
     def batch_begin(self) -> None:
         self.messages = 0
@@ -574,7 +549,7 @@ class _SimReceiver:
     def batch_end(self) -> None:
         for topic, payloads in self.intake.take():
             for i in range(len(payloads) - 1, -1, -1):  # newest first; older ones only if it is bad
-                if self.sim._on_message(topic, payloads[i], self.failed):
+                if self.sim._on_message(topic, payloads[i]):
                     self.intake.skip(i)
                     break
 
@@ -582,8 +557,8 @@ class _SimReceiver:
         self.sim.timing.batch_end(self.messages, self.intake.skipped - self.skipped_at)
 
 
-class SimServer:
-    """The HIL simulator as a bus participant.
+class SimServer(BusNode):
+    """The HIL simulator as a bus participant (a :class:`~kibble.bus_schema.node.BusNode`).
 
     ::
 
@@ -602,6 +577,8 @@ class SimServer:
     in lockstep, collecting the answers to the last one); 0 runs until :meth:`stop`.
     """
 
+    name = SERVICE_NAME
+
     def __init__(self, model: str = "nist4", clock: str = "lockstep", rate_hz: float = 1000.0,
                  seed: int = 0, params: Mapping[str, Any] | None = None,
                  broker_url: str = DEFAULT_BROKER, instrument: str = "nist4",
@@ -614,15 +591,15 @@ class SimServer:
         if truth_every is None:
             truth_every = 1 if clock == "lockstep" else max(1, int(round(rate_hz / REALTIME_TRUTH_HZ)))
         overrides = frame_overrides(model, rate_hz, params)
-        parse_broker_url(broker_url)
+        super().__init__(instrument, broker_url, client_id or f"kibble-{instrument}-sim-{os.getpid()}",
+                         heartbeat_s=heartbeat_s, reconnect_min_s=reconnect_min_s,
+                         reconnect_max_s=reconnect_max_s)
         if not lockstep_timeout_s > 0:
             raise ValueError(f"lockstep timeout must be > 0 s, got {lockstep_timeout_s!r}")
         for name, value in (("drop_after_misses", drop_after_misses), ("truth_every", truth_every),
                             ("max_frames", max_frames)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not 0.05 <= heartbeat_s <= 60:
-            raise ValueError(f"heartbeat_s must be within 0.05..60 s, got {heartbeat_s!r}")
         self.model = model
         self.clock = clock
         self.rate_hz = float(rate_hz)
@@ -638,21 +615,12 @@ class SimServer:
                 raise ValueError(f"cannot expect device {device!r}: the {model} lockstep devices "
                                  f"are {known}")
         self.expect = frozenset(expect)
-        self.broker_url = broker_url
-        self.topics = Topics(instrument)
-        self.client_id = client_id or f"kibble-{instrument}-sim-{os.getpid()}"
         self.lockstep_timeout_s = float(lockstep_timeout_s)
         self.truth_every = truth_every
         self.max_frames = max_frames
-        self.heartbeat_s = heartbeat_s
-        self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
 
         self.t_sensors = self.topics.hw("sensors")
         self.t_truth = self.topics.sim("truth")
-        self.t_cmd = self.topics.cmd(SERVICE_NAME)
-        self.t_reply = self.topics.reply(SERVICE_NAME)
-        self.t_event = self.topics.event(SERVICE_NAME)
-        self.t_status = self.topics.status(SERVICE_NAME)
         self._device_topics = {self.topics.hw(name): spec for name, spec in self.devices.items()}
 
         self.frame = -1
@@ -672,136 +640,78 @@ class SimServer:
         ``expect`` is empty), when frame 0 goes out."""
         if not self.expect:
             self._connected_devices.set()
-        self.counters: dict[str, int] = {
-            "frames_out": 0, "frames_in": 0, "rejected": 0, "misses": 0, "dropped": 0,
-            "stale_tags": 0, "commands": 0, "publish_failed": 0, "events_suppressed": 0,
-            "late": 0, "slips": 0, "plant_errors": 0, "reconnects": 0}
-        self.connected = asyncio.Event()
-        """Set while connected and subscribed (tests wait for it before talking)."""
-        self._client: aiomqtt.Client | None = None
-        self._stop = asyncio.Event()
+        self.counters.update({"frames_out": 0, "frames_in": 0, "misses": 0, "dropped": 0,
+                              "stale_tags": 0, "late": 0, "slips": 0, "plant_errors": 0})
         self._resume = asyncio.Event()
         self._resume.set()
         self._started = False
         self._gate_open = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_ok = dataclasses.replace(self.adapter.held)
-        self._seq = 0
         self._frame_seq = 0
         self._truth_seq = 0
-        self._heartbeats = 0
         self._session = int(time.time())
-        self._t_start = time.monotonic()
-        self._limiter = _EventLimiter()
-        self._period_stats = [0, 0.0, 0.0, 0.0, 0.0]  # n, sum, sumsq, max, last publish time
+        self.loop_timer = LoopTimer()
+        """Period of the published sensor frames."""
+        self._last_timing = Timing()
         self._rate_mark = (time.monotonic(), 0)
         self._steps_per_s = 0.0
-        self._commands: dict[str, Callable[[_Args], dict[str, Any]]] = {
+        self.commands.update({
             "register": self._cmd_register, "unregister": self._cmd_unregister,
             "pause": self._cmd_pause, "resume": self._cmd_resume, "stats": self._cmd_stats,
-            **{name: getattr(self.adapter, name) for name in PLANT_COMMANDS}}
+            **{name: getattr(self.adapter, name) for name in PLANT_COMMANDS}})
 
-    # ------------------------------------------------------------------ life cycle
+    # ------------------------------------------------------------------ the node's hooks
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to publish an offline status and return."""
-        self._stop.set()
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(topic, 0) for topic in self._device_topics]
 
-    async def run(self, install_signal_handlers: bool = True) -> None:
-        """Connect, serve, reconnect with back-off until :meth:`stop` (or SIGINT/SIGTERM)."""
-        loop = asyncio.get_running_loop()
-        if install_signal_handlers:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._stop.set)
-        backoff = self.reconnect_min_s
-        try:
-            while not self._stop.is_set():
-                connected_at = None
-                try:
-                    will = aiomqtt.Will(self.t_status, encode(self._status(online=False)), qos=1,
-                                        retain=True)
-                    client = make_client(self.broker_url, self.client_id, will=will)
-                    failed = loop.create_future()
-                    deliver_directly(client, _SimReceiver(self, failed))
-                    async with client:
-                        connected_at = time.monotonic()
-                        await self._serve(client, failed)
-                except aiomqtt.MqttError as exc:
-                    log.warning("sim: %s", connect_error_text(self.broker_url, exc))
-                finally:
-                    self._client = None
-                    self.connected.clear()
-                    self._cancel_timer()
-                if self._stop.is_set():
-                    break
-                self.counters["reconnects"] += 1
-                if connected_at is not None and time.monotonic() - connected_at > 5.0:
-                    backoff = self.reconnect_min_s
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                backoff = min(self.reconnect_max_s, backoff * 2)
-        finally:
-            if install_signal_handlers:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
+    def receiver(self) -> _SimReceiver:
+        return _SimReceiver(self)
 
-    async def _serve(self, client: aiomqtt.Client, failed: asyncio.Future | None = None) -> None:
-        self._client = client
-        for topic in self._device_topics:
-            await client.subscribe(topic, qos=0)
-        await client.subscribe(self.t_cmd, qos=1)
-        self._publish_status()
-        self.connected.set()
-        tasks = [asyncio.create_task(self._watch_connection(client)),
-                 asyncio.create_task(self._heartbeat()), asyncio.create_task(self._stop.wait())]
-        if failed is not None:
-            tasks.append(failed)
-        if self.clock == "realtime":
-            tasks.append(asyncio.create_task(self._realtime()))
-        elif self._started and self._gate_open:
-            self._arm_timer(self.frame)  # the frame may have been lost with the connection
-        else:
-            self._lockstep_next()
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-        if self._stop.is_set():
-            self._publish(self.t_status, self._status(online=False), qos=1, retain=True)
+    async def on_connected(self) -> None:
+        if self.clock == "lockstep":
+            if self._started and self._gate_open:
+                self._arm_timer(self.frame)  # the frame may have been lost with the connection
+            else:
+                self._lockstep_next()
 
-    def _on_message(self, topic: str, payload: bytes, failed: asyncio.Future) -> bool:
+    def serve_tasks(self) -> list[Coroutine[Any, Any, Any]]:
+        return [self._realtime()] if self.clock == "realtime" else []
+
+    async def on_disconnect(self) -> None:
+        self._cancel_timer()
+
+    async def stopping(self) -> None:
+        self._cancel_timer()
+
+    def call_command(self, handler: Callable[[_Args], dict[str, Any]], cmd: Command) -> dict[str, Any]:
+        args = _Args(cmd.command, cmd.args)
+        result = handler(args)
+        args.check_unused()
+        return {"frame": self.frame, **result}
+
+    def command_done(self, cmd: Command, reply: Reply) -> None:
+        if reply.ok and cmd.command != "stats":
+            self.event("control", f"{cmd.command} {dict(cmd.args)} from {cmd.client_id or '?'} "
+                                  f"after frame {self.frame}",
+                       data={"command": cmd.command, "frame": self.frame})
+        super().command_done(cmd, reply)
+
+    def _on_message(self, topic: str, payload: bytes) -> bool:
         """Every incoming message, from the socket-readable callback through
         :class:`_SimReceiver`: the ``hw/<device>`` commands and ``sim/cmd``. True if it was a
-        device command that was applied. An exception ends :meth:`_serve` with it (through
-        ``failed``), as it would have ended a reader task."""
-        if failed.done():
-            return False
+        device command that was applied. A bug met here is reported (``handler_error``) and
+        the simulator goes on."""
         try:
             spec = self._device_topics.get(topic)
             if spec is not None:
                 return self._on_hw(spec, topic, payload)
-            if topic == self.t_cmd:
-                self._on_command(payload)
+            if topic == self._t_cmd:
+                self.command_received(payload)
         except Exception as exc:
-            failed.set_exception(exc)
+            self.handler_failed(topic, exc)
         return False
-
-    async def _watch_connection(self, client: aiomqtt.Client) -> None:
-        """Return (by raising ``MqttError``) when the connection drops; messages do not come
-        through ``client.messages`` (see :meth:`_on_message`)."""
-        async for message in client.messages:
-            raise RuntimeError(f"unexpected message on {message.topic} through aiomqtt's queue")
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            self._heartbeats += 1
-            self._publish_status()
 
     # ------------------------------------------------------------------ publishing
 
@@ -810,29 +720,6 @@ class SimServer:
         msg.t_mono_s = time.monotonic()
         msg.t_utc_s = time.time()
         return encode(msg)
-
-    def _publish(self, topic: str, msg: Message, qos: int = 0, retain: bool = False) -> bool:
-        self._seq += 1
-        client = self._client
-        if client is None or not publish_now(client, topic, self._stamp(msg, self._seq), qos, retain):
-            self.counters["publish_failed"] += 1
-            return False
-        return True
-
-    def event(self, kind: str, text: str, severity: Severity = "info",
-              data: dict[str, Any] | None = None) -> None:
-        """Publish an event on ``sim/event`` (rate-limited per kind) and log it."""
-        if not self._limiter.allow(kind, time.monotonic()):
-            self.counters["events_suppressed"] += 1
-            return
-        level = {"info": logging.INFO, "warning": logging.WARNING, "alarm": logging.ERROR}[severity]
-        log.log(level, "sim: %s: %s", kind, text)
-        payload = dict(data or {})
-        dropped = self._limiter.suppressed.pop(kind, 0)
-        if dropped:
-            payload["suppressed_since_last"] = dropped
-        self._publish(self.t_event, Event(service=SERVICE_NAME, kind=kind, severity=severity,
-                                          text=text, data=payload), qos=1)
 
     # ------------------------------------------------------------------ stepping
 
@@ -876,15 +763,7 @@ class SimServer:
             self.counters["publish_failed"] += 1
         self.latency.published(k, t_pub)
         self.counters["frames_out"] += 1
-        st = self._period_stats
-        if st[4]:
-            period = t_pub - st[4]
-            st[0] += 1
-            st[1] += period
-            st[2] += period * period
-            if period > st[3]:
-                st[3] = period
-        st[4] = t_pub
+        self.loop_timer.tick(t_pub)
         if want_truth:
             row = block.truth[0]
             values = {name: float(row[i]) + off for name, i, off in adapter.truth_columns}
@@ -986,10 +865,8 @@ class SimServer:
     # ------------------------------------------------------------------ hardware commands
 
     def _reject(self, device: str, topic: str, reason: str, frame: int | None) -> None:
-        self.counters["rejected"] += 1
-        self.event("rejected", f"dropped command on {topic}: {reason}", severity="warning",
-                   data={"topic": topic, "device": device, "reason": reason,
-                         "frame": -1 if frame is None else frame, "sim_frame": self.frame})
+        self.reject(topic, reason, data={"device": device, "frame": -1 if frame is None else frame,
+                                         "sim_frame": self.frame})
 
     def _on_hw(self, spec: DeviceSpec, topic: str, payload: bytes) -> bool:
         """One device command; True if applied."""
@@ -1030,36 +907,6 @@ class SimServer:
         return reason is None
 
     # ------------------------------------------------------------------ control commands
-
-    def _on_command(self, payload: bytes) -> None:
-        self.counters["commands"] += 1
-        try:
-            cmd = decode(payload, Command)
-        except DecodeError as exc:
-            self._reject("cmd", self.t_cmd, str(exc), None)
-            return
-        reply = Reply(id=cmd.id, ok=False, service=SERVICE_NAME)
-        handler = self._commands.get(cmd.command)
-        if handler is None:
-            reply.error = (f"unknown command {cmd.command!r}; the simulator knows "
-                           f"{', '.join(sorted(self._commands))}")
-        else:
-            try:
-                args = _Args(cmd.command, cmd.args)
-                result = handler(args)
-                args.check_unused()
-                reply.ok, reply.result = True, {"frame": self.frame, **result}
-            except (ValueError, TypeError) as exc:
-                reply.error = str(exc)
-        if reply.ok:
-            if cmd.command != "stats":
-                self.event("control", f"{cmd.command} {dict(cmd.args)} from {cmd.client_id or '?'} "
-                                      f"after frame {self.frame}",
-                           data={"command": cmd.command, "frame": self.frame})
-        else:
-            self.event("command_rejected", f"{cmd.command} from {cmd.client_id or '?'}: {reply.error}",
-                       severity="warning", data={"command": cmd.command, "error": reply.error})
-        self._publish(cmd.reply_to or self.t_reply, reply, qos=1)
 
     def _lockstep_devices(self, args: _Args, name: str) -> list[str]:
         devices = args.names(name)
@@ -1121,16 +968,15 @@ class SimServer:
 
     # ------------------------------------------------------------------ status
 
-    def _status(self, online: bool = True) -> Status:
-        n, total, sumsq, peak, last = self._period_stats
-        mean = total / n if n else 0.0
-        jitter = math.sqrt(max(0.0, sumsq / n - mean * mean)) if n else 0.0
-        self._period_stats = [0, 0.0, 0.0, 0.0, last]
+    def status(self, online: bool = True, interval: bool = False) -> Status:
+        mean, jitter, peak = self.loop_timer.snapshot() if interval else (0.0, 0.0, 0.0)
         now = time.monotonic()
-        t_mark, f_mark = self._rate_mark
-        if now > t_mark:
-            self._steps_per_s = (self.counters["frames_out"] - f_mark) / (now - t_mark)
-        self._rate_mark = (now, self.counters["frames_out"])
+        if interval:
+            self._last_timing = self.timing.snapshot()
+            t_mark, f_mark = self._rate_mark
+            if now > t_mark:
+                self._steps_per_s = (self.counters["frames_out"] - f_mark) / (now - t_mark)
+            self._rate_mark = (now, self.counters["frames_out"])
         lat = self.latency.summary()
         if not online:
             state = "offline"
@@ -1141,15 +987,13 @@ class SimServer:
         self.counters["commands_skipped"] = self.intake.skipped
         return Status(
             service=SERVICE_NAME, state=state, online=online, session=self._session,
-            client_id=self.client_id, heartbeat=self._heartbeats,
-            uptime_s=now - self._t_start, counters=dict(self.counters),
+            client_id=self.client_id, heartbeat=self.heartbeats,
+            uptime_s=now - self.t_start_s,
+            counters={k: saturating_add(v, 0) for k, v in self.counters.items()},
             loop_period_mean_s=mean, loop_period_jitter_s=jitter, loop_period_max_s=peak,
-            loop_overruns=self.timing.overruns, timing=self.timing.snapshot() if online else Timing(),
+            loop_overruns=self.timing.overruns, timing=self._last_timing if online else Timing(),
             detail={"model": self.model, "clock": self.clock, "rate_hz": self.rate_hz,
                     "seed": self.seed, "frame": self.frame, "paused": self.paused,
                     "registered": ",".join(sorted(self.gate.registered)),
                     "steps_per_s": self._steps_per_s, "latency_p50_ms": lat.p50_ms,
                     "latency_p99_ms": lat.p99_ms, "latency_n": lat.n})
-
-    def _publish_status(self) -> None:
-        self._publish(self.t_status, self._status(), qos=1, retain=True)

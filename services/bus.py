@@ -19,7 +19,7 @@ import aiomqtt
 
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, Message, Reply
-from kibble.bus_schema.topics import Topics
+from kibble.bus_schema.topics import Topics, topic_matches
 from kibble.bus_schema.transport import (
     DEFAULT_BROKER, connect_error_text, make_client, parse_broker_url, publish_now, redact_url,
 )
@@ -167,6 +167,26 @@ class BusClient:
         return out
 
 
+async def follow(url: str, instrument: str, pattern: str, retry_s: float = 0.5,
+                 on_lost=None) -> AsyncIterator[tuple[str, bytes]]:
+    """Every ``(topic, payload)`` matching ``pattern``, across lost connections and broker
+    restarts: a lost broker is retried every ``retry_s`` (``on_lost(error_text)`` is called
+    once per loss), and the retained messages arrive again on every new connection, so a view
+    built from them catches up."""
+    up = True
+    while True:
+        try:
+            async with BusClient(url, instrument) as bus:
+                up = True
+                async for item in bus.subscribe(pattern):
+                    yield item
+        except BusError as exc:
+            if up and on_lost is not None:
+                on_lost(str(exc))
+            up = False
+            await asyncio.sleep(retry_s)
+
+
 class Subscription:
     """Messages matching one pattern, queued as they arrive (see :meth:`BusClient.listen`)."""
 
@@ -208,10 +228,5 @@ class Subscription:
                 return msg
 
 
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT wildcard match (``+`` one level, ``#`` the rest)."""
-    return aiomqtt.Topic(topic).matches(pattern)
-
-
 __all__ = ["BusClient", "BusError", "Subscription", "DEFAULT_BROKER", "make_client", "parse_broker_url",
-           "publish_now", "topic_matches", "new_client_id"]
+           "publish_now", "topic_matches", "new_client_id", "follow"]

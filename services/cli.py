@@ -27,8 +27,9 @@ from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import (
     Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, ParamList, Reply, Setpoint, Status,
 )
+from kibble.bus_schema.topics import Topics
 from kibble.bus_schema.transport import redact_url, with_options
-from kibble.services.bus import DEFAULT_BROKER, BusClient, BusError
+from kibble.services.bus import DEFAULT_BROKER, BusClient, BusError, follow
 
 
 def _env_broker() -> str:
@@ -322,23 +323,26 @@ async def cmd_up(args: argparse.Namespace) -> int:
         assert stack.broker_url is not None
         print(f"up: {args.sim} on {redact_url(stack.broker_url)} (instrument {stack.instrument}); "
               f"Ctrl-C stops everything", flush=True)
-        async with BusClient(stack.broker_url, stack.instrument) as bus:
-            statuses: dict[str, Status] = {}
+        statuses: dict[str, Status] = {}
 
-            async def follow() -> None:
-                async for topic, payload in bus.subscribe(bus.topics.all_of("status")):
-                    with contextlib.suppress(DecodeError):
-                        statuses[topic] = decode(payload, Status)
+        def lost(text: str) -> None:
+            print(f"up: {text}; reconnecting (the table rows go stale)", flush=True)
 
-            follower = asyncio.create_task(follow())
-            while not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), args.status_every)
-                if statuses and not stop.is_set():
-                    print(status_table(list(statuses.values())), "\n", flush=True)
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BusError):
-                await follower
+        async def follow_statuses() -> None:
+            async for topic, payload in follow(stack.broker_url, stack.instrument,
+                                               Topics(stack.instrument).all_of("status"), on_lost=lost):
+                with contextlib.suppress(DecodeError):
+                    statuses[topic] = decode(payload, Status)
+
+        follower = asyncio.create_task(follow_statuses())
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.status_every)
+            if statuses and not stop.is_set():
+                print(status_table(list(statuses.values())), "\n", flush=True)
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
     print("up: stopped", flush=True)
     return 0
 

@@ -2,18 +2,18 @@
 
 A service is a subclass of :class:`Service` that declares its parameters as
 :class:`~kibble.services.params.Param` attributes, registers its subscriptions in
-:meth:`Service.setup`, and handles decoded messages in plain (synchronous) methods. The runtime
-does the I/O:
+:meth:`Service.setup`, and handles decoded messages in plain (synchronous) methods. The
+connection life cycle is the :class:`~kibble.bus_schema.node.BusNode`'s (reconnect with
+back-off, last will, retained status, heartbeat, rate-limited events, commands with checked
+reply topics, an ``offline`` status on any exit); on top of it the runtime adds:
 
 - configuration from TOML plus CLI overrides (:func:`load_config`);
-- connect with reconnect and exponential back-off; a lost broker is noticed by the reader (socket
-  closed) or by the 2 s keepalive, and :meth:`Service.on_disconnect` runs at once;
-- a last will that marks the service ``offline`` and a retained ``online`` status, a 1 Hz
-  heartbeat with counters and loop-timing statistics, and a session number that increases at
-  every start (a restart is visible on the bus);
+- a session number that increases at every start (a restart is visible on the bus), counters
+  and frame timing in every status;
 - ``param.set``, ``param.get``, ``param.list``, ``param.revert`` over ``cmd`` with replies,
   audit events and a state file, plus the service's own commands (:func:`command`);
-- invalid messages dropped, counted and reported on ``event`` (rate-limited);
+- typed subscriptions: invalid messages dropped, counted and reported on ``event``
+  (rate-limited); of a frame topic only the newest frame of a receive batch is acted on;
 - a graceful stop on SIGINT/SIGTERM (:meth:`Service.on_stop`, then an ``offline`` status).
 
 Messages are handled one at a time on one event loop, so a parameter change always lands
@@ -24,7 +24,6 @@ between two frames; a service that needs a bumpless change does it in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import gc
 import inspect
@@ -37,20 +36,14 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Iterable, TypeVar
 
-import aiomqtt
-
-from kibble.bus_schema.codec import DecodeError, decode, encode
-from kibble.bus_schema.messages import (
-    Command, Event, Message, ParamList, Reply, Severity, State, Status, Timing,
-)
-from kibble.bus_schema.realtime import FrameIntake, FrameTiming, saturating_add
-from kibble.bus_schema.topics import Topics, check_name
-from kibble.bus_schema.transport import (
-    DEFAULT_BROKER, connect_error_text, deliver_directly, make_client, parse_broker_url, publish_now,
-    with_options,
-)
+from kibble.bus_schema.codec import DecodeError, decode
+from kibble.bus_schema.messages import Command, Message, ParamList, State, Status, Timing
+from kibble.bus_schema.node import BusNode
+from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
+from kibble.bus_schema.topics import check_name, topic_matches
+from kibble.bus_schema.transport import DEFAULT_BROKER, Receiver, parse_broker_url, with_options
 from kibble.services.params import Change, ParamError, ParamRegistry, declared_params
 from kibble.bus_schema.process import ProcessSettings, apply_process_settings, process_settings
 
@@ -186,82 +179,16 @@ def command(name: str) -> Callable[[Callable], Callable]:
     return mark
 
 
-class RateLimiter:
-    """Token bucket per key: ``burst`` at once, then ``rate_per_s``; counts what it drops."""
-
-    def __init__(self, burst: int, rate_per_s: float) -> None:
-        self.burst = burst
-        self.rate_per_s = rate_per_s
-        self._tokens: dict[str, tuple[float, float]] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def allow(self, key: str, now: float) -> bool:
-        tokens, last = self._tokens.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_s)
-        if tokens >= 1.0:
-            self._tokens[key] = (tokens - 1.0, now)
-            return True
-        self._tokens[key] = (tokens, now)
-        self.suppressed[key] = self.suppressed.get(key, 0) + 1
-        return False
-
-
-class LoopTimer:
-    """Frame-period statistics over one heartbeat interval (telemetry, not logs).
-
-    ``tick(t_s)`` once per frame with a monotonic time; ``snapshot()`` returns mean, standard
-    deviation (jitter) and maximum of the period since the last snapshot.
-    """
-
-    def __init__(self) -> None:
-        self._last: float | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self._n = 0
-        self._sum = 0.0
-        self._sumsq = 0.0
-        self._max = 0.0
-
-    def tick(self, t_s: float) -> None:
-        if self._last is not None:
-            period = t_s - self._last
-            self._n += 1
-            self._sum += period
-            self._sumsq += period * period
-            self._max = max(self._max, period)
-        self._last = t_s
-
-    def snapshot(self) -> tuple[float, float, float]:
-        if self._n == 0:
-            return 0.0, 0.0, 0.0
-        mean = self._sum / self._n
-        var = max(0.0, self._sumsq / self._n - mean * mean)
-        out = (mean, math.sqrt(var), self._max)
-        self._reset()
-        return out
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT wildcard match: ``+`` is one level, a final ``#`` the parent and every level below."""
-    want, have = pattern.split("/"), topic.split("/")
-    for i, level in enumerate(want):
-        if level == "#":
-            return True
-        if i >= len(have) or (level != "+" and level != have[i]):
-            return False
-    return len(want) == len(have)
-
-
 Handler = Callable[[Any], Any]
 
 
-class Service:
+class Service(BusNode):
     """Base of every daemon. Subclasses set ``name``, declare Params, and override hooks.
 
     Hooks (all optional): :meth:`setup` (register subscriptions), :meth:`on_connected`,
     :meth:`on_disconnect` (broker lost: actuators go safe), :meth:`background` (a coroutine run
-    while connected), :meth:`on_param_changed`, :meth:`status_detail`, :meth:`on_stop`.
+    while connected), :meth:`on_param_changed`, :meth:`status_detail`, :meth:`on_stop`,
+    :meth:`warm_up`.
     """
 
     name: ClassVar[str] = "service"
@@ -269,8 +196,12 @@ class Service:
     def __init__(self, config: ServiceConfig | None = None) -> None:
         self.config = config or ServiceConfig()
         check_name("service name", self.name)
-        self.topics = Topics(self.config.instrument)
-        self.client_id = self.config.client_id or f"kibble-{self.config.instrument}-{self.name}-{os.getpid()}"
+        super().__init__(
+            self.config.instrument, self.config.broker,
+            self.config.client_id or f"kibble-{self.config.instrument}-{self.name}-{os.getpid()}",
+            heartbeat_s=self.config.heartbeat_s, reconnect_min_s=self.config.reconnect_min_s,
+            reconnect_max_s=self.config.reconnect_max_s, event_burst=self.config.event_burst,
+            event_rate_per_s=self.config.event_rate_per_s)
         state_path = self.config.state_dir / self.config.instrument / f"{self.name}.json"
         self.params = ParamRegistry(declared_params(type(self)), self.name, state_path)
         self.params.apply_overrides(self.config.params)
@@ -280,10 +211,8 @@ class Service:
         self.params.save()
         self.session = self.params.session
         self.state: State = "idle"
-        self.counters: dict[str, int] = {
-            "frames_in": 0, "frames_out": 0, "frames_skipped": 0, "late": 0, "overruns": 0,
-            "too_old": 0, "rejected": 0, "handler_errors": 0, "publish_failed": 0,
-            "events_suppressed": 0, "reconnects": 0, "commands": 0}
+        self.counters.update({"frames_in": 0, "frames_out": 0, "frames_skipped": 0, "late": 0,
+                              "overruns": 0, "too_old": 0})
         self.loop_timer = LoopTimer()
         self.frame_period_s = 1e-3
         """The loop's frame period (s); set with :meth:`frame_clock`."""
@@ -295,8 +224,6 @@ class Service:
         self._batch_skipped_at = 0
         self.frame_age_s = 0.0
         """Age of the frame being handled (receive time minus its publisher's stamp, s)."""
-        self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
         self._local_sink: Callable[[str, bytes, int, bool], None] | None = None
         self._subs: dict[str, tuple[type[Message], Handler, bool]] = {}
         self._newest_only: set[str] = set()
@@ -306,21 +233,15 @@ class Service:
         """Topics this daemon takes in process from a daemon of the same process (not
         subscribed at the broker)."""
         self._raw_subs: dict[str, Callable[[str, bytes], Any]] = {}
-        self._handler_tasks: set[asyncio.Task] = set()
-        self._seq = 0
-        self._heartbeats = 0
         self._last_timing = Timing()
-        self._t_start = time.monotonic()
-        self._stop = asyncio.Event()
-        self._limiter = RateLimiter(self.config.event_burst, self.config.event_rate_per_s)
-        self._commands: dict[str, Callable] = {
+        self._own_process = True
+        self.commands.update({
             "param.set": self._cmd_param_set, "param.get": self._cmd_param_get,
-            "param.list": self._cmd_param_list, "param.revert": self._cmd_param_revert}
+            "param.list": self._cmd_param_list, "param.revert": self._cmd_param_revert})
         for _, method in inspect.getmembers(self, predicate=inspect.ismethod):
             cmd_name = getattr(method, "__kibble_command__", None)
             if cmd_name:
-                self._commands[cmd_name] = method
-        self.subscribe(self.topics.cmd(self.name), Command, self._on_command, is_frame=False)
+                self.commands[cmd_name] = method
         self.setup()
 
     # ------------------------------------------------------------------ hooks
@@ -402,21 +323,9 @@ class Service:
         """Whether the frame being handled is older than the age limit (realtime only)."""
         return self.frame_age_s > self.max_frame_age_s
 
-    def stamp(self, msg: M) -> M:
-        """Fill a message's header: next sequence number, monotonic and UTC time."""
-        self._seq += 1
-        msg.seq = self._seq
-        msg.t_mono_s = time.monotonic()
-        msg.t_utc_s = time.time()
-        return msg
-
-    def publish(self, topic: str, msg: Message, qos: int = 0, retain: bool = False) -> bool:
-        """Stamp and publish now (no await). False, and counted, when not connected."""
-        return self.publish_bytes(topic, encode(self.stamp(msg)), qos, retain)
-
     def publish_bytes(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         """Publish an already encoded payload now (no await); False, and counted, when not
-        connected."""
+        connected. Daemons of this process that take ``topic`` in process get it at once."""
         if self._local_sink is not None:
             self._local_sink(topic, payload, qos, retain)
             return True
@@ -424,13 +333,7 @@ class Service:
         if peers:
             for peer in peers:
                 peer.deliver_local(topic, payload)
-        if self._client is None:
-            self.counters["publish_failed"] += 1
-            return False
-        ok = publish_now(self._client, topic, payload, qos, retain)
-        if not ok:
-            self.counters["publish_failed"] += 1
-        return ok
+        return super().publish_bytes(topic, payload, qos, retain)
 
     def deliver_local(self, topic: str, payload: bytes) -> None:
         """A frame from a daemon of the same process (:func:`run_together`): handled at once,
@@ -440,32 +343,11 @@ class Service:
         self.batch_end()
         self.batch_flushed()
 
-    def event(self, kind: str, text: str, severity: Severity = "info",
-              data: dict[str, Any] | None = None, rate_limited: bool = True) -> None:
-        """Publish an event on ``<service>/event`` (rate-limited per kind) and log it."""
-        level = {"info": logging.INFO, "warning": logging.WARNING, "alarm": logging.ERROR}[severity]
-        now = time.monotonic()
-        if rate_limited and not self._limiter.allow(kind, now):
-            self.counters["events_suppressed"] += 1
-            return
-        log.log(level, "%s: %s: %s", self.name, kind, text)
-        payload = dict(data or {})
-        dropped = self._limiter.suppressed.pop(kind, 0)
-        if dropped:
-            payload["suppressed_since_last"] = dropped
-        self.publish(self.topics.event(self.name),
-                     Event(service=self.name, kind=kind, severity=severity, text=text, data=payload),
-                     qos=1)
-
     def set_state(self, state: State) -> None:
         if state != self.state:
             old, self.state = self.state, state
             self.event("state", f"{old} -> {state}", data={"old": old, "new": state})
             self.publish_status()
-
-    def stop(self) -> None:
-        """Ask the service to stop gracefully (as SIGTERM does)."""
-        self._stop.set()
 
     def attach_local(self, sink: Callable[[str, bytes, int, bool], None]) -> list[str]:
         """Run without a broker: every publish goes to ``sink(topic, payload, qos, retain)``.
@@ -474,7 +356,7 @@ class Service:
         messages with :meth:`dispatch`. Returns the topics this service subscribes to.
         """
         self._local_sink = sink
-        return list(self._subs)
+        return [self._t_cmd, *self._subs]
 
     # ------------------------------------------------------------------ status and params
 
@@ -488,7 +370,7 @@ class Service:
                   or (isinstance(v, float) and math.isfinite(v))}
         status = Status(service=self.name, state=self.state if online else "offline",
                         online=online, session=self.session, client_id=self.client_id,
-                        heartbeat=self._heartbeats, uptime_s=time.monotonic() - self._t_start,
+                        heartbeat=self.heartbeats, uptime_s=time.monotonic() - self.t_start_s,
                         counters={k: saturating_add(v, 0) for k, v in counters.items()},
                         loop_overruns=self.timing.overruns, detail=detail)
         if interval:
@@ -511,10 +393,6 @@ class Service:
         except (OSError, ValueError):
             return 0
         return int.from_bytes(buf, "little", signed=True)
-
-    def publish_status(self, interval: bool = False) -> None:
-        self.publish(self.topics.status(self.name), self.status(interval=interval), qos=1,
-                     retain=True)
 
     def publish_params(self) -> None:
         self.publish(self.topics.params(self.name),
@@ -552,32 +430,6 @@ class Service:
 
     # ------------------------------------------------------------------ dispatch
 
-    def reject(self, topic: str, reason: str) -> None:
-        """Count and report a message that was dropped."""
-        self.counters["rejected"] += 1
-        self.event("rejected", f"dropped message on {topic}: {reason}", severity="warning",
-                   data={"topic": topic, "reason": reason})
-
-    async def _on_command(self, cmd: Command) -> None:
-        self.counters["commands"] += 1
-        handler = self._commands.get(cmd.command)
-        reply = Reply(id=cmd.id, ok=False, service=self.name)
-        if handler is None:
-            reply.error = (f"unknown command {cmd.command!r}; this service knows "
-                           f"{', '.join(sorted(self._commands))}")
-        else:
-            try:
-                result = handler(cmd)
-                if inspect.isawaitable(result):
-                    result = await result
-                reply.ok, reply.result = True, result or {}
-            except (ValueError, TypeError) as exc:
-                reply.error = str(exc)
-        if not reply.ok:
-            self.event("command_rejected", f"{cmd.command} from {cmd.client_id or '?'}: {reply.error}",
-                       severity="warning", data={"command": cmd.command, "error": reply.error})
-        self.publish(cmd.reply_to or self.topics.reply(self.name), reply, qos=1)
-
     def dispatch_now(self, topic: str, payload: bytes) -> Awaitable[None] | None:
         """Decode one message and call its handler at once; never raises for bad input.
 
@@ -590,6 +442,8 @@ class Service:
 
     def _dispatch_typed(self, topic: str, payload: bytes) -> tuple[bool, Awaitable[None] | None]:
         """(whether it decoded, the pending work of an async handler)."""
+        if topic == self._t_cmd:  # after the frames of this batch, as they arrived first
+            return True, self._command_later(payload)
         entry = self._subs.get(topic)
         if entry is None:
             return False, None
@@ -609,11 +463,16 @@ class Service:
         try:
             result = handler(msg)
         except Exception as exc:  # a handler bug must not stop the daemon: count, report, go on
-            self._handler_failed(topic, exc)
+            self.handler_failed(topic, exc)
             return True, None
         if result is not None and inspect.isawaitable(result):  # frame handlers return None
-            return True, self._finish_handler(topic, result)
+            return True, result
         return True, None
+
+    async def _command_later(self, payload: bytes) -> None:
+        pending = self.command_received(payload)
+        if pending is not None:
+            await pending
 
     def _dispatch_raw(self, topic: str, payload: bytes) -> None:
         for pattern, handler in self._raw_subs.items():
@@ -621,25 +480,13 @@ class Service:
                 try:
                     handler(topic, payload)
                 except Exception as exc:
-                    self._handler_failed(topic, exc)
+                    self.handler_failed(topic, exc)
 
     async def dispatch(self, topic: str, payload: bytes) -> None:
         """:meth:`dispatch_now`, then await an ``async`` handler to its end."""
         pending = self.dispatch_now(topic, payload)
         if pending is not None:
             await pending
-
-    async def _finish_handler(self, topic: str, awaitable: Awaitable[Any]) -> None:
-        try:
-            await awaitable
-        except Exception as exc:
-            self._handler_failed(topic, exc)
-
-    def _handler_failed(self, topic: str, exc: Exception) -> None:
-        self.counters["handler_errors"] += 1
-        log.error("%s: handler for %s failed", self.name, topic, exc_info=exc)
-        self.event("handler_error", f"{type(exc).__name__} handling {topic}: {exc}",
-                   severity="alarm", data={"topic": topic})
 
     # The runtime is the transport's Receiver (bus_schema.transport.deliver_directly): frames
     # are held per batch and only the newest of each topic is acted on, at the batch's end.
@@ -674,106 +521,50 @@ class Service:
         """Dispatch one message; False if it did not decode (it was rejected)."""
         decoded, pending = self._dispatch_typed(topic, payload)
         if pending is not None:
-            task = asyncio.get_running_loop().create_task(pending)
-            self._handler_tasks.add(task)
-            task.add_done_callback(self._handler_tasks.discard)
+            self.spawn(pending, topic)
         return decoded
 
-    # ------------------------------------------------------------------ run loop
+    # ------------------------------------------------------------------ the node's hooks
 
-    async def run(self, install_signal_handlers: bool = True) -> None:
-        """Connect, serve, reconnect with back-off until stopped; then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        if install_signal_handlers:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._stop.set)
-        for warning in self._restore_warnings:
-            log.warning("%s: %s", self.name, warning)
-        self.warm_up()
-        if install_signal_handlers:  # standalone: the process is ours (a group sets it up once)
-            prepare_process(self.config.process, self.name)
-        backoff = self.config.reconnect_min_s
-        first = True
-        while not self._stop.is_set():
-            if not first:
-                self.counters["reconnects"] += 1
-            first = False
-            connected_at = None
-            try:
-                # Stamped now, so the will carries this session's last connect time.
-                will = aiomqtt.Will(self.topics.status(self.name),
-                                    encode(self.stamp(self.status(online=False))), qos=1, retain=True)
-                client = make_client(self.config.broker, self.client_id, will=will)
-                deliver_directly(client, self)
-                async with client:
-                    connected_at = time.monotonic()
-                    await self._serve(client)
-            except aiomqtt.MqttError as exc:
-                log.warning("%s: %s", self.name, connect_error_text(self.config.broker, exc))
-            finally:
-                self._client = None
-                self.connected.clear()
-            if self._stop.is_set():
-                break
-            await self.on_disconnect()
-            if connected_at is not None and time.monotonic() - connected_at > 5.0:
-                backoff = self.config.reconnect_min_s
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), backoff)
-            backoff = min(self.config.reconnect_max_s, backoff * 2)
-        if install_signal_handlers:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    async def _serve(self, client: aiomqtt.Client) -> None:
-        self._client = client
+    def subscriptions(self) -> Iterable[tuple[str, int]]:
         self.intake.frame_topics = frozenset(self._newest_only)
-        for pattern in self._raw_subs:
-            await client.subscribe(pattern, qos=1)
+        subs = [(pattern, 1) for pattern in self._raw_subs]
         for topic in self._subs:
             if topic in self._local_in or any(topic_matches(pattern, topic) for pattern in self._raw_subs):
                 continue
-            await client.subscribe(topic, qos=1 if topic.endswith("/cmd") else 0)
+            subs.append((topic, 1 if topic.endswith("/cmd") else 0))
+        return subs
+
+    def receiver(self) -> Receiver:
+        return self
+
+    def prepare(self) -> None:
+        for warning in self._restore_warnings:
+            log.warning("%s: %s", self.name, warning)
+        self.warm_up()
+        if self._own_process:  # standalone: the process is ours (a group sets it up once)
+            prepare_process(self.config.process, self.name)
+
+    def announce(self) -> None:
         self.publish_params()
         self.publish_status()
         for warning in self._restore_warnings:
             self.event("restore", warning, severity="warning")
         self._restore_warnings = []
-        self.connected.set()
-        await self.on_connected()
-        tasks = [asyncio.create_task(self._watch_connection(client)), asyncio.create_task(self._heartbeat()),
-                 asyncio.create_task(self.background()), asyncio.create_task(self._stop.wait())]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self._handler_tasks:  # commands in progress finish (their replies may go out)
-                await asyncio.wait(list(self._handler_tasks), timeout=5.0)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-        if self._stop.is_set():
-            self.state = "stopping"
-            await self.on_stop()
-            self.state = "offline"
-            self.publish(self.topics.status(self.name), self.status(online=False), qos=1, retain=True)
 
-    async def _watch_connection(self, client: aiomqtt.Client) -> None:
-        """Return (by raising ``MqttError``) when the connection drops.
+    def serve_tasks(self) -> list[Coroutine[Any, Any, Any]]:
+        return [self.background()]
 
-        Messages do not come through ``client.messages`` (see :func:`deliver_directly`); its
-        iterator stays empty and raises as soon as aiomqtt sees the connection close.
-        """
-        async for message in client.messages:
-            raise RuntimeError(f"unexpected message on {message.topic} through aiomqtt's queue")
+    async def stopping(self) -> None:
+        self.state = "stopping"
+        await self.on_stop()
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            self._heartbeats += 1
-            self.publish_status(interval=True)
+    async def run(self, install_signal_handlers: bool = True) -> None:
+        """Connect, serve, reconnect with back-off until stopped; then stop gracefully.
+        ``install_signal_handlers``: the process is this daemon's alone (its process settings
+        are applied; a group of daemons sets them once, :func:`run_together`)."""
+        self._own_process = install_signal_handlers
+        await super().run(install_signal_handlers)
 
 
 # ---------------------------------------------------------------------------- process, groups

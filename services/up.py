@@ -32,7 +32,7 @@ from kibble.bus_schema.messages import Status
 from kibble.bus_schema.realtime import AGE_TOO_OLD_FRAMES, cannot_keep_up
 from kibble.bus_schema.transport import broker_spec, without_password
 from kibble.services.broker import Broker
-from kibble.services.bus import BusClient, BusError
+from kibble.services.bus import BusClient, BusError, follow
 
 log = logging.getLogger(__name__)
 
@@ -408,19 +408,17 @@ class Stack:
         """Say once per daemon, clearly, when it cannot hold the frame rate (from the timing
         in its status: frames too old or too many skipped)."""
         assert self.broker_url is not None
-        with contextlib.suppress(BusError, OSError):
-            async with BusClient(self.broker_url, self.instrument) as bus:
-                async for _, payload in bus.subscribe(f"kb/{self.instrument}/+/status"):
-                    try:
-                        status = decode(payload, Status)
-                    except DecodeError:
-                        continue
-                    if status.service in self.overloaded or not status.online:
-                        continue
-                    line = cannot_keep_up(status.service, status.timing, self.rate_hz)
-                    if line is not None:
-                        self.overloaded[status.service] = line
-                        self.progress(f"supervisor: {line}")
+        async for _, payload in follow(self.broker_url, self.instrument, f"kb/{self.instrument}/+/status"):
+            try:
+                status = decode(payload, Status)
+            except DecodeError:
+                continue
+            if status.service in self.overloaded or not status.online:
+                continue
+            line = cannot_keep_up(status.service, status.timing, self.rate_hz)
+            if line is not None:
+                self.overloaded[status.service] = line
+                self.progress(f"supervisor: {line}")
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True

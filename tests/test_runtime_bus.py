@@ -12,11 +12,11 @@ import uuid
 import msgspec
 import pytest
 
-from kibble.bus_schema.codec import encode
+from kibble.bus_schema.codec import decode, encode
 from kibble.bus_schema.messages import (
     DaqFrame, Event, HwSensorFrame, ParamList, Setpoint, Status,
 )
-from kibble.services.bus import BusClient
+from kibble.services.bus import BusClient, follow
 from kibble.services.runtime import ServiceConfig
 from tests.svc_example import ExampleService
 
@@ -289,10 +289,21 @@ async def test_heartbeat_rate_counters_and_loop_timing(config):
 @pytest.mark.amqtt
 async def test_reconnects_after_broker_restart(broker, config):
     svc = ExampleService(config)
+    seen: list[Status] = []
+    losses: list[str] = []
+
+    async def view() -> None:  # what kibble up's table and supervisor follow
+        async for _, payload in follow(config.broker, config.instrument,
+                                       svc.topics.status("example"), retry_s=0.1,
+                                       on_lost=losses.append):
+            seen.append(decode(payload, Status))
+
+    viewer = asyncio.create_task(view())
     try:
         async with running(svc), tool(config) as bus0:
             assert (await bus0.request("example", "param.set", {"name": "gain", "value": 2.0})).ok
             t_stop = time.monotonic()
+            t_stop_utc = time.time()
             await asyncio.to_thread(broker.stop)
             deadline = time.monotonic() + 5
             while not svc.disconnects and time.monotonic() < deadline:
@@ -314,7 +325,15 @@ async def test_reconnects_after_broker_restart(broker, config):
                 assert {p.name: p.value for p in plist.params}["gain"] == 2.0
                 reply = await bus.request("example", "param.get", {"name": "gain"}, timeout_s=3)
                 assert reply.ok and reply.result["value"] == 2.0
+            # the follower lost the broker once, reconnected and caught up (a fresh heartbeat)
+            deadline = time.monotonic() + 5
+            while not any(st.t_utc_s > t_stop_utc and st.online for st in seen) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(losses) == 1 and "lost the broker" in losses[0], losses
+            assert any(st.t_utc_s > t_stop_utc and st.online for st in seen)
     finally:
+        viewer.cancel()
         if not broker.broker.running:
             await asyncio.to_thread(broker.start)
     assert len(svc.connects) >= 2
