@@ -141,7 +141,8 @@ class Setpoint(Message, kw_only=True, array_like=True):
 # --------------------------------------------------------------------------- runtime
 
 
-State = Literal["starting", "idle", "armed", "running", "tripped", "safe", "stopping", "offline"]
+State = Literal["starting", "idle", "armed", "running", "paused", "tripped", "safe", "stopping",
+                "offline"]
 
 
 class Timing(msgspec.Struct, kw_only=True, gc=False):

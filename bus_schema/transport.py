@@ -21,6 +21,17 @@
 It lives beside the schema, not in ``kibble.services``, because the HIL simulator speaks the bus
 too and must import nothing from the services.
 
+Private API
+-----------
+
+The fast paths stand on internals that neither library documents, all of them here and nowhere
+else (pyproject.toml pins the releases they were checked against): of ``aiomqtt.Client``,
+``_client`` (its paho client), ``_loop`` and ``_disconnected`` (the future its message iterator
+watches); of ``paho.mqtt.client.Client``, ``_sock``, ``_sock_recv`` (replaced for the length of
+one read by :func:`deliver_directly`), ``_in_packet``, ``_out_packet``, ``_last_msg_out`` and
+``_last_bytes_received`` (its keepalive clocks) and ``_call_socket_register_write``; and
+``_kibble_tx``, our own attribute on the paho client.
+
 Broker URLs
 -----------
 
@@ -714,7 +725,7 @@ def publish_now(client: aiomqtt.Client, topic: str, payload: bytes, qos: int = 0
     loop's writer callback. QoS 1 goes through paho, which handles its acknowledgement;
     this does not wait for it.
     """
-    paho_client: paho.Client = client._client  # the one place we reach into aiomqtt
+    paho_client: paho.Client = client._client
     tx = getattr(paho_client, "_kibble_tx", None)
     if qos == 0 and tx is not None:
         sent = tx.publish(topic, payload, retain)

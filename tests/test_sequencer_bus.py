@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from kibble.bus_schema.messages import Status
 from kibble.services.bus import BusClient
 from kibble.services.recordfile import decode_document, read_run, run_document_topic
 from kibble.services.registry import service_class
@@ -79,6 +80,13 @@ async def test_weighings_through_the_bus_recorded_and_analysed(broker, tmp_path,
                 name, doc = decode_document((await docs.get(60))[1])
                 if name == "descriptor":
                     break
+            # paused and resumed: the status says so, and decodes (issue 14: "paused" was
+            # not a State, so kibble status and the supervisor could not read it)
+            async with bus.listen(bus.topics.status("sequencer")) as statuses:
+                assert (await bus.request("sequencer", "pause", {})).ok
+                await statuses.expect(Status, lambda st: st.state == "paused", timeout_s=5)
+                assert (await bus.request("sequencer", "resume", {})).ok
+                await statuses.expect(Status, lambda st: st.state == "running", timeout_s=5)
             assert (await bus.request("sequencer", "abort", {"reason": "test abort"})).ok
             while name != "stop":
                 name, doc = decode_document((await docs.get(60))[1])
