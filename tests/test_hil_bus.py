@@ -1,8 +1,9 @@
 """HIL over a real broker, lockstep: every daemon as its own process (``kibble up``), the
 simulator as the hardware, the scenarios of the in-process tests shortened, and the safety
 behaviour an operator relies on: a parameter set mid-run over MQTT takes effect without an
-output step, a watchdog trip and its reset, HV refused above the pressure limit, and a killed
-servo leaving the current source in its safe state (then restarted by the supervisor).
+output step, a watchdog trip and its reset, HV refused above the pressure limit, spoofed
+setpoints unable to open the coil under current, and a killed servo leaving the current source
+in its safe state (then restarted by the supervisor).
 
 200 Hz frames (docs/architecture.md section 6: the chain makes a few hundred steps per second over MQTT on
 this machine); figures come from ``sim/truth``, as in ``make run``.
@@ -20,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from kibble.bus_schema.codec import decode
-from kibble.bus_schema.messages import Event, HwActuatorCommand, LoopFrame, Status
+from kibble.bus_schema.messages import Event, HwActuatorCommand, LoopFrame, Setpoint, Status
 from kibble.services import scenarios as S
 from kibble.services.busloop import BusLoop
 from kibble.services.registry import service_class
@@ -54,6 +55,14 @@ def main_source_dac():
         cfg = load_config("current_source", stack_config("nist4"), instrument="dac", state_dir=state,
                           restore=False)
         return service_class("current_source")(cfg).main_dac
+
+
+def drained(sub, msg_type):
+    """Every message queued on the subscription ``sub`` so far, decoded as ``msg_type``."""
+    out = []
+    while not sub.queue.empty():
+        out.append(decode(sub.queue.get_nowait()[1], msg_type))
+    return out
 
 
 async def status_of(loop: BusLoop, service: str, predicate=lambda status: True,
@@ -144,6 +153,47 @@ async def test_theta_z_hv_refused_above_the_pressure_limit(nist4):
     assert (await loop.command("theta_z", "arm"))["state"] == "armed"
 
 
+async def test_spoofed_setpoints_cannot_open_the_coil_under_current(nist4):
+    """Issue 17 finding 7: 50 setpoints on ``servo/setpoint`` from an outsider, one per frame,
+    copying the current the coil carries (the auxiliary mass off: -3.5 mA) but with
+    ``main_coil_connected = 0``, used to open the switchbox under current (the coil lost its
+    force for those frames; with 13.8 mA it went to its stops and tripped). The switchbox
+    changes only with no current through it, and no servo mode opens the coil while asking for
+    current: every such setpoint is dropped and counted, with one event, and the coil stays
+    connected and held."""
+    _, loop = nist4
+    await loop.command("servo", "mode", mode="force")
+    await loop.command("servo", "mass", aux=False)
+    dac = main_source_dac()
+    async with loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw:
+        await loop.run_seconds(4.0, record=False)
+        i_main = dac.to_value(*drained(hw, HwActuatorCommand)[-1].codes)
+    assert i_main < -3e-3
+    before = await status_of(loop, "current_source")
+    topic = loop.bus.topics.setpoint("servo")
+    async with loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw, \
+            loop.bus.listen(loop.bus.topics.event("current_source")) as events:
+        truth = []
+        for _ in range(50):
+            await loop.bus.publish(topic, Setpoint(frame=loop.frame, values={
+                "main_coil_current_a": i_main, "counter_mass_current_a": 0.0,
+                "main_coil_connected": 0.0}), qos=0)
+            truth.append(await loop.run_seconds(1.0 / RATE_HZ))
+        truth.append(await loop.run_seconds(2.0))
+        commands, seen = drained(hw, HwActuatorCommand), drained(events, Event)
+    assert commands and all(c.relays == [True] for c in commands)
+    z = np.concatenate([t["z_m"] for t in truth])
+    assert np.abs(z).max() < 1e-6
+    after = await status_of(loop, "current_source",
+                            lambda st: st.counters.get("relay_refused", 0) > 0, 5.0)
+    assert after.state == "armed" and after.detail["main_coil_connected"] is True
+    refused = after.counters["relay_refused"]
+    assert 1 <= refused <= 50                    # newest frame wins: some spoofs were skipped
+    assert after.counters["rejected"] - before.counters["rejected"] == refused
+    assert [e.kind for e in seen].count("relay_refused") == 1
+    assert not [e for e in seen if e.kind in ("trip", "safe", "stale")]
+
+
 async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4):
     """The servo dies and nobody restarts it at once: the current source stops hearing
     setpoints, counts the frames (simulated time: the lockstep misses take wall time but are
@@ -163,9 +213,7 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
         # held for hold_s (1 s), then ramped to zero at the safe slew (5 mA/s, <= 15 mA); the
         # wheel, no longer held, swings to its stop, its EMF driving current through the coil
         tr = await loop.run_seconds(6.0)
-        commands = []
-        while not hw.queue.empty():
-            commands.append(decode(hw.queue.get_nowait()[1], HwActuatorCommand))
+        commands = drained(hw, HwActuatorCommand)
     dac = main_source_dac()
     commanded = np.array([dac.to_value(*c.codes) for c in sorted(commands, key=lambda c: c.frame)
                           if c.frame >= 0])
