@@ -10,6 +10,17 @@ Input ``servo/setpoint`` (:class:`~kibble.bus_schema.messages.Setpoint`), values
 ==========================  =====  ===========================================================
 
 Both currents are required in every setpoint; the switchbox keeps its last state when absent.
+
+Switchbox interlock: the switchbox changes only with no current through it. A setpoint that
+asks for another switchbox state makes the main-coil current ramp to zero (at the armed slew),
+and the switchbox follows in the frame the current reaches zero (closing, at once: an open coil
+carries none); until then the setpoints' main-coil current is not applied. Only velocity mode
+opens the coil, and it asks for no main-coil current (the servo hands the force to the
+counter-mass motor first): a setpoint asking to open the coil with a main-coil current no mode
+of the servo sends is refused whole, counted (``relay_refused`` and ``rejected``) and reported
+with one ``relay_refused`` event for every run of them (a run ends after a second of frames
+without one).
+
 Output devices (``hw/<device>``, :class:`HwActuatorCommand`): ``main_source`` codes
 ``[coarse, fine]``, relays ``[force_mode]``; ``cm_source`` codes ``[coarse, fine]``, relays
 ``[enable]``. Readback: the source monitors arrive in ``daq/frame``; the applied values are in
@@ -23,12 +34,13 @@ non-finite setpoints are rejected with an event and the last good one stays in f
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import msgspec
 import numpy as np
 
 from kibble.bus_schema.messages import DaqFrame, Setpoint
+from kibble.bus_schema.realtime import saturating_add
 from kibble.services.actuator import ActuatorService, BusDriver, typed_settings
 from kibble.services.dac import CoarseFineDac
 from kibble.services.safety import GuardConfig
@@ -82,27 +94,61 @@ class CurrentSource(ActuatorService):
             watch_names=("coil_vz_m_s",), watchdog_rms=(s.watchdog_vz_rms_m_s,),
             watchdog_window_s=s.watchdog_window_s))
         self.main_connected = True
+        """The switchbox as applied: True = the source drives the main coil."""
+        self.main_connect_wanted = True
+        """The switchbox as the setpoints ask for it (applied once no current flows through it)."""
+        self._refused_at = -1
+        """Hardware frame of the last refused setpoint (-1: none)."""
+        self.counters["relay_refused"] = 0
         self.main_driver = BusDriver(self, s.main_device)
         self.cm_driver = BusDriver(self, s.cm_device)
         self.subscribe(self.topics.setpoint("servo"), Setpoint, self.on_setpoint)
 
     def on_setpoint(self, sp: Setpoint) -> None:
+        topic = self.topics.setpoint("servo")
         missing = [k for k in CURRENTS if k not in sp.values]
         if missing:
-            self.reject(self.topics.setpoint("servo"), f"setpoint lacks {', '.join(missing)}")
+            self.reject(topic, f"setpoint lacks {', '.join(missing)}")
             return
         connected = sp.values.get("main_coil_connected")
-        if connected is not None:
-            if connected not in (0.0, 1.0):
-                self.reject(self.topics.setpoint("servo"),
-                            f"main_coil_connected must be 0 or 1, got {connected}")
-                return
-            self.main_connected = connected == 1.0
-        self.drive(sp.frame, [sp.values[k] for k in CURRENTS])
+        if connected is not None and connected not in (0.0, 1.0):
+            self.reject(topic, f"main_coil_connected must be 0 or 1, got {connected}")
+            return
+        want = self.main_connect_wanted if connected is None else connected == 1.0
+        request = [sp.values[k] for k in CURRENTS]
+        if not want and request[0] != 0.0:
+            self._refuse_relay(sp.frame, request[0])
+            return
+        self.main_connect_wanted = want
+        if want != self.main_connected:
+            request[0] = 0.0  # the switchbox changes only once its current has ramped to zero
+        self.drive(sp.frame, request)
+
+    def _refuse_relay(self, frame: int, main_a: float) -> None:
+        """A setpoint asking to open the coil with current through it: dropped, counted, and
+        one event for a run of them (on the hardware's frame clock, not the setpoint's tag)."""
+        for key in ("rejected", "relay_refused"):
+            self.counters[key] = saturating_add(self.counters[key], 1)
+        first = self._refused_at < 0 or self.last_frame - self._refused_at > self.settings.frame_rate_hz
+        self._refused_at = self.last_frame
+        if first:
+            self.event("relay_refused",
+                       f"setpoint for frame {frame} asks to open the main-coil switchbox with "
+                       f"main_coil_current_a = {main_a:.6g} A, which no servo mode does (velocity "
+                       "mode opens it with the current at zero): dropped, the switchbox stays "
+                       f"{'closed' if self.main_connected else 'open'} (more in this run are "
+                       "counted in relay_refused)", severity="alarm",
+                       data={"frame": frame, "main_coil_current_a": main_a}, rate_limited=False)
 
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
         return (frame.coil_vz_m_s,)
 
     def write_outputs(self, frame: int, outputs: np.ndarray) -> None:
-        self.main_driver.write(frame, self.main_dac.to_codes(float(outputs[0])), [self.main_connected])
+        main = float(outputs[0])
+        if self.main_connect_wanted != self.main_connected and main == 0.0:
+            self.main_connected = self.main_connect_wanted
+        self.main_driver.write(frame, self.main_dac.to_codes(main), [self.main_connected])
         self.cm_driver.write(frame, self.cm_dac.to_codes(float(outputs[1])), [True])
+
+    def status_detail(self) -> dict[str, Any]:
+        return {**super().status_detail(), "main_coil_connected": self.main_connected}

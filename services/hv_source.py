@@ -5,7 +5,8 @@ Input ``servo/setpoint`` values:
 =================  =====  ======================================================================
 ``hv_voltage_v``   V      electrode voltage (sign = polarity; F = kappa (V - V_s)^2 either way)
 ``hv_to_main``     0/1    optional: 1 = amplifier on the main electrodes (weighing), 0 = on the
-                          auxiliary electrode (gradient mode); keeps its last state when absent
+                          auxiliary electrode (gradient mode); keeps its last state when absent;
+                          switched only at zero output (below)
 ``z_ref_m``        m      optional: where the servo holds the link (the watchdog's centre);
                           keeps its last value (0 at boot: the weighing position) when absent;
                           a setpoint with ``|z_ref_m| > travel_limit_m`` is rejected
@@ -13,6 +14,11 @@ Input ``servo/setpoint`` values:
 
 Output device ``hw/hv``: codes ``[code]``, relays ``[to_main, enable]``. ``enable`` is closed only
 while armed (and open once the output has ramped to zero when safe or tripped).
+
+Relay interlock: ``to_main`` never switches under voltage. A setpoint asking for the other
+electrode makes the output ramp to zero at the armed slew; the relay switches in the frame the
+output is zero, and the setpoints' voltage is applied from the next frame on (at 20 kV/s the
+servo's 100 V on the main electrodes are gone in 5 ms).
 
 Safety: boots disarmed at 0 V; voltage limit and slew; the HV is allowed only while the
 pressure reading is below ``pressure_limit_pa`` (corona region): ``arm`` is refused above it,
@@ -76,6 +82,9 @@ class HvSource(ActuatorService):
             stale_after_s=s.stale_after_s, hold_s=0.0, watch_names=("coil_z_error_m", "coil_z_m"),
             watchdog_rms=(s.watchdog_z_rms_m, s.travel_limit_m), watchdog_window_s=s.watchdog_window_s))
         self.to_main = True
+        """The relay as applied: True = the amplifier drives the main electrodes."""
+        self.to_main_wanted = True
+        """The relay as the setpoints ask for it (applied at zero output)."""
         self.z_ref_m = 0.0
         self.driver = BusDriver(self, s.device)
         self.subscribe(self.topics.setpoint("servo"), Setpoint, self.on_setpoint)
@@ -95,10 +104,13 @@ class HvSource(ActuatorService):
                                f"+-{self.settings.travel_limit_m:.6g} m")
             return
         if to_main is not None:
-            self.to_main = to_main == 1.0
+            self.to_main_wanted = to_main == 1.0
         if z_ref is not None:
             self.z_ref_m = z_ref
-        self.drive(sp.frame, [sp.values["hv_voltage_v"]])
+        request = sp.values["hv_voltage_v"]
+        if self.to_main_wanted != self.to_main:
+            request = 0.0  # the relay switches only once the output has ramped to zero
+        self.drive(sp.frame, [request])
 
     def interlock(self, frame: DaqFrame) -> str | None:
         return pressure_interlock(frame.pressure_pa, self.settings.pressure_limit_pa)
@@ -108,4 +120,7 @@ class HvSource(ActuatorService):
 
     def write_outputs(self, frame: int, outputs: np.ndarray) -> None:
         assert self.guard is not None
-        self.driver.write(frame, [self.dac.to_code(float(outputs[0]))], [self.to_main, self.guard.live])
+        v = float(outputs[0])
+        if self.to_main_wanted != self.to_main and v == 0.0:
+            self.to_main = self.to_main_wanted
+        self.driver.write(frame, [self.dac.to_code(v)], [self.to_main, self.guard.live])

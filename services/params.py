@@ -141,6 +141,9 @@ class StateFile(msgspec.Struct):
     service: str
     session: int = 0
     params: dict[str, Any] = {}
+    operating: dict[str, Scalar] = {}
+    """What the service was doing (the servo: its mode and the masses on the pan), for a
+    restarted service to take up again; restored and validated by the service itself."""
 
 
 @dataclass
@@ -156,6 +159,8 @@ class ParamRegistry:
     values: dict[str, Scalar] = field(default_factory=dict)
     history: list[Change] = field(default_factory=list)
     session: int = 0
+    operating: dict[str, Scalar] = field(default_factory=dict)
+    """The service's operating state (:attr:`StateFile.operating`), persisted by :meth:`save`."""
 
     def __post_init__(self) -> None:
         self.values = {name: spec.default for name, spec in self.specs.items()}
@@ -201,7 +206,7 @@ class ParamRegistry:
 
     def load(self, restore_values: bool = True) -> list[str]:
         """Read the state file: the session number and (``restore_values``) the tuned values,
-        each validated again.
+        each validated again, and the operating state.
 
         Returns one warning per value that was not restored (unknown name, now out of range).
         A missing file is a first start. An unreadable one raises :class:`ParamError` when
@@ -219,6 +224,7 @@ class ParamRegistry:
         self.session = state.session
         if not restore_values:
             return []
+        self.operating = dict(state.operating)
         warnings = []
         for name, value in state.params.items():
             try:
@@ -235,7 +241,7 @@ class ParamRegistry:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         persisted = {n: v for n, v in self.values.items() if not self.specs[n].read_only}
-        data = msgspec.json.encode(StateFile(self.service, self.session, persisted))
+        data = msgspec.json.encode(StateFile(self.service, self.session, persisted, self.operating))
         fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".state-")
         try:
             with os.fdopen(fd, "wb") as fh:

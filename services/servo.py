@@ -12,14 +12,19 @@ efb        main electrodes: ``V = sqrt(F/kappa) + V_s``  aux. electrode: ``V = s
 =========  ============================================  ======================================
 
 Modes (command ``mode``; every change is bumpless: the new loop starts from the force the
-actuator is producing now):
+actuators produce now, as the last setpoint asked for it):
 
 ``idle``      no control; zero actuator setpoints (the actuator services slew to them).
 ``force``     hold ``z_ref`` (the weighing position, default 0) with the force loop plus the
               feedforward of announced load steps (command ``mass``: the servo drives the mass
-              lift itself and ramps the feedforward ``delta_m g`` over ``lift_ramp_s``).
-``velocity``  track a trajectory with the velocity loop (command ``sweep`` or ``move``); the main
-              coil is open (switchbox), the feedforward is inertia + knife-edge spring.
+              lift itself and ramps the feedforward ``delta_m g`` over ``lift_ramp_s``). Entered
+              with the coil farther than ``step_limit_m`` from ``z_ref`` (at its stops, after a
+              trip), the reference does not step there: it starts where the coil is and slews to
+              ``z_ref`` (trajectory ``approach``: ``approach_speed_m_s``, ``approach_accel_m_s2``).
+``velocity``  track a trajectory with the velocity loop (command ``sweep`` or ``move``); the
+              feedforward is inertia + knife-edge spring. The counter-mass motor takes the main
+              coil's force over while the main-coil current ramps to zero (``handover_slew_a_s``);
+              then the switchbox opens the coil (current_source switches it only at zero current).
 ``erase``     the force loop tracks a damped sinusoid about ``z_ref`` (command ``erase``), then
               returns to ``force`` by itself.
 ``gradient``  EFB only (seed 000 section 3.1, capacitance-gradient mode): the same force loop holds
@@ -32,7 +37,20 @@ actuator is producing now):
               (back to ``force``) the reference at ``z_ref``. The handover keeps the loop's
               force: the voltage jumps from ``sqrt(F / kappa)`` on the main electrodes to
               ``sqrt(F / kappa_aux)`` on the auxiliary one (always positive; or back) in the same
-              frame as the relay, and hv_source slews it there within a few milliseconds.
+              frame as the relay; hv_source ramps the output to zero, switches the relay at zero
+              and slews to the new voltage (17 ms at 1 kHz, the link moves ~15 nm).
+``hold``      after a restart (never commanded): the setpoints hold what the actuators produce,
+              from their readback in the first DAQ frame (NIST-4 the source monitors, EFB the DVM
+              on the HV), with the relays of the mode persisted before the restart; no loop. A
+              servo that was in force mode resumes it in that frame (bumpless, from the held
+              force) if the coil is within ``step_limit_m`` of ``z_ref``; otherwise, and after
+              velocity or gradient mode (whose trajectory is lost), it holds until an operator
+              chooses a mode.
+
+Persistence: the mode (``erase`` as ``force``) and the masses on the pan are saved with the
+parameters (state file, ``operating``) at every change, with the frame; a restarted servo takes
+them up at its first DAQ frame unless the hardware's frame clock has restarted since (a new
+simulator or hardware session: then it starts idle with the configured masses).
 
 The EFB setpoint carries the reference (``z_ref_m``) beside the voltage and the relay, so that
 hv_source's watchdog can watch the link's deviation from where the servo holds it.
@@ -96,6 +114,15 @@ class Servo(Service):
     kd_n_s_m = Param(2.54e3, unit="N s/m", min=0.0, max=1e6, doc="derivative gain (on the measurement)")
     derivative_filter_s = Param(3.2e-3, unit="s", min=0.0, max=1.0, doc="derivative low-pass time constant")
     force_slew_n_s = Param(50.0, unit="N/s", min=1e-9, max=1e4, doc="slew limit of the loop force")
+    step_limit_m = Param(1e-5, unit="m", min=0.0, max=0.09,
+                         doc="farthest the coil may be from z_ref_m for force mode to take the reference "
+                             "there at once (and for a restarted servo to resume force mode); from "
+                             "farther the reference slews there from where the coil is")
+    approach_speed_m_s = Param(1e-3, unit="m/s", min=1e-7, max=0.01,
+                               doc="speed of the force-mode reference from where the coil is to z_ref_m "
+                                   "(the current source's watchdog trips at 5 mm/s RMS)")
+    approach_accel_m_s2 = Param(5e-4, unit="m/s^2", min=1e-9, max=0.1,
+                                doc="acceleration of the force-mode reference from where the coil is to z_ref_m")
     # ---- actuator maps and feedforward (calibrated constants of the instrument)
     bl_t_m = Param(710.2, unit="T m", min=1.0, max=5000.0, doc="main-coil Bl used to turn force into current")
     motor_bl_t_m = Param(20.0, unit="T m", min=0.01, max=500.0, doc="counter-mass motor force per ampere at the coil")
@@ -118,6 +145,11 @@ class Servo(Service):
     polarity = Param("+", choices=("+", "-"), doc="EFB electrode polarity (reversed between weighings)")
     tare_force_n = Param(0.0, unit="N", min=-10.0, max=10.0, doc="force feedforward at zero load (EFB preload)")
     current_lag_s = Param(1e-3, unit="s", min=0.0, max=1.0, doc="source lag cancelled by the load feedforward")
+    handover_slew_a_s = Param(5e-3, unit="A/s", min=1e-6, max=0.1,
+                              doc="NIST-4 velocity mode: ramp of the main-coil current to zero while the "
+                                  "counter-mass motor takes its force over, before the switchbox opens; no "
+                                  "faster than the motor can take it (current_source's 0.2 A/s through "
+                                  "20 T m: 4 N/s, 5.6 mA/s of main-coil current)")
     # ---- masses and procedures
     g_m_s2 = Param(9.801031394, unit="m/s^2", min=9.7, max=9.9, doc="local gravity at the mass centre")
     test_mass_kg = Param(1.0, unit="kg", min=0.0, max=5.0, doc="test mass (NIST-4) or small artifact (EFB)")
@@ -144,6 +176,10 @@ class Servo(Service):
         self.io = P.io_block(1, 1)
         self.force_n = 0.0
         self.cm_hold_a = 0.0
+        self.main_a = 0.0
+        self.cm_a = 0.0
+        self.coil_connected = True
+        """NIST-4: the last setpoint's main-coil and counter-mass currents (A) and switchbox."""
         self.v_out = 0.0
         self.to_main = True
         """EFB relay: the amplifier on the main electrodes (True) or on the auxiliary one."""
@@ -151,6 +187,12 @@ class Servo(Service):
         """The last measured position (m)."""
         self.frame = -1
         self.mass_on = [s.initial_test_mass_on, s.initial_aux_on]
+        self.resume = self._saved_state()
+        """The persisted operating state, taken up at the first DAQ frame (None: none)."""
+        if self.resume is not None:
+            self.mass_on = [self.resume["test_mass_on"], self.resume["aux_on"]]
+            if self.resume["mode"] != "idle":
+                self.mode = "hold"
         self.load_steps: list[tuple[float, float]] = []
         """(start time s, delta mass kg) of every announced load change since force mode began."""
         self.traj: tuple[str, float, float, tuple] | None = None
@@ -201,9 +243,11 @@ class Servo(Service):
         frame = self.frame = daq.frame
         t = frame * self.dt_s
         z = self.z_m = daq.coil_z_m
+        if self.resume is not None:
+            self._take_up(daq)
         if self.traj is not None:
             self._advance_reference(t)
-        if self.mode == "idle":
+        if self.mode == "idle" or self.mode == "hold":
             self._publish(frame, z, 0.0)
             return
         ff = self._feedforward(t)
@@ -244,9 +288,16 @@ class Servo(Service):
                 ff += load_step_feedforward_at(t, t0, ramp, dm, g, 1.0, lag)
         return ff
 
-    def _actuator_force(self) -> float:
-        """The force (N) the actuators produce now, from the last setpoint."""
-        return self.force_n if self.mode != "idle" else 0.0
+    def _actuator_force(self, motor_too: bool = False) -> float:
+        """The force (N) the actuators produce now, from the last setpoint: the main coil's
+        (``motor_too``: and the counter-mass motor's), or the EFB electrodes'."""
+        values = self.params.values
+        if self.settings.kind == "nist4":
+            f = values["bl_t_m"] * self.main_a
+            return f - values["motor_bl_t_m"] * self.cm_a if motor_too else f
+        if self.to_main:
+            return values["kappa_f_m"] * (self.v_out - values["surface_potential_v"]) ** 2
+        return values["aux_kappa_f_m"] * (self.v_out - values["aux_surface_potential_v"]) ** 2
 
     _fast: tuple | None = None
     """Constants of the frame path, built at the first frame (settings are fixed)."""
@@ -263,25 +314,32 @@ class Servo(Service):
         f = self.force_n if mode != "idle" else 0.0
         if nist4:
             if mode == "force" or mode == "erase":
-                sp = {"main_coil_current_a": _clip(f / values["bl_t_m"], main_limit),
-                      "counter_mass_current_a": self.cm_hold_a, "main_coil_connected": 1.0}
+                self.main_a, self.cm_a = _clip(f / values["bl_t_m"], main_limit), self.cm_hold_a
+                self.coil_connected = True
             elif mode == "velocity":
-                sp = {"main_coil_current_a": 0.0,
-                      "counter_mass_current_a": _clip(-f / values["motor_bl_t_m"], cm_limit),
-                      "main_coil_connected": 0.0}
-            else:
-                sp = {"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0,
-                      "main_coil_connected": 1.0}
+                # the main-coil current ramps to zero, the motor takes the rest of the force
+                step = values["handover_slew_a_s"] * self.dt_s
+                main = self.main_a = self.main_a - _clip(self.main_a, step)
+                self.cm_a = _clip(-(f - values["bl_t_m"] * main) / values["motor_bl_t_m"], cm_limit)
+                self.coil_connected = main != 0.0
+            elif mode == "idle":
+                self.main_a = self.cm_a = 0.0
+                self.coil_connected = True
+            sp = {"main_coil_current_a": self.main_a, "counter_mass_current_a": self.cm_a,
+                  "main_coil_connected": 1.0 if self.coil_connected else 0.0}
         else:
-            self._v[0] = f
-            if self.to_main:
-                kappa, v_s = values["kappa_f_m"], values["surface_potential_v"]
-                sign = 1.0 if values["polarity"] == "+" else -1.0
-            else:
-                kappa, v_s, sign = values["aux_kappa_f_m"], values["aux_surface_potential_v"], 1.0
-            efb_force_to_voltage(self._v, kappa, v_s, sign, self.settings.hv_limit_v, self.v_out,
-                                 self._v_out)
-            self.v_out = float(self._v_out[0]) if mode != "idle" else 0.0
+            if mode == "idle":
+                self.v_out = 0.0
+            elif mode != "hold":
+                self._v[0] = f
+                if self.to_main:
+                    kappa, v_s = values["kappa_f_m"], values["surface_potential_v"]
+                    sign = 1.0 if values["polarity"] == "+" else -1.0
+                else:
+                    kappa, v_s, sign = values["aux_kappa_f_m"], values["aux_surface_potential_v"], 1.0
+                efb_force_to_voltage(self._v, kappa, v_s, sign, self.settings.hv_limit_v, self.v_out,
+                                     self._v_out)
+                self.v_out = float(self._v_out[0])
             sp = {"hv_voltage_v": self.v_out, "hv_to_main": 1.0 if self.to_main else 0.0,
                   "z_ref_m": float(self.ref[0, 0])}
         self.publish(t_setpoint, Setpoint(frame=frame, values=sp))
@@ -296,16 +354,19 @@ class Servo(Service):
     # ---------------------------------------------------------------- modes
 
     def _switch(self, mode: str) -> None:
-        """Bumpless: the loop starts from the force the actuators produce now."""
+        """Bumpless: the loop starts from the force the actuators produce now. Into velocity
+        mode the loop's force is the main coil's and the motor's together (the motor takes the
+        main coil's over); out of it the motor keeps what it produces and the main coil's loop
+        starts from the current it still carries."""
         if mode == self.mode:
             return
         old = self.mode
-        force_now = self._actuator_force()
-        if old == "velocity" and mode != "velocity":
-            self.cm_hold_a = _clip(-force_now / self.motor_bl_t_m, self.settings.cm_limit_a)
-            force_now = 0.0           # the main coil takes over from zero; the motor holds
+        force_now = self._actuator_force(motor_too=mode == "velocity")
+        self.cm_hold_a = self.cm_a
         if mode == "force" or (mode == "velocity" and old == "idle"):
             self.load_steps = []
+        if old == "hold" and mode == "velocity":
+            self.ref[0] = (self.z_m, 0.0, 0.0)   # hold the coil where it is now
         self.mode = mode
         if mode in ("force", "gradient") and self.settings.kind == "efb":
             self.to_main = mode == "force"
@@ -316,11 +377,89 @@ class Servo(Service):
             # itself (else the EFB's preload feedforward would restart the output from zero)
             self.pid_st[0, P.U] = self.pid_st[0, P.V] = force_now
         self.force_n = force_now
-        if mode in ("force", "idle") and self.traj is None:
-            self.ref[0] = (self.z_ref_m if mode == "force" else self.ref[0, 0], 0.0, 0.0)
+        if mode == "force" and self.traj is None:
+            self._reference_to_weighing()
+        elif mode == "idle":
+            self.ref[0] = (self.ref[0, 0], 0.0, 0.0)
         self.set_state("running" if mode != "idle" else "idle")
         self.event("mode", f"{old} -> {mode} at frame {self.frame}",
                    data={"old": old, "new": mode, "frame": self.frame})
+        self._save_state()
+
+    def _reference_to_weighing(self) -> None:
+        """Force mode's reference: ``z_ref_m`` at once with the coil within ``step_limit_m`` of
+        it (or not yet measured); else an ``approach`` from where the coil is."""
+        target, start = self.z_ref_m, self.z_m
+        if not abs(target - start) > self.step_limit_m:
+            self.ref[0] = (target, 0.0, 0.0)
+            return
+        self.ref[0] = (start, 0.0, 0.0)
+        self._trajectory("approach", start, math.copysign(1.0, target - start), abs(target - start),
+                         self.approach_speed_m_s, self.approach_accel_m_s2, math.inf)
+
+    # ---------------------------------------------------------------- restart
+
+    def _saved_state(self) -> dict[str, Any] | None:
+        """The operating state persisted by the previous session, validated (None: none, or
+        not usable, with a warning event at connect)."""
+        saved = self.params.operating
+        if not saved:
+            return None
+        modes = MODES[self.settings.kind]
+        ok = (saved.get("mode") in modes
+              and all(type(saved.get(k)) is bool for k in ("test_mass_on", "aux_on"))
+              and type(saved.get("frame")) is int)
+        if not ok:
+            self._restore_warnings.append(f"operating state {saved} not restored: expected a mode of "
+                                          f"{', '.join(modes)}, test_mass_on, aux_on and frame")
+            return None
+        return dict(saved)
+
+    def _save_state(self) -> None:
+        """Persist the mode (``erase`` as ``force``; not ``hold``) and the masses, if changed."""
+        if self.mode == "hold":
+            return
+        state = {"mode": "force" if self.mode == "erase" else self.mode,
+                 "test_mass_on": self.mass_on[0], "aux_on": self.mass_on[1]}
+        if {k: self.params.operating.get(k) for k in state} != state:
+            self.params.operating = {**state, "frame": self.frame}
+            self.params.save()
+
+    def _take_up(self, daq: DaqFrame) -> None:
+        """First DAQ frame after a start with a persisted state: hold what the actuators produce,
+        then resume force mode if that is safe (see the module docstring)."""
+        saved, self.resume = self.resume, None
+        s = self.settings
+        if daq.frame < saved["frame"]:
+            self.mode = "idle"
+            self.mass_on = [s.initial_test_mass_on, s.initial_aux_on]
+            self.event("restore", f"persisted state not taken up: the hardware's frame clock restarted "
+                                  f"(frame {daq.frame}, saved at frame {saved['frame']}); idle, masses "
+                                  f"test={self.mass_on[0]} aux={self.mass_on[1]} as configured",
+                       severity="warning", data={"frame": daq.frame, "saved": saved})
+            self._save_state()
+            return
+        if saved["mode"] != "idle":
+            if s.kind == "nist4":
+                self.coil_connected = saved["mode"] != "velocity"
+                self.main_a = _clip(daq.main_coil_current_a, s.main_limit_a) if self.coil_connected else 0.0
+                self.cm_a = _clip(daq.counter_mass_current_a, s.cm_limit_a)
+                self.ref[0] = (daq.coil_z_m, 0.0, 0.0)
+            else:
+                self.to_main = saved["mode"] != "gradient"
+                self.v_out = _clip(daq.coil_voltage_v, s.hv_limit_v)
+                # the setpoint's reference (hv_source's watchdog centre) within hv_source's travel
+                self.ref[0] = (self.z_ref_m + _clip(daq.coil_z_m - self.z_ref_m, s.gradient_travel_m),
+                               0.0, 0.0)
+            self.force_n = self._actuator_force()
+            self.set_state("running")
+            if saved["mode"] == "force" and abs(daq.coil_z_m - self.z_ref_m) <= self.step_limit_m:
+                self._switch("force")
+        held = f", holding {self.force_n:.6g} N from the readback" if self.mode == "hold" else ""
+        self.event("restore", f"took up the persisted state at frame {daq.frame}: {saved['mode']} "
+                              f"mode, masses test={self.mass_on[0]} aux={self.mass_on[1]}; now "
+                              f"{self.mode}{held}",
+                   data={"frame": daq.frame, "saved": saved, "mode": self.mode, "force_n": self.force_n})
 
     @command("state")
     def cmd_state(self, cmd: Command) -> dict[str, Any]:
@@ -340,11 +479,19 @@ class Servo(Service):
             raise ValueError(f"mode must be one of {', '.join(m for m in allowed if m != 'erase')} "
                              f"(erase: use the erase command), got {mode!r}")
         if self.traj is not None:
-            raise ValueError(f"a {self.traj[0]} is running; wait for it to finish")
+            kind = self.traj[0]
+            raise ValueError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} is running; wait for it to finish")
+        if self.resume is not None:
+            raise ValueError("no DAQ frame yet since the restart: the servo takes up its persisted "
+                             "state from the actuators' readback in the first one")
         if mode != self.mode and "gradient" in (mode, self.mode) and mode != "idle":
             self._check_handover(mode)
         self._switch(mode)
-        return {"mode": self.mode, "frame": self.frame}
+        reply: dict[str, Any] = {"mode": self.mode, "frame": self.frame}
+        if self.traj is not None:
+            reply.update(trajectory=self.traj[0], duration_s=self.traj[2],
+                         end_frame=self.frame + 1 + int(math.ceil(self.traj[2] / self.dt_s)))
+        return reply
 
     def _check_handover(self, mode: str) -> None:
         """EFB force <-> gradient: the link must be held (ValueError saying why not)."""
@@ -382,6 +529,7 @@ class Servo(Service):
         masses = (self.test_mass_kg, self.aux_mass_kg)
         delta = sum(m * (n - o) for m, n, o in zip(masses, new, self.mass_on))
         self.mass_on = new
+        self._save_state()
         self.publish(self.mass_topic, HwActuatorCommand(frame=self.frame, device=self.settings.mass_lift_device,
                                                         relays=list(new)), qos=1)
         t0 = self.t_s + self.dt_s
@@ -426,6 +574,13 @@ class Servo(Service):
             if abs(end) > 0.045:
                 raise ValueError(f"{kind} would end at {end * 1e3:.1f} mm, beyond +-45 mm")
             top, accel, jerk = self.sweep_speed_m_s, self.sweep_accel_m_s2, self.sweep_jerk_m_s3 or math.inf
+        return self._trajectory(kind, start, direction, travel, top, accel, jerk)
+
+    def _trajectory(self, kind: str, start: float, direction: float, travel: float, top: float,
+                    accel: float, jerk: float) -> dict[str, Any]:
+        """Start a sweep-shaped reference trajectory from ``start``, ``travel`` in ``direction``
+        (its top speed capped at 0.9 sqrt(accel travel), so that it always cruises)."""
+        end = start + direction * travel
         speed = min(top, 0.9 * math.sqrt(accel * travel))
         duration = sweep_duration_s(speed, accel, travel, jerk)
         self.traj = (kind, self.t_s + self.dt_s, duration, (start, direction, speed, accel, jerk, travel))

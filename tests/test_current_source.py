@@ -148,3 +148,49 @@ def test_switchbox_follows_setpoint(cs):
     assert cs.main_driver.writes[-1][2] == (True,)
     tick(cs, 3, main_a=0.0, connected=0.5)
     assert cs.counters["rejected"] == 1
+
+
+def test_switchbox_opens_only_once_the_current_has_ramped_to_zero(cs):
+    """Build item 4 of issue 17: velocity mode's setpoints (no main-coil current, coil open)
+    after force mode's 5 mA: the current ramps down at the armed slew (100 uA per frame at
+    1 kHz) with the switchbox closed, which opens in the frame the current is zero; closing
+    again happens at once (no current through an open coil), and the current follows from
+    the next frame."""
+    arm(cs)
+    for k in range(100):
+        tick(cs, k, main_a=0.005, connected=1.0)
+    n = len(cs.main_driver.writes)
+    for k in range(100, 200):
+        tick(cs, k, main_a=0.0, connected=0.0)
+    ramp = cs.main_driver.writes[n:]
+    current = [cs.main_dac.to_value(*codes) for _, codes, _ in ramp]
+    opened = [relays == (False,) for _, _, relays in ramp]
+    first_open, zero_at = opened.index(True), current.index(0.0)
+    assert zero_at == 49 and all(opened[first_open:])  # 5 mA in 100 uA steps: the 50th frame
+    # open at zero current (a frame later when the sum of the steps leaves a 1e-18 A residue)
+    assert first_open - zero_at in (0, 1) and not any(current[first_open:])
+    assert np.max(np.abs(np.diff(current))) <= 1e-4 + 2 * cs.main_dac.fine_lsb
+    assert cs.counters["relay_refused"] == 0
+    tick(cs, 200, main_a=0.002, connected=1.0)
+    assert cs.main_driver.writes[-1] == (200, cs.main_dac.to_codes(0.0), (True,))
+    tick(cs, 201, main_a=0.002, connected=1.0)
+    assert main_current(cs) == pytest.approx(1e-4, abs=cs.main_dac.fine_lsb)
+
+
+def test_opening_the_coil_under_current_is_refused_with_one_event(cs):
+    """Issue 17 finding 7, in process: setpoints asking to open the switchbox while they ask
+    for 6.9 mA (a copy of the servo's with the relay flipped) are dropped whole, counted, and
+    reported once; the coil stays connected and its current unchanged."""
+    events = []
+    cs.event = lambda kind, text, **kw: events.append(kind)
+    arm(cs)
+    for k in range(100):
+        tick(cs, k, main_a=0.0069, connected=1.0)
+    for k in range(100, 150):
+        tick(cs, k, main_a=0.0069, connected=0.0)
+    assert all(relays == (True,) for _, _, relays in cs.main_driver.writes)
+    assert main_current(cs) == pytest.approx(0.0069, abs=cs.main_dac.fine_lsb)
+    assert cs.counters["relay_refused"] == 50 and cs.counters["rejected"] == 50
+    assert events.count("relay_refused") == 1
+    tick(cs, 150, main_a=0.0069, connected=1.0)     # the servo's own setpoint: accepted again
+    assert cs.counters["rejected"] == 50 and cs.guard.state == "armed"

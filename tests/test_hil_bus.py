@@ -1,8 +1,10 @@
 """HIL over a real broker, lockstep: every daemon as its own process (``kibble up``), the
 simulator as the hardware, the scenarios of the in-process tests shortened, and the safety
 behaviour an operator relies on: a parameter set mid-run over MQTT takes effect without an
-output step, a watchdog trip and its reset, HV refused above the pressure limit, and a killed
-servo leaving the current source in its safe state (then restarted by the supervisor).
+output step, a watchdog trip and its reset, HV refused above the pressure limit, spoofed
+setpoints unable to open the coil under current, a restarted servo taking the load up where
+it was, and a killed servo leaving the current source in its safe state (then restarted by the
+supervisor).
 
 200 Hz frames (docs/architecture.md section 6: the chain makes a few hundred steps per second over MQTT on
 this machine); figures come from ``sim/truth``, as in ``make run``.
@@ -20,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from kibble.bus_schema.codec import decode
-from kibble.bus_schema.messages import Event, HwActuatorCommand, LoopFrame, Status
+from kibble.bus_schema.messages import Event, HwActuatorCommand, LoopFrame, Setpoint, Status
 from kibble.services import scenarios as S
 from kibble.services.busloop import BusLoop
 from kibble.services.registry import service_class
@@ -54,6 +56,14 @@ def main_source_dac():
         cfg = load_config("current_source", stack_config("nist4"), instrument="dac", state_dir=state,
                           restore=False)
         return service_class("current_source")(cfg).main_dac
+
+
+def drained(sub, msg_type):
+    """Every message queued on the subscription ``sub`` so far, decoded as ``msg_type``."""
+    out = []
+    while not sub.queue.empty():
+        out.append(decode(sub.queue.get_nowait()[1], msg_type))
+    return out
 
 
 async def status_of(loop: BusLoop, service: str, predicate=lambda status: True,
@@ -144,17 +154,96 @@ async def test_theta_z_hv_refused_above_the_pressure_limit(nist4):
     assert (await loop.command("theta_z", "arm"))["state"] == "armed"
 
 
+async def test_spoofed_setpoints_cannot_open_the_coil_under_current(nist4):
+    """Issue 17 finding 7: 50 setpoints on ``servo/setpoint`` from an outsider, one per frame,
+    copying the current the coil carries (the auxiliary mass off: -3.5 mA) but with
+    ``main_coil_connected = 0``, used to open the switchbox under current (the coil lost its
+    force for those frames; with 13.8 mA it went to its stops and tripped). The switchbox
+    changes only with no current through it, and no servo mode opens the coil while asking for
+    current: every such setpoint is dropped and counted, with one event, and the coil stays
+    connected and held."""
+    _, loop = nist4
+    await loop.command("servo", "mode", mode="force")
+    await loop.command("servo", "mass", aux=False)
+    dac = main_source_dac()
+    async with loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw:
+        await loop.run_seconds(4.0, record=False)
+        i_main = dac.to_value(*drained(hw, HwActuatorCommand)[-1].codes)
+    assert i_main < -3e-3
+    before = await status_of(loop, "current_source")
+    topic = loop.bus.topics.setpoint("servo")
+    async with loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw, \
+            loop.bus.listen(loop.bus.topics.event("current_source")) as events:
+        truth = []
+        for _ in range(50):
+            await loop.bus.publish(topic, Setpoint(frame=loop.frame, values={
+                "main_coil_current_a": i_main, "counter_mass_current_a": 0.0,
+                "main_coil_connected": 0.0}), qos=0)
+            truth.append(await loop.run_seconds(1.0 / RATE_HZ))
+        truth.append(await loop.run_seconds(2.0))
+        commands, seen = drained(hw, HwActuatorCommand), drained(events, Event)
+    assert commands and all(c.relays == [True] for c in commands)
+    z = np.concatenate([t["z_m"] for t in truth])
+    assert np.abs(z).max() < 1e-6
+    after = await status_of(loop, "current_source",
+                            lambda st: st.counters.get("relay_refused", 0) > 0, 5.0)
+    assert after.state == "armed" and after.detail["main_coil_connected"] is True
+    refused = after.counters["relay_refused"]
+    assert 1 <= refused <= 50                    # newest frame wins: some spoofs were skipped
+    assert after.counters["rejected"] - before.counters["rejected"] == refused
+    assert [e.kind for e in seen].count("relay_refused") == 1
+    assert not [e for e in seen if e.kind in ("trip", "safe", "stale")]
+
+
+async def test_restarted_servo_takes_up_the_load_where_it_left_it(nist4):
+    """Issue 17 finding 9: a servo restarted under load (1 kg on, force mode) came back idle,
+    commanded 0 A at the armed slew (0.1 A/s) and forgot the masses; the coil hit its stops.
+    Here the supervisor restarts a killed servo while the simulator is paused (a restart
+    quicker than the current source's stale time): the new servo holds what the current source
+    produces, from the DAQ's readback of the source monitors (resolution 153 nA), resumes force
+    mode bumplessly (the coil at the null) and reports the persisted masses."""
+    stack, loop = nist4
+    await loop.command("servo", "mode", mode="force")
+    await loop.command("servo", "mass", test=True, aux=False)
+    dac = main_source_dac()
+    async with loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw:
+        await loop.run_seconds(4.0, record=False)
+        await loop.sim("pause")
+        i_before = dac.to_value(*drained(hw, HwActuatorCommand)[-1].codes)
+    assert i_before > 3e-3
+    servo = stack.child_of("servo")
+    old = await status_of(loop, "servo")
+    os.kill(servo.proc.pid, signal.SIGKILL)
+    await status_of(loop, "servo", lambda st: st.online and st.session > old.session, 30.0)
+    async with loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw, \
+            loop.bus.listen(loop.bus.topics.event("current_source")) as events:
+        await loop.sim("resume")
+        tr = await loop.run_seconds(3.0)
+        commands = drained(hw, HwActuatorCommand)
+        while not commands or commands[-1].frame < loop.frame:   # the last ones on their way
+            commands.append(decode((await hw.get(5.0))[1], HwActuatorCommand))
+        seen = drained(events, Event)
+    commanded = np.array([dac.to_value(*c.codes) for c in commands])
+    state = await loop.command("servo", "state")
+    assert state["mode"] == "force" and state["test_mass_on"] and not state["aux_on"]
+    assert commanded.size >= 0.99 * 3.0 * RATE_HZ   # (a loaded machine may drop one to the observer)
+    assert np.abs(commanded - i_before).max() < 1e-6, np.abs(commanded - i_before).max()
+    assert np.abs(tr["z_m"]).max() < 1e-6
+    assert not [e for e in seen if e.kind in ("trip", "safe", "stale")]
+
+
 async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4):
     """The servo dies and nobody restarts it at once: the current source stops hearing
     setpoints, counts the frames (simulated time: the lockstep misses take wall time but are
     only frames), holds the current, then ramps it to zero. The supervisor then restarts the
-    servo: a new session, idle (no force) at boot."""
+    servo: a new session, with the persisted masses, holding what the (now safe) source
+    produces: the coil is at its stop, so it waits in ``hold`` for an operator."""
     stack, loop = nist4
     await loop.command("servo", "mode", mode="force")
     await loop.run_seconds(2.0, record=False)
     servo = stack.child_of("servo")
-    old_pid = servo.proc.pid
-    stack.max_restarts = servo.restarts              # hold the supervisor back for now
+    old_pid, restarts = servo.proc.pid, servo.restarts
+    stack.max_restarts = restarts                    # hold the supervisor back for now
     async with loop.bus.listen(loop.bus.topics.event("current_source")) as events, \
             loop.bus.listen(loop.bus.topics.hw("main_source"), qos=0) as hw:
         os.kill(old_pid, signal.SIGKILL)
@@ -163,9 +252,7 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
         # held for hold_s (1 s), then ramped to zero at the safe slew (5 mA/s, <= 15 mA); the
         # wheel, no longer held, swings to its stop, its EMF driving current through the coil
         tr = await loop.run_seconds(6.0)
-        commands = []
-        while not hw.queue.empty():
-            commands.append(decode(hw.queue.get_nowait()[1], HwActuatorCommand))
+        commands = drained(hw, HwActuatorCommand)
     dac = main_source_dac()
     commanded = np.array([dac.to_value(*c.codes) for c in sorted(commands, key=lambda c: c.frame)
                           if c.frame >= 0])
@@ -180,9 +267,9 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
         if servo.running and servo.proc.pid != old_pid:
             break
         await asyncio.sleep(0.1)
-    assert servo.proc.pid != old_pid and servo.restarts == 1
-    restarted = await status_of(loop, "servo", lambda st: st.online and st.session > 1, 30.0)
-    assert restarted.detail["mode"] == "idle"
+    assert servo.proc.pid != old_pid and servo.restarts == restarts + 1
+    restarted = await status_of(loop, "servo", lambda st: st.online and st.detail["mode"] == "hold", 30.0)
+    assert restarted.detail["test_mass_on"] is True and restarted.detail["aux_on"] is False
 
 
 @pytest.mark.asyncio(loop_scope="function")

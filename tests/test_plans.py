@@ -283,7 +283,9 @@ async def test_efb_gradient_plan_recovers_the_plants_dcdz_with_the_link_on_the_a
     hw = stack.tap(stack.topics.hw("hv"))
     try:
         stop = await P.RunEngine(stack, emit=docs).run("efb_gradient", C.EFB_TEST_GRADIENT)
-        await stack.run_frames(1, record=False)
+        # hv_source moves the relay once the output has ramped to zero (the auxiliary
+        # electrode's 217 V at 200 V a frame)
+        await stack.run_frames(3, record=False)
         hv, servo = stack.services["hv_source"], stack.services["servo"]
         p = stack.plant.params
         assert stop["exit_status"] == "success", stop["reason"]
@@ -340,8 +342,9 @@ async def test_abort_in_gradient_mode_hands_the_link_back_at_the_weighing_positi
         assert servo.mode == "force" and servo.ref[0, 0] == 0.0 and hv.to_main
         assert hv.guard.state == "armed"
         assert np.abs(tr["z_m"]).max() < 1e-7
-        # from the frame after the handover the auxiliary electrode is at 0 V: only its 20 mV
-        # surface potential pulls (1/2 dC_aux/dz V_s^2 = 4e-14 N)
-        assert tr["f_aux_n"][1:].max() < 1e-13
+        # once hv_source has ramped the auxiliary electrode's 217 V down (200 V a frame) and
+        # moved the relay, it is at 0 V: only its 20 mV surface potential pulls
+        # (1/2 dC_aux/dz V_s^2 = 4e-14 N)
+        assert tr["f_aux_n"][2:].max() < 1e-13
     finally:
         stack.close()
