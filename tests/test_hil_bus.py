@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from kibble.bus_schema.codec import decode
-from kibble.bus_schema.messages import Event, HwActuatorCommand, LoopFrame, Setpoint, Status
+from kibble.bus_schema.messages import DaqFrame, Event, HwActuatorCommand, LoopFrame, Setpoint, Status
 from kibble.services import scenarios as S
 from kibble.services.busloop import BusLoop
 from kibble.services.registry import service_class
@@ -149,8 +149,10 @@ async def test_theta_z_hv_refused_above_the_pressure_limit(nist4):
     await loop.command("theta_z", "reset")
     with pytest.raises(ValueError, match="pressure"):
         await loop.command("theta_z", "arm")
-    await loop.sim("set_pressure", pressure_pa=1e-4)
-    await loop.run_seconds(0.5, record=False)
+    async with loop.bus.listen(loop.bus.topics.frame("daq"), qos=0) as daq:
+        await loop.sim("set_pressure", pressure_pa=1e-4)
+        # once the DAQ has published a low pressure, theta_z has it queued before the arm
+        await daq.expect(DaqFrame, lambda f: f.pressure_pa < 0.1, timeout_s=30.0)
     assert (await loop.command("theta_z", "arm"))["state"] == "armed"
 
 
