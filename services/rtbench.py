@@ -58,7 +58,7 @@ import pickle
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -74,6 +74,10 @@ OBSERVER_READY_S = 30.0
 OBSERVER_DRAIN_S = 1.0
 """After the window, how long the observer keeps listening (commands answering its last frames)."""
 OBSERVER_STOP_S = 30.0
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 1.0
+"""The observer reconnects at once after a lost broker (0.1 s, doubling to 1 s), so that it is
+blind only briefly after a broker restart."""
 CASE_MARGIN_S = 300.0
 """A case is abandoned (error recorded) this long after its window should have ended."""
 STOP_EVENTS = ("trip", "safe")
@@ -142,6 +146,7 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
     SENSORS, COMMAND, TRUTH, STATUS, EVENT, OTHER = range(6)
     plain = msgspec.msgpack.Decoder()
     failure: list[str] = []
+    connections: list[tuple[float, bool]] = []
 
     def kind_of(topic: str) -> int:
         if topic == t_sensors:
@@ -192,11 +197,13 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
                 st = decode(payload, Status)
                 tm = st.timing
                 statuses.append((t, st.service, st.state, st.online, tm.frames, tm.cpu_us_p50,
-                                 tm.cpu_load))
+                                 tm.cpu_load, st.session, str(st.detail.get("guard", "")),
+                                 st.t_utc_s))
             elif kind == EVENT:
                 ev = decode(payload, Event)
                 events.append((t, ev.service, ev.kind, ev.severity,
-                               int(ev.data.get("suppressed_since_last", 0) or 0), ev.text[:200]))
+                               int(ev.data.get("suppressed_since_last", 0) or 0), ev.text[:200],
+                               ev.data))
             elif payload:
                 plain.decode(payload)
         except Exception as exc:  # DecodeError and anything else: counted, never fatal
@@ -214,7 +221,11 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
         if reason_code.is_failure:
             failure.append(f"connect refused: {reason_code}")
             return
+        connections.append((time.monotonic(), True))
         client.subscribe(prefix + "#", qos=1)
+
+    def on_disconnect(_client, _userdata, _flags, _reason_code, _properties) -> None:
+        connections.append((time.monotonic(), False))
 
     def on_subscribe(_client, _userdata, _mid, _reason_codes, _properties) -> None:
         ready.set()
@@ -224,7 +235,9 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
     client.on_message = on_message
     client.on_socket_open = on_socket_open
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_subscribe = on_subscribe
+    client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
     t_start = time.monotonic()
     try:
         client.connect(host, port, keepalive=10)
@@ -244,10 +257,76 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
         "tr_t": np.array(tr_t, dtype=np.float64), "tr_k": np.array(tr_k, dtype=np.int64),
         "tr_sim": np.array(tr_sim, dtype=np.float64), "tr_z": np.array(tr_z, dtype=np.float64),
         "statuses": statuses, "events": events, "counts": counts, "errors": errors,
-        "failure": failure, "t_start": t_start, "t_end": time.monotonic(),
+        "failure": failure, "connections": connections, "t_start": t_start,
+        "t_end": time.monotonic(),
     }
     with open(out_path, "wb") as f:
         pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Observer:
+    """The outside observer (:func:`_observer_main`), a spawned process subscribed to
+    ``kb/<instrument>/#`` on ``broker_url``, as an async context manager: entered once it has
+    subscribed; :meth:`records` stops it and returns what it recorded (receipt times on
+    ``time.monotonic()``), leaving it kills it if it is still there.
+
+    ``live`` counts while it runs: messages received, sensor frames, the last frame tag."""
+
+    def __init__(self, broker_url: str, instrument: str, devices: Sequence[str],
+                 out_path: str | os.PathLike) -> None:
+        from kibble.bus_schema.transport import parse_broker_url
+
+        host, port = parse_broker_url(broker_url)
+        self.out_path = Path(out_path)
+        ctx = multiprocessing.get_context("spawn")
+        self._ready, self._stop = ctx.Event(), ctx.Event()
+        self.live = ctx.Array("q", 3, lock=False)
+        self.process = ctx.Process(target=_observer_main, name="kibble-rt-observer",
+                                   args=(host, port, instrument, list(devices), str(self.out_path),
+                                         self._ready, self._stop, self.live), daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    async def __aenter__(self) -> "Observer":
+        self.process.start()
+        try:
+            deadline = time.monotonic() + OBSERVER_READY_S
+            while not self._ready.is_set():
+                if not self.process.is_alive():
+                    raise RuntimeError(f"the observer exited with code {self.process.exitcode} "
+                                       "before it subscribed")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the observer did not subscribe within {OBSERVER_READY_S:g} s")
+                await asyncio.sleep(0.05)
+        except BaseException:
+            await self._halt()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._halt()
+
+    async def _halt(self) -> None:
+        self._stop.set()
+        if self.process.pid is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.process.join, OBSERVER_STOP_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
+
+    async def records(self) -> dict[str, Any]:
+        """Stop the observer and load its records (``RuntimeError`` if it failed)."""
+        await self._halt()
+        if not self.out_path.exists():
+            raise RuntimeError(f"the observer wrote no records (exit code {self.process.exitcode})")
+        with open(self.out_path, "rb") as f:
+            rec = pickle.load(f)
+        if rec["failure"]:
+            raise RuntimeError(f"observer: {'; '.join(rec['failure'])}")
+        return rec
 
 
 # ============================================================================ pure analysis
@@ -357,7 +436,7 @@ def own_cpu_us(statuses: Sequence[tuple], t0: float, t1: float) -> dict[str, flo
     """Per service: median of its own ``timing.cpu_us_p50`` over the heartbeats received in
     ``[t0, t1]`` that counted frames (NaN if none did: the runtime does not fill it yet)."""
     per: dict[str, list[float]] = {}
-    for t, service, _state, _online, frames, cpu_us_p50, _load in statuses:
+    for t, service, _state, _online, frames, cpu_us_p50, *_ in statuses:
         per.setdefault(service, [])
         if t0 <= t <= t1 and frames > 0:
             per[service].append(cpu_us_p50)
@@ -439,99 +518,89 @@ def _format_table(prefix: str, fig: dict[str, Any]) -> str:
     return "\n".join(f"    {name.ljust(width)}  {text}" for name, text in rows)
 
 
+async def force_mode(stack: Any, model: str, settle_s: float, say: Callable[[str], None]) -> None:
+    """Force mode as ``kibble demo`` does it (the EFB then loads its 1 mg artifact), settled."""
+    say("    force mode (servo mode force)")
+    await stack.request("servo", "mode", {"mode": "force"})
+    if model == "efb":
+        await asyncio.sleep(settle_s)
+        say("    EFB: 1 mg artifact on (servo mass test=true)")
+        await stack.request("servo", "mass", {"test": True})
+    say(f"    settling {settle_s:g} s")
+    await asyncio.sleep(settle_s)
+
+
+def process_pids(stack: Any, broker: Any, observer: Observer) -> dict[str, int | None]:
+    """The PID of every OS process of a case: each child of the stack (``sim``, a daemon, or a
+    group of daemons sharing one: ``daq+servo+hv_source``), the ``broker`` and the ``observer``."""
+    pids = {name: (c.proc.pid if c.proc is not None else None) for name, c in stack.children.items()}
+    broker_proc = getattr(broker, "_proc", None)
+    pids["broker"] = broker_proc.pid if broker_proc is not None else None
+    pids["observer"] = observer.pid
+    return pids
+
+
+async def measure_window(label: str, seconds: float, observer: Observer, say: Callable[[str], None],
+                         during: Callable[[float], Awaitable[None]] | None = None) -> tuple[float, float]:
+    """Wait out a window of ``seconds`` of wall clock with a progress line every 10 s (what
+    the observer has seen), awaiting ``during(elapsed_s)`` about twice a second; ``(t0, t1)``
+    on ``time.monotonic()``."""
+    t0 = time.monotonic()
+    f0 = observer.live[1]
+    t_end = t0 + seconds
+    say(f"    measuring {seconds:g} s")
+    next_line = t0 + min(10.0, seconds / 2)
+    while True:
+        now = time.monotonic()
+        if now >= t_end:
+            break
+        await asyncio.sleep(min(0.5, t_end - now))
+        if during is not None:
+            await during(time.monotonic() - t0)
+        now = time.monotonic()
+        if now >= next_line or now >= t_end:
+            next_line = now + 10.0
+            n = observer.live[1] - f0
+            say(f"    {label}  {now - t0:5.0f}/{seconds:g} s, {max(0.0, t_end - now):4.0f} s left: "
+                f"{n} sensor frames seen ({n / max(now - t0, 1e-9):.0f}/s), "
+                f"{observer.live[0]} messages")
+    return t0, time.monotonic()
+
+
 async def run_case(model: str, rate_hz: float, seconds: float, settle_s: float,
                    say: Callable[[str], None], tmp: str) -> dict[str, Any]:
     """One case: a private broker, the observer subscribed to it, the stack up in real time on
     it, force mode, settling, the window; the figures (prefixed)."""
-    from kibble.bus_schema.transport import parse_broker_url
     from kibble.services.broker import Broker
     from kibble.services.up import STACKS, Stack
 
     prefix = case_prefix(model, rate_hz)
     spec = STACKS[model]
     devices = spec["devices"]
-    ctx = multiprocessing.get_context("spawn")
     out: dict[str, Any] = {}
     run_dir = Path(tmp) / f"{model}-{rate_hz:g}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    rec_path = run_dir / "observer.pkl"
     async with Broker() as broker:
         say(f"    broker: {broker.backend} on {broker.url}")
-        host, port = parse_broker_url(broker.url)
-        ready, stop = ctx.Event(), ctx.Event()
-        live = ctx.Array("q", 3, lock=False)
         # the observer subscribes before the stack starts: it sees the whole run (the window
         # is cut afterwards), and the stack goes to force mode as soon as it is armed
-        obs = ctx.Process(target=_observer_main, name="kibble-rt-observer",
-                          args=(host, port, model, list(devices), str(rec_path),
-                                ready, stop, live), daemon=True)
-        obs.start()
-        try:
-            deadline = time.monotonic() + OBSERVER_READY_S
-            while not ready.is_set():
-                if not obs.is_alive():
-                    raise RuntimeError(f"the observer exited with code {obs.exitcode} before it subscribed")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the observer did not subscribe within {OBSERVER_READY_S:g} s")
-                await asyncio.sleep(0.05)
+        async with Observer(broker.url, model, devices, run_dir / "observer.pkl") as obs:
             say(f"    observer subscribed to kb/{model}/# (pid {obs.pid})")
             async with Stack(model, clock="realtime", rate_hz=rate_hz, broker_url=broker.url,
                              run_dir=run_dir, progress=lambda s: say(f"    {s}")) as stack:
-                say("    force mode (servo mode force)")
-                await stack.request("servo", "mode", {"mode": "force"})
-                if model == "efb":
-                    await asyncio.sleep(settle_s)
-                    say("    EFB: 1 mg artifact on (servo mass test=true)")
-                    await stack.request("servo", "mass", {"test": True})
-                say(f"    settling {settle_s:g} s")
-                await asyncio.sleep(settle_s)
-
-                broker_proc = getattr(broker, "_proc", None)
-                pids = {name: (c.proc.pid if c.proc is not None else None)
-                        for name, c in stack.children.items()}
-                pids["broker"] = broker_proc.pid if broker_proc is not None else None
-                pids["observer"] = obs.pid
+                await force_mode(stack, model, settle_s, say)
+                pids = process_pids(stack, broker, obs)
                 restarts0 = sum(c.restarts for c in stack.children.values())
                 out[f"{prefix}_loadavg_start"] = os.getloadavg()[0]
                 cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
-                t0 = time.monotonic()
-                f0 = live[1]
-                t_end = t0 + seconds
-                say(f"    measuring {seconds:g} s")
-                next_line = t0 + min(10.0, seconds / 2)
-                while True:
-                    now = time.monotonic()
-                    if now >= t_end:
-                        break
-                    await asyncio.sleep(min(0.5, t_end - now))
-                    now = time.monotonic()
-                    if now >= next_line or now >= t_end:
-                        next_line = now + 10.0
-                        n = live[1] - f0
-                        say(f"    {model}:{rate_hz:g}  {now - t0:5.0f}/{seconds:g} s, "
-                            f"{max(0.0, t_end - now):4.0f} s left: {n} sensor frames seen "
-                            f"({n / max(now - t0, 1e-9):.0f}/s), {live[0]} messages")
-                t1 = time.monotonic()
+                t0, t1 = await measure_window(f"{model}:{rate_hz:g}", seconds, obs, say)
                 cpu1 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
                 out[f"{prefix}_loadavg_end"] = os.getloadavg()[0]
                 pids1 = {name: (c.proc.pid if c.proc is not None else None)
                          for name, c in stack.children.items()}
                 out[f"{prefix}_restarts"] = sum(c.restarts for c in stack.children.values()) - restarts0
                 await asyncio.sleep(OBSERVER_DRAIN_S)
-                stop.set()  # before the stack stops: its shutdown is not part of the run
-                await asyncio.get_running_loop().run_in_executor(None, obs.join, OBSERVER_STOP_S)
-        finally:
-            stop.set()
-            await asyncio.get_running_loop().run_in_executor(None, obs.join, OBSERVER_STOP_S)
-            if obs.is_alive():
-                obs.kill()
-                obs.join(5.0)
-    if not rec_path.exists():
-        raise RuntimeError(f"the observer wrote no records (exit code {obs.exitcode})")
-    with open(rec_path, "rb") as f:
-        rec = pickle.load(f)
-    if rec["failure"]:
-        raise RuntimeError(f"observer: {'; '.join(rec['failure'])}")
+                rec = await obs.records()  # before the stack stops: its shutdown is not part of the run
     fig = analyze(rec, t0, t1, devices, spec["services"], spec["actuators"])
     frames = fig["frames"] + fig["frames_lost"]
     dt = t1 - t0
