@@ -17,6 +17,11 @@ Groups:
   CPU per frame per process, ``rt_<model>_<rate>_...``). Not in :data:`DEFAULT_GROUPS`: its
   default four cases of 300 s take about 22 minutes; ``--only realtime`` runs it
   (``--rt-seconds``, ``--rt-cases``, ``--rt-settle``).
+- ``soak``: ``kibble.services.rtbench.run_soak`` (the NIST-4 stack in real time at 200 Hz for
+  an hour with the recorder recording and the broker restarted in the middle, seen by the same
+  observer: frames lost, reconnects, trips, memory growth per hour per process, whether the run
+  file records the outage as a gap; ``soak_<model>_...``, ``soak_recorder_...``). Not in
+  :data:`DEFAULT_GROUPS`; ``--only soak`` runs it (``--soak-seconds``, ``--soak-case``).
 """
 
 from __future__ import annotations
@@ -180,11 +185,12 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "hil": _external("kibble.services.loopbench:run_hil"),
     "campaign": _external("kibble.services.campaignbench:run"),
     "realtime": _external("kibble.services.rtbench:run"),
+    "soak": _external("kibble.services.rtbench:run_soak"),
 }
 DEFAULT_GROUPS = ("bus", "control", "sim", "loop")
 """What ``kibble bench`` runs without ``--only`` (``hil`` is the over-the-bus part of ``loop``;
-``campaign``, 20 to 40 minutes of offline campaigns, and ``realtime``, about 22 minutes of the
-whole stack in real time, run only when asked for)."""
+``campaign``, 20 to 40 minutes of offline campaigns, ``realtime``, about 22 minutes of the
+whole stack in real time, and ``soak``, an hour, run only when asked for)."""
 
 
 def run_benchmarks(only: list[str] | None = None, broker: str | None = None,

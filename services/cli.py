@@ -396,8 +396,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     realtime = {key: value for key, value in (("seconds", args.rt_seconds), ("cases", args.rt_cases),
                                               ("settle_s", args.rt_settle)) if value is not None}
+    soak = {key: value for key, value in (("seconds", args.soak_seconds), ("case", args.soak_case))
+            if value is not None}
     results = run_benchmarks(args.only, broker=args.broker_url, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                             group_args={"realtime": realtime})
+                             group_args={"realtime": realtime, "soak": soak})
     text = json.dumps(results, indent=2, sort_keys=True)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -595,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=None, metavar="GROUP",
                    help="bus, control, sim, loop, hil (the over-the-bus part of loop), campaign "
                         "(the offline campaigns at the paper's counts, ~30 min), realtime (the "
-                        "whole stack in real time seen from outside, ~22 min); repeatable; "
-                        "default all but hil, campaign and realtime")
+                        "whole stack in real time seen from outside, ~22 min), soak (an hour in "
+                        "real time with a broker restart); repeatable; default all but hil, "
+                        "campaign, realtime and soak")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
@@ -607,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rt-settle", type=float, default=None, metavar="S",
                    help="realtime: settling after force mode (and after the EFB's artifact) "
                         "before the window (default 5)")
+    p.add_argument("--soak-seconds", type=float, default=None, metavar="S",
+                   help="soak: its wall-clock window, the broker restarted in the middle "
+                        "(default 3600, at least 30)")
+    p.add_argument("--soak-case", default=None, metavar="MODEL:HZ",
+                   help="soak: instrument and frame rate (default nist4:200)")
     auth_args(p)
     p.set_defaults(func=cmd_bench, is_async=False)
     return parser

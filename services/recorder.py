@@ -18,6 +18,14 @@ Commands (besides ``param.*``):
   while a run is open or when the file already exists.
 - ``stop``: flush, fsync and close the run file; replies with the counts.
 
+A lost broker connection during a run is recorded as a gap: on reconnecting, the recorder
+publishes an event of kind ``gap`` (``data``: ``run_id``, ``from_utc_s``, the receipt of the
+last message before the loss, ``lost_utc_s``, when the loss was noticed, ``to_utc_s``, when it
+was subscribed again, or the receipt of the first message if one came in before that), which
+comes back to it from the broker and into the file like any message; nothing of the bus between
+``from_utc_s`` and ``to_utc_s`` is in the file.
+:func:`recorded_gaps` lists them.
+
 Flush policy: records reach the operating system at least every ``flush_interval_s`` (0.2 s;
 by the writer itself while messages arrive, by a timer of this daemon when idle), so a killed
 recorder (SIGKILL, a crash) loses at most that much; they are fsynced (on a worker thread, the
@@ -37,8 +45,10 @@ from typing import Any
 
 import msgspec
 
-from kibble.bus_schema.messages import Command
-from kibble.services.recordfile import SUFFIX, RunWriter
+from kibble.bus_schema.codec import DecodeError, decode
+from kibble.bus_schema.messages import Command, Event
+from kibble.bus_schema.topics import Topics
+from kibble.services.recordfile import SUFFIX, RunWriter, read_run
 from kibble.services.runtime import Service, command
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")
@@ -81,13 +91,21 @@ class Recorder(Service):
         self.latest: dict[str, tuple[float, bytes]] = {}
         """The last ``params`` and ``status`` message of every service (retained ones included):
         a new run starts with them, so it says how the instrument was set up."""
+        self._last_rx_utc_s = time.time()
+        self._gap: list[float] | None = None
+        """From a lost connection during a run to the gap's event: the receipt of the last
+        message, when the loss was noticed, then the receipt of the first message after it if
+        one comes before the subscriptions are all in place (a retained one)."""
         self.subscribe_raw(f"{self.topics.prefix}/#", self.on_message)
 
     # ------------------------------------------------------------------ recording
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        t_s = self._last_rx_utc_s = time.time()
+        if self._gap is not None and len(self._gap) == 2:
+            self._gap.append(t_s)
         if topic.endswith(("/params", "/status")):
-            self.latest[topic] = (time.time(), payload)
+            self.latest[topic] = (t_s, payload)
         writer = self.writer
         if writer is None:
             return
@@ -96,7 +114,7 @@ class Recorder(Service):
             return
         self.counters["frames_in"] += 1
         try:
-            writer.append(topic, payload, time.time())
+            writer.append(topic, payload, t_s)
         except OSError as exc:
             self._write_failed(exc)
 
@@ -150,7 +168,22 @@ class Recorder(Service):
                 self._fsync = asyncio.create_task(self._sync(writer))
 
     async def on_disconnect(self) -> None:
+        """Called after every failed attempt too: the gap starts at the first."""
         self.flush()
+        if self.writer is not None and self._gap is None:
+            self._gap = [self._last_rx_utc_s, time.time()]
+
+    async def on_connected(self) -> None:
+        """Subscribed again: the gap's event (it ends now, or at the first message received
+        since the connection came back)."""
+        gap, self._gap = self._gap, None
+        if gap is None or self.writer is None:
+            return
+        from_s, lost_s, to_s = gap if len(gap) == 3 else (*gap, time.time())
+        self.event("gap", f"run {self.run_id}: nothing recorded for {to_s - from_s:.1f} s (the "
+                   "broker connection was lost)", severity="warning",
+                   data={"run_id": self.run_id, "from_utc_s": from_s, "lost_utc_s": lost_s,
+                         "to_utc_s": to_s}, rate_limited=False)
 
     async def on_stop(self) -> None:
         if self.writer is not None:
@@ -223,3 +256,21 @@ class Recorder(Service):
                 "pending_bytes": w.pending_bytes if w else 0,
                 "last_flush_age_s": time.monotonic() - w.last_flush_mono_s if w else 0.0,
                 "record_hw": self.settings.record_hw}
+
+
+def recorded_gaps(path: str | os.PathLike) -> list[tuple[float, float]]:
+    """The gaps a run file records, ``(from_utc_s, to_utc_s)`` each, in order (see the module
+    docstring)."""
+    reader = read_run(path)
+    topic = Topics(reader.metadata["instrument"]).event(Recorder.name)
+    gaps = []
+    for record in reader:
+        if record.topic != topic:
+            continue
+        try:
+            event = decode(record.payload, Event)
+        except DecodeError:
+            continue
+        if event.kind == "gap":
+            gaps.append((float(event.data["from_utc_s"]), float(event.data["to_utc_s"])))
+    return gaps

@@ -46,6 +46,26 @@ Flat JSON keys, per case, prefix ``rt_<model>_<rate>`` (e.g. ``rt_nist4_1000``):
 
 And ``rt_seconds``, ``rt_wall_s`` for the group. About 22 minutes at the defaults (4 cases of
 300 s plus ~20 s each), so the group is not in ``bench.DEFAULT_GROUPS``.
+
+``kibble bench --only soak`` (:func:`run_soak`) is built of the same parts: one case
+(:data:`SOAK_CASE`, NIST-4 at 200 Hz) with the recorder and the sequencer too, the recorder
+recording, for ``seconds`` (an hour by default) with the broker stopped for
+:data:`SOAK_OUTAGE_S` in the middle and started again on its port (every child then
+reconnects by itself; the actuators, disarmed by the lost broker, are armed again), the
+resident memory of every process sampled from ``/proc/<pid>/status``. Keys, prefix
+``soak_<model>`` (e.g. ``soak_nist4``): ``_frames_lost`` (sensor frames missing while the
+observer was connected: lost by the stack or the broker), ``_frames_unseen_at_restart``
+(published while the observer was away), ``_reconnects`` and ``_reconnects_<service>`` (seen
+from outside: an online status after the service's will or after :data:`RECONNECT_SILENCE_S`
+of silence), ``_observer_reconnects``, ``_restarts`` (by the supervisor), ``_trips``,
+``_stale_events``, ``_actuators_safe_at_end``, ``_frames``, ``_answered``, ``_p50_ms``,
+``_p99_ms``, ``_max_ms`` (as above, over the whole window, the outage included),
+``_rss_growth_mb_per_h_<name>`` (least-squares slope after the first tenth of the window) and
+``_rss_mb_<name>`` (at the end) per process (each daemon or group, ``sim``, ``broker``),
+``_outage_s``, ``_recovery_s`` (broker back to every child online and the actuators armed),
+``_window_s``; ``soak_recorder_gap_recorded`` (the run file records the outage as a gap: a
+``gap`` event of the recorder spanning it, no record inside), ``soak_recorder_gap_s``,
+``soak_recorder_records_in_gap``, ``soak_recorder_records``; ``soak_seconds``, ``soak_wall_s``.
 """
 
 from __future__ import annotations
@@ -58,7 +78,7 @@ import pickle
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -74,6 +94,10 @@ OBSERVER_READY_S = 30.0
 OBSERVER_DRAIN_S = 1.0
 """After the window, how long the observer keeps listening (commands answering its last frames)."""
 OBSERVER_STOP_S = 30.0
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 1.0
+"""The observer reconnects at once after a lost broker (0.1 s, doubling to 1 s), so that it is
+blind only briefly after a broker restart."""
 CASE_MARGIN_S = 300.0
 """A case is abandoned (error recorded) this long after its window should have ended."""
 STOP_EVENTS = ("trip", "safe")
@@ -142,6 +166,7 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
     SENSORS, COMMAND, TRUTH, STATUS, EVENT, OTHER = range(6)
     plain = msgspec.msgpack.Decoder()
     failure: list[str] = []
+    connections: list[tuple[float, bool]] = []
 
     def kind_of(topic: str) -> int:
         if topic == t_sensors:
@@ -192,11 +217,13 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
                 st = decode(payload, Status)
                 tm = st.timing
                 statuses.append((t, st.service, st.state, st.online, tm.frames, tm.cpu_us_p50,
-                                 tm.cpu_load))
+                                 tm.cpu_load, st.session, str(st.detail.get("guard", "")),
+                                 st.t_utc_s))
             elif kind == EVENT:
                 ev = decode(payload, Event)
                 events.append((t, ev.service, ev.kind, ev.severity,
-                               int(ev.data.get("suppressed_since_last", 0) or 0), ev.text[:200]))
+                               int(ev.data.get("suppressed_since_last", 0) or 0), ev.text[:200],
+                               ev.data))
             elif payload:
                 plain.decode(payload)
         except Exception as exc:  # DecodeError and anything else: counted, never fatal
@@ -214,7 +241,11 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
         if reason_code.is_failure:
             failure.append(f"connect refused: {reason_code}")
             return
+        connections.append((time.monotonic(), True))
         client.subscribe(prefix + "#", qos=1)
+
+    def on_disconnect(_client, _userdata, _flags, _reason_code, _properties) -> None:
+        connections.append((time.monotonic(), False))
 
     def on_subscribe(_client, _userdata, _mid, _reason_codes, _properties) -> None:
         ready.set()
@@ -224,7 +255,9 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
     client.on_message = on_message
     client.on_socket_open = on_socket_open
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_subscribe = on_subscribe
+    client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
     t_start = time.monotonic()
     try:
         client.connect(host, port, keepalive=10)
@@ -244,10 +277,76 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
         "tr_t": np.array(tr_t, dtype=np.float64), "tr_k": np.array(tr_k, dtype=np.int64),
         "tr_sim": np.array(tr_sim, dtype=np.float64), "tr_z": np.array(tr_z, dtype=np.float64),
         "statuses": statuses, "events": events, "counts": counts, "errors": errors,
-        "failure": failure, "t_start": t_start, "t_end": time.monotonic(),
+        "failure": failure, "connections": connections, "t_start": t_start,
+        "t_end": time.monotonic(),
     }
     with open(out_path, "wb") as f:
         pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Observer:
+    """The outside observer (:func:`_observer_main`), a spawned process subscribed to
+    ``kb/<instrument>/#`` on ``broker_url``, as an async context manager: entered once it has
+    subscribed; :meth:`records` stops it and returns what it recorded (receipt times on
+    ``time.monotonic()``), leaving it kills it if it is still there.
+
+    ``live`` counts while it runs: messages received, sensor frames, the last frame tag."""
+
+    def __init__(self, broker_url: str, instrument: str, devices: Sequence[str],
+                 out_path: str | os.PathLike) -> None:
+        from kibble.bus_schema.transport import parse_broker_url
+
+        host, port = parse_broker_url(broker_url)
+        self.out_path = Path(out_path)
+        ctx = multiprocessing.get_context("spawn")
+        self._ready, self._stop = ctx.Event(), ctx.Event()
+        self.live = ctx.Array("q", 3, lock=False)
+        self.process = ctx.Process(target=_observer_main, name="kibble-rt-observer",
+                                   args=(host, port, instrument, list(devices), str(self.out_path),
+                                         self._ready, self._stop, self.live), daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    async def __aenter__(self) -> "Observer":
+        self.process.start()
+        try:
+            deadline = time.monotonic() + OBSERVER_READY_S
+            while not self._ready.is_set():
+                if not self.process.is_alive():
+                    raise RuntimeError(f"the observer exited with code {self.process.exitcode} "
+                                       "before it subscribed")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the observer did not subscribe within {OBSERVER_READY_S:g} s")
+                await asyncio.sleep(0.05)
+        except BaseException:
+            await self._halt()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._halt()
+
+    async def _halt(self) -> None:
+        self._stop.set()
+        if self.process.pid is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.process.join, OBSERVER_STOP_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
+
+    async def records(self) -> dict[str, Any]:
+        """Stop the observer and load its records (``RuntimeError`` if it failed)."""
+        await self._halt()
+        if not self.out_path.exists():
+            raise RuntimeError(f"the observer wrote no records (exit code {self.process.exitcode})")
+        with open(self.out_path, "rb") as f:
+            rec = pickle.load(f)
+        if rec["failure"]:
+            raise RuntimeError(f"observer: {'; '.join(rec['failure'])}")
+        return rec
 
 
 # ============================================================================ pure analysis
@@ -357,7 +456,7 @@ def own_cpu_us(statuses: Sequence[tuple], t0: float, t1: float) -> dict[str, flo
     """Per service: median of its own ``timing.cpu_us_p50`` over the heartbeats received in
     ``[t0, t1]`` that counted frames (NaN if none did: the runtime does not fill it yet)."""
     per: dict[str, list[float]] = {}
-    for t, service, _state, _online, frames, cpu_us_p50, _load in statuses:
+    for t, service, _state, _online, frames, cpu_us_p50, *_ in statuses:
         per.setdefault(service, [])
         if t0 <= t <= t1 and frames > 0:
             per[service].append(cpu_us_p50)
@@ -439,99 +538,89 @@ def _format_table(prefix: str, fig: dict[str, Any]) -> str:
     return "\n".join(f"    {name.ljust(width)}  {text}" for name, text in rows)
 
 
+async def force_mode(stack: Any, model: str, settle_s: float, say: Callable[[str], None]) -> None:
+    """Force mode as ``kibble demo`` does it (the EFB then loads its 1 mg artifact), settled."""
+    say("    force mode (servo mode force)")
+    await stack.request("servo", "mode", {"mode": "force"})
+    if model == "efb":
+        await asyncio.sleep(settle_s)
+        say("    EFB: 1 mg artifact on (servo mass test=true)")
+        await stack.request("servo", "mass", {"test": True})
+    say(f"    settling {settle_s:g} s")
+    await asyncio.sleep(settle_s)
+
+
+def process_pids(stack: Any, broker: Any, observer: Observer) -> dict[str, int | None]:
+    """The PID of every OS process of a case: each child of the stack (``sim``, a daemon, or a
+    group of daemons sharing one: ``daq+servo+hv_source``), the ``broker`` and the ``observer``."""
+    pids = {name: (c.proc.pid if c.proc is not None else None) for name, c in stack.children.items()}
+    broker_proc = getattr(broker, "_proc", None)
+    pids["broker"] = broker_proc.pid if broker_proc is not None else None
+    pids["observer"] = observer.pid
+    return pids
+
+
+async def measure_window(label: str, seconds: float, observer: Observer, say: Callable[[str], None],
+                         during: Callable[[float], Awaitable[None]] | None = None) -> tuple[float, float]:
+    """Wait out a window of ``seconds`` of wall clock with a progress line every 10 s (what
+    the observer has seen), awaiting ``during(elapsed_s)`` about twice a second; ``(t0, t1)``
+    on ``time.monotonic()``."""
+    t0 = time.monotonic()
+    f0 = observer.live[1]
+    t_end = t0 + seconds
+    say(f"    measuring {seconds:g} s")
+    next_line = t0 + min(10.0, seconds / 2)
+    while True:
+        now = time.monotonic()
+        if now >= t_end:
+            break
+        await asyncio.sleep(min(0.5, t_end - now))
+        if during is not None:
+            await during(time.monotonic() - t0)
+        now = time.monotonic()
+        if now >= next_line or now >= t_end:
+            next_line = now + 10.0
+            n = observer.live[1] - f0
+            say(f"    {label}  {now - t0:5.0f}/{seconds:g} s, {max(0.0, t_end - now):4.0f} s left: "
+                f"{n} sensor frames seen ({n / max(now - t0, 1e-9):.0f}/s), "
+                f"{observer.live[0]} messages")
+    return t0, time.monotonic()
+
+
 async def run_case(model: str, rate_hz: float, seconds: float, settle_s: float,
                    say: Callable[[str], None], tmp: str) -> dict[str, Any]:
     """One case: a private broker, the observer subscribed to it, the stack up in real time on
     it, force mode, settling, the window; the figures (prefixed)."""
-    from kibble.bus_schema.transport import parse_broker_url
     from kibble.services.broker import Broker
     from kibble.services.up import STACKS, Stack
 
     prefix = case_prefix(model, rate_hz)
     spec = STACKS[model]
     devices = spec["devices"]
-    ctx = multiprocessing.get_context("spawn")
     out: dict[str, Any] = {}
     run_dir = Path(tmp) / f"{model}-{rate_hz:g}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    rec_path = run_dir / "observer.pkl"
     async with Broker() as broker:
         say(f"    broker: {broker.backend} on {broker.url}")
-        host, port = parse_broker_url(broker.url)
-        ready, stop = ctx.Event(), ctx.Event()
-        live = ctx.Array("q", 3, lock=False)
         # the observer subscribes before the stack starts: it sees the whole run (the window
         # is cut afterwards), and the stack goes to force mode as soon as it is armed
-        obs = ctx.Process(target=_observer_main, name="kibble-rt-observer",
-                          args=(host, port, model, list(devices), str(rec_path),
-                                ready, stop, live), daemon=True)
-        obs.start()
-        try:
-            deadline = time.monotonic() + OBSERVER_READY_S
-            while not ready.is_set():
-                if not obs.is_alive():
-                    raise RuntimeError(f"the observer exited with code {obs.exitcode} before it subscribed")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the observer did not subscribe within {OBSERVER_READY_S:g} s")
-                await asyncio.sleep(0.05)
+        async with Observer(broker.url, model, devices, run_dir / "observer.pkl") as obs:
             say(f"    observer subscribed to kb/{model}/# (pid {obs.pid})")
             async with Stack(model, clock="realtime", rate_hz=rate_hz, broker_url=broker.url,
                              run_dir=run_dir, progress=lambda s: say(f"    {s}")) as stack:
-                say("    force mode (servo mode force)")
-                await stack.request("servo", "mode", {"mode": "force"})
-                if model == "efb":
-                    await asyncio.sleep(settle_s)
-                    say("    EFB: 1 mg artifact on (servo mass test=true)")
-                    await stack.request("servo", "mass", {"test": True})
-                say(f"    settling {settle_s:g} s")
-                await asyncio.sleep(settle_s)
-
-                broker_proc = getattr(broker, "_proc", None)
-                pids = {name: (c.proc.pid if c.proc is not None else None)
-                        for name, c in stack.children.items()}
-                pids["broker"] = broker_proc.pid if broker_proc is not None else None
-                pids["observer"] = obs.pid
+                await force_mode(stack, model, settle_s, say)
+                pids = process_pids(stack, broker, obs)
                 restarts0 = sum(c.restarts for c in stack.children.values())
                 out[f"{prefix}_loadavg_start"] = os.getloadavg()[0]
                 cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
-                t0 = time.monotonic()
-                f0 = live[1]
-                t_end = t0 + seconds
-                say(f"    measuring {seconds:g} s")
-                next_line = t0 + min(10.0, seconds / 2)
-                while True:
-                    now = time.monotonic()
-                    if now >= t_end:
-                        break
-                    await asyncio.sleep(min(0.5, t_end - now))
-                    now = time.monotonic()
-                    if now >= next_line or now >= t_end:
-                        next_line = now + 10.0
-                        n = live[1] - f0
-                        say(f"    {model}:{rate_hz:g}  {now - t0:5.0f}/{seconds:g} s, "
-                            f"{max(0.0, t_end - now):4.0f} s left: {n} sensor frames seen "
-                            f"({n / max(now - t0, 1e-9):.0f}/s), {live[0]} messages")
-                t1 = time.monotonic()
+                t0, t1 = await measure_window(f"{model}:{rate_hz:g}", seconds, obs, say)
                 cpu1 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
                 out[f"{prefix}_loadavg_end"] = os.getloadavg()[0]
                 pids1 = {name: (c.proc.pid if c.proc is not None else None)
                          for name, c in stack.children.items()}
                 out[f"{prefix}_restarts"] = sum(c.restarts for c in stack.children.values()) - restarts0
                 await asyncio.sleep(OBSERVER_DRAIN_S)
-                stop.set()  # before the stack stops: its shutdown is not part of the run
-                await asyncio.get_running_loop().run_in_executor(None, obs.join, OBSERVER_STOP_S)
-        finally:
-            stop.set()
-            await asyncio.get_running_loop().run_in_executor(None, obs.join, OBSERVER_STOP_S)
-            if obs.is_alive():
-                obs.kill()
-                obs.join(5.0)
-    if not rec_path.exists():
-        raise RuntimeError(f"the observer wrote no records (exit code {obs.exitcode})")
-    with open(rec_path, "rb") as f:
-        rec = pickle.load(f)
-    if rec["failure"]:
-        raise RuntimeError(f"observer: {'; '.join(rec['failure'])}")
+                rec = await obs.records()  # before the stack stops: its shutdown is not part of the run
     fig = analyze(rec, t0, t1, devices, spec["services"], spec["actuators"])
     frames = fig["frames"] + fig["frames_lost"]
     dt = t1 - t0
@@ -603,3 +692,247 @@ def run(seconds: float | None = None, cases: str | Sequence[tuple[str, float]] |
     asyncio.run(main())
     results["rt_wall_s"] = time.monotonic() - t_group
     return results
+
+
+# ============================================================================ the soak
+
+
+SOAK_SECONDS = 3600.0
+SOAK_CASE = "nist4:200"
+"""The soak's instrument and rate: NIST-4, the larger stack, at the rate ``make run`` uses
+(every daemon a process of its own); a busy machine may need a lower one (``--soak-case``)."""
+SOAK_MIN_SECONDS = 30.0
+SOAK_OUTAGE_S = 5.0
+"""How long the broker is down in the middle of the soak."""
+SOAK_RECOVERY_S = 60.0
+"""After the broker is back, the time allowed for every child to reconnect and be armed."""
+RECONNECT_SILENCE_S = 3.0
+"""A service's statuses (1 Hz heartbeats) silent this long, then online again: a reconnect."""
+RSS_WARMUP = 0.1
+"""Memory growth is fitted over the window after its first tenth (start-up caches filling)."""
+
+
+def proc_rss_mb(pid: int | None) -> float:
+    """Resident set size (MB) of process ``pid`` from ``/proc/<pid>/status``; NaN if unreadable."""
+    if pid is None:
+        return math.nan
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return math.nan
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return math.nan
+
+
+def rss_growth_mb_per_h(samples: Sequence[tuple[float, int | None, float]], t0: float,
+                        t1: float) -> float:
+    """Slope (MB per hour) of a least-squares line through one process's ``(t, pid, rss_mb)``
+    samples after the first :data:`RSS_WARMUP` of ``[t0, t1]``, of its last PID only (a
+    restarted process starts again); NaN with fewer than 3 such samples."""
+    if not samples:
+        return math.nan
+    pid = samples[-1][1]
+    t_from = t0 + RSS_WARMUP * (t1 - t0)
+    pts = np.array([(t, mb) for t, p, mb in samples
+                    if p == pid and t_from <= t <= t1 and math.isfinite(mb)], dtype=float).reshape(-1, 2)
+    if pts.shape[0] < 3 or np.ptp(pts[:, 0]) <= 0:
+        return math.nan
+    return float(np.polyfit(pts[:, 0], pts[:, 1], 1)[0] * 3600.0)
+
+
+def episodes(connections: Sequence[tuple[float, bool]], t_end: float) -> list[tuple[float, float]]:
+    """The observer's connected intervals ``[(t_connected, t_lost), ...]`` (the last one open
+    until ``t_end``)."""
+    out: list[tuple[float, float]] = []
+    up = None
+    for t, connected in connections:
+        if connected and up is None:
+            up = t
+        elif not connected and up is not None:
+            out.append((up, t))
+            up = None
+    if up is not None:
+        out.append((up, t_end))
+    return out
+
+
+def frames_lost_by_episode(s_k: np.ndarray, s_t: np.ndarray,
+                           spans: Sequence[tuple[float, float]]) -> tuple[int, int]:
+    """``(lost, unseen)``: sensor frames missing within each connected interval of the observer,
+    summed (lost by the stack or the broker while all were connected), and those missing
+    between one interval's last frame and the next one's first (published while the observer
+    was away: not a loss of the stack)."""
+    lost = unseen = 0
+    last = None
+    for a, b in spans:
+        k = np.unique(s_k[(s_t >= a) & (s_t <= b)])
+        if k.size == 0:
+            continue
+        lost += frames_lost(k)
+        if last is not None:
+            unseen += max(0, int(k[0] - last - 1))
+        last = int(k[-1])
+    return lost, unseen
+
+
+def reconnects(statuses: Sequence[tuple], services: Sequence[str], t0: float, t1: float,
+               silence_s: float = RECONNECT_SILENCE_S) -> dict[str, int]:
+    """Per service, from its statuses received in ``[t0, t1]``: how often an online status
+    followed an offline one (its will) or a silence of at least ``silence_s``."""
+    out = {s: 0 for s in services}
+    last: dict[str, tuple[float, bool]] = {}
+    for t, service, _state, online, *_ in statuses:
+        if service not in out or not t0 <= t <= t1:
+            continue
+        prev = last.get(service)
+        if online and prev is not None and (not prev[1] or t - prev[0] >= silence_s):
+            out[service] += 1
+        last[service] = (t, online)
+    return out
+
+
+def gap_recorded(gaps: Sequence[tuple[float, float]], records_t: Sequence[float],
+                 down_utc_s: float, up_utc_s: float) -> tuple[bool, float, int]:
+    """Whether a run file records a broker outage ``[down_utc_s, up_utc_s]`` as a gap: one of
+    its ``gaps`` spans the outage and no record (receipt times ``records_t``) is inside that
+    gap; with the gap's length (NaN if none spans it) and the records inside it."""
+    spanning = [(a, b) for a, b in gaps if a <= down_utc_s and b >= up_utc_s]
+    if not spanning:
+        return False, math.nan, 0
+    a, b = spanning[0]
+    inside = int(sum(1 for t in records_t if a < t < b))
+    return inside == 0, b - a, inside
+
+
+async def restart_broker(broker: Any, stack: Any, outage_s: float,
+                         say: Callable[[str], None]) -> dict[str, float]:
+    """Stop the broker for ``outage_s``, start it on the same port, wait until every child is
+    online again and arm the actuators (a lost broker disarmed them); the times (UTC and
+    monotonic) of the outage and of the recovery."""
+    say(f"    broker restart: down for {outage_s:g} s")
+    await broker.stop()
+    down_utc, down = time.time(), time.monotonic()
+    await asyncio.sleep(outage_s)
+    await broker.start()
+    up_utc, up = time.time(), time.monotonic()
+    await stack.wait_online(SOAK_RECOVERY_S, {"sim", *stack.daemons}, since_utc_s=up_utc)
+    await stack.arm_all()
+    rearmed = time.monotonic()
+    say(f"    broker back; every child online and the actuators armed {rearmed - up:.1f} s later")
+    return {"down_utc": down_utc, "down": down, "up_utc": up_utc, "up": up, "rearmed": rearmed}
+
+
+async def soak_case(model: str, rate_hz: float, seconds: float, settle_s: float, outage_s: float,
+                    say: Callable[[str], None], tmp: str) -> dict[str, Any]:
+    """The soak: a private broker, the observer, the stack in real time with the recorder
+    recording, force mode, ``seconds`` of wall clock with the broker restarted in the middle,
+    the resident memory of every process sampled; the figures (prefixed)."""
+    from kibble.services.broker import Broker
+    from kibble.services.recorder import recorded_gaps
+    from kibble.services.recordfile import read_run
+    from kibble.services.up import MEASUREMENT_DAEMONS, STACKS, Stack
+
+    prefix = f"soak_{model}"
+    spec = STACKS[model]
+    run_dir = Path(tmp) / f"soak-{model}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rss: dict[str, list[tuple[float, int | None, float]]] = {}
+    restart: dict[str, float] = {}
+    every_s = max(1.0, min(10.0, seconds / 30.0))
+    async with Broker() as broker:
+        say(f"    broker: {broker.backend} on {broker.url}")
+        async with Observer(broker.url, model, spec["devices"], run_dir / "observer.pkl") as obs:
+            async with Stack(model, clock="realtime", rate_hz=rate_hz, broker_url=broker.url,
+                             run_dir=run_dir, measurement=True,
+                             progress=lambda s: say(f"    {s}")) as stack:
+                await force_mode(stack, model, settle_s, say)
+                run = await stack.request("recorder", "start", {"run_id": f"soak-{model}"})
+                restarts0 = sum(c.restarts for c in stack.children.values())
+                next_sample = [0.0]
+
+                async def during(elapsed_s: float) -> None:
+                    if elapsed_s >= next_sample[0]:
+                        next_sample[0] = elapsed_s + every_s
+                        now = time.monotonic()
+                        for name, pid in process_pids(stack, broker, obs).items():
+                            rss.setdefault(name, []).append((now, pid, proc_rss_mb(pid)))
+                    if not restart and elapsed_s >= seconds / 2:
+                        restart.update(await restart_broker(broker, stack, outage_s, say))
+
+                t0, t1 = await measure_window(f"soak {model}:{rate_hz:g}", seconds, obs, say, during)
+                next_sample[0] = 0.0
+                await during(t1 - t0)  # the last memory sample, at the window's end
+                restarts = sum(c.restarts for c in stack.children.values()) - restarts0
+                closed = await stack.request("recorder", "stop")
+                await asyncio.sleep(OBSERVER_DRAIN_S)
+                rec = await obs.records()
+    say(f"  {prefix}: broker down {restart['down'] - t0:.1f} s into the window, the actuators "
+        f"armed again at {restart['rearmed'] - t0:.1f} s")
+    for t, service, kind, _severity, _suppressed, text, *_ in rec["events"]:
+        if kind in STOP_EVENTS and t0 <= t <= t1:
+            say(f"  {prefix}: {t - t0:.1f} s: {service} {kind}: {text}")
+    states = end_states(rec["statuses"], spec["actuators"], t1)
+    say(f"  {prefix}: actuator states at the end: " + ", ".join(f"{a} {v}" for a, v in states.items()))
+    fig = analyze(rec, t0, t1, spec["devices"], spec["services"], spec["actuators"])
+    out: dict[str, Any] = {f"{prefix}_{key}": fig[key] for key in (
+        "frames", "answered", "p50_ms", "p99_ms", "max_ms", "trips", "stale_events",
+        "actuators_safe_at_end")}
+    win = (rec["s_t"] >= t0) & (rec["s_t"] <= t1)
+    spans = episodes(rec["connections"], rec["t_end"])
+    lost, unseen = frames_lost_by_episode(rec["s_k"][win], rec["s_t"][win], spans)
+    out[f"{prefix}_frames_lost"] = lost
+    out[f"{prefix}_frames_unseen_at_restart"] = unseen
+    services = ("sim", *spec["services"], *MEASUREMENT_DAEMONS)
+    per = reconnects(rec["statuses"], services, t0, t1)
+    out[f"{prefix}_reconnects"] = sum(per.values())
+    for name, n in per.items():
+        out[f"{prefix}_reconnects_{name}"] = n
+    out[f"{prefix}_observer_reconnects"] = max(0, len(spans) - 1)
+    out[f"{prefix}_restarts"] = restarts
+    for name, samples in rss.items():
+        if name == "observer":
+            continue
+        out[f"{prefix}_rss_growth_mb_per_h_{name}"] = rss_growth_mb_per_h(samples, t0, t1)
+        out[f"{prefix}_rss_mb_{name}"] = samples[-1][2]
+    out[f"{prefix}_outage_s"] = restart["up"] - restart["down"]
+    out[f"{prefix}_recovery_s"] = restart["rearmed"] - restart["up"]
+    out[f"{prefix}_window_s"] = t1 - t0
+    path = run["path"]
+    recorded, gap_s, inside = gap_recorded(recorded_gaps(path), [r.t_s for r in read_run(path)],
+                                           restart["down_utc"], restart["up_utc"])
+    out["soak_recorder_gap_recorded"] = recorded
+    out["soak_recorder_gap_s"] = gap_s
+    out["soak_recorder_records_in_gap"] = inside
+    out["soak_recorder_records"] = closed["records"]
+    return out
+
+
+def run_soak(seconds: float | None = None, case: str | None = None,
+             say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``kibble bench --only soak`` (flat dict): :func:`soak_case` for ``case``
+    (``MODEL:HZ``, default :data:`SOAK_CASE`) over ``seconds`` (default an hour)."""
+    import functools
+    import sys
+
+    seconds = SOAK_SECONDS if seconds is None else float(seconds)
+    if not seconds >= SOAK_MIN_SECONDS:
+        raise ValueError(f"soak: --soak-seconds must be at least {SOAK_MIN_SECONDS:g} (the broker "
+                         f"restart in the middle needs the time to recover), got {seconds:g}")
+    cases = parse_cases(case or SOAK_CASE)
+    if len(cases) != 1:
+        raise ValueError(f"soak: one case MODEL:HZ, got {case!r}")
+    (model, rate_hz), = cases
+    say = say or functools.partial(print, file=sys.stderr, flush=True)
+    say(f"  soak: {model} at {rate_hz:g} Hz in real time for {seconds:g} s, the broker down for "
+        f"{SOAK_OUTAGE_S:g} s in the middle")
+    t_group = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kibble-soak-") as tmp:
+        out = asyncio.run(asyncio.wait_for(
+            soak_case(model, rate_hz, seconds, DEFAULT_SETTLE_S, SOAK_OUTAGE_S, say, tmp),
+            seconds + DEFAULT_SETTLE_S * 2 + SOAK_RECOVERY_S + CASE_MARGIN_S))
+    out["soak_seconds"] = seconds
+    out["soak_wall_s"] = time.monotonic() - t_group
+    say(f"  soak ({out['soak_wall_s']:.0f} s):\n{_format_table('soak', out)}")
+    return out

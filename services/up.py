@@ -139,6 +139,11 @@ class Stack:
     process: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Process settings per daemon or ``sim`` (``--process SERVICE.NAME=VALUE``, see
     :mod:`kibble.bus_schema.process`); a group of daemons takes its members' together."""
+    launchers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """A command prefix per process, keyed ``sim`` or by daemon (daemons that share a process
+    must agree): the child runs as ``prefix + argv``, e.g. ``("ip", "netns", "exec", "lab-d")``
+    starts it in that network namespace, another host of a lab on one machine
+    (tests/test_multihost.py)."""
     credentials_dir: Path | None = None
     """With ``broker_url``: every child connects as ``kibble-<name>`` with the password in
     ``<credentials_dir>/kibble-<name>.password`` (``kibble deploy-credentials``); the stack's
@@ -164,6 +169,10 @@ class Stack:
         unknown = set(self.process) - set(self.daemons) - {"sim"}
         if unknown:
             raise ValueError(f"process settings for {', '.join(sorted(unknown))}: not the sim or "
+                             f"daemons of the {self.model} stack ({', '.join(self.daemons)})")
+        unknown = set(self.launchers) - set(self.daemons) - {"sim"}
+        if unknown:
+            raise ValueError(f"launchers for {', '.join(sorted(unknown))}: not the sim or "
                              f"daemons of the {self.model} stack ({', '.join(self.daemons)})")
         unknown = set(self.settings) - set(self.daemons)
         if unknown:
@@ -209,6 +218,15 @@ class Stack:
 
     def _kibble(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "kibble.services.cli", *args]
+
+    def _launcher(self, *names: str) -> list[str]:
+        """The command prefix of the process that runs ``names`` (``ValueError`` if two members
+        ask for different ones)."""
+        prefixes = {tuple(self.launchers.get(name, ())) for name in names}
+        if len(prefixes) > 1:
+            raise ValueError(f"launchers: {', '.join(names)} share a process but ask for "
+                             f"{' and '.join(repr(' '.join(p)) for p in sorted(prefixes))}")
+        return list(prefixes.pop())
 
     def _process_args(self, *names: str) -> list[str]:
         """The ``--process`` arguments of the process that runs ``names`` (their settings
@@ -258,11 +276,10 @@ class Stack:
             self.progress(f"broker: {self._broker.backend} on {self.broker_url}")
         logs = self.run_dir / "logs"
         rate = f"{self.rate_hz:g}"
-        sim = Child("sim", self._kibble("sim", "--model", self.model, "--clock", self.clock,
-                                        "--rate", rate, "--seed", str(self.seed),
-                                        "--expect", ",".join(self.spec["devices"]),
-                                        *self._process_args("sim"), *self.sim_args,
-                                        *self._bus_args("sim")),
+        sim = Child("sim", self._launcher("sim") + self._kibble(
+                        "sim", "--model", self.model, "--clock", self.clock, "--rate", rate,
+                        "--seed", str(self.seed), "--expect", ",".join(self.spec["devices"]),
+                        *self._process_args("sim"), *self.sim_args, *self._bus_args("sim")),
                     logs / "sim.log")
         self.children["sim"] = sim
         daemons = self.daemons
@@ -273,7 +290,7 @@ class Stack:
                           if n != "recorder"]
             own = [f"--setting={qualify(n, key)}={value}" for n in group
                    for key, value in self.settings.get(n, {}).items()]
-            self.children[child] = Child(child, self._kibble(
+            self.children[child] = Child(child, self._launcher(*group) + self._kibble(
                 "service", ",".join(group), "--config", str(stack_config(self.model)),
                 "--clock", self.clock, *frame_rate, "--state-dir", str(self.run_dir / "state"),
                 *own, *self._process_args(*group), *self._bus_args(child)),
@@ -294,8 +311,11 @@ class Stack:
         self._supervisor = asyncio.create_task(self._supervise())
         self._timing_watch = asyncio.create_task(self._watch_timing())
 
-    async def wait_online(self, timeout_s: float, want: set[str]) -> None:
-        """Wait until every child named in ``want`` publishes an online status."""
+    async def wait_online(self, timeout_s: float, want: set[str],
+                          since_utc_s: float | None = None) -> None:
+        """Wait until every child named in ``want`` publishes an online status; with
+        ``since_utc_s``, one stamped after it (a status retained from before a reconnect, which
+        may still say online, does not count; the hosts' clocks must agree)."""
         seen: set[str] = set()
         assert self.broker_url is not None
         deadline = time.monotonic() + timeout_s
@@ -306,7 +326,7 @@ class Stack:
                     status = decode(payload, Status)
                 except DecodeError:
                     continue
-                if status.online:
+                if status.online and (since_utc_s is None or status.t_utc_s > since_utc_s):
                     seen.add(status.service)
                 if want <= seen:
                     break

@@ -1,6 +1,6 @@
 """The recorder (issue 6, item 2): the run file (round trip, torn tails, flush policy, run
 documents), the daemon over a real broker (bytes and order as published, hw/ filtering, run-id
-rules), a SIGKILL mid-run (the file is a readable prefix missing at most the last second), and
+rules, a broker restart recorded as a gap: issue 17, item 11), a SIGKILL mid-run (the file is a readable prefix missing at most the last second), and
 the HDF5 export (values, units, configuration, parameters)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kibble.bus_schema.messages import (
 from kibble.bus_schema.transport import make_client
 from kibble.services.bus import BusClient
 from kibble.services.export import cli_export, export_run, unit_of
-from kibble.services.recorder import Recorder
+from kibble.services.recorder import Recorder, recorded_gaps
 from kibble.services.recordfile import (
     MAGIC, RunFileError, RunWriter, config_hash, decode_document, encode_document, read_run,
     run_document_topic, write_start_document,
@@ -220,6 +220,50 @@ async def test_recorder_records_what_was_published(broker, tmp_path):
         assert f["recorder/status"].attrs["message_type"] == "Status"
         assert f["custom/blob"].attrs["undecodable"] == 20
         assert f.attrs["run_id"] == "run1"
+
+
+@pytest.mark.broker
+async def test_a_broker_restart_is_recorded_as_a_gap(broker, tmp_path):
+    """Across a broker restart the file holds a ``gap`` event spanning the outage, nothing
+    inside it, and what was published before and after it."""
+    instrument = f"t{uuid.uuid4().hex[:10]}"
+    data_dir = tmp_path / "runs"
+    config = ServiceConfig(broker=broker.url, instrument=instrument, state_dir=tmp_path,
+                           heartbeat_s=0.2, settings={"data_dir": str(data_dir)})
+    topic = f"kb/{instrument}/test/frame"
+
+    async def publish(first: int, n: int) -> None:
+        async with make_client(broker.url, f"pytest-pub-{uuid.uuid4().hex[:6]}") as raw:
+            for k in range(first, first + n):
+                await raw.publish(topic, struct.pack("<I", k), qos=1)
+                await asyncio.sleep(0.01)
+
+    try:
+        async with running(Recorder(config)) as rec, BusClient(broker.url, instrument) as bus:
+            assert (await bus.request("recorder", "start", {"run_id": "restart"})).ok
+            await publish(0, 50)
+            await asyncio.to_thread(broker.stop)
+            t_down = time.time()
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(broker.start)
+            t_up = time.time()
+            await asyncio.wait_for(rec.connected.wait(), 10)
+            async with BusClient(broker.url, instrument) as bus:
+                await publish(50, 50)
+                assert (await bus.request("recorder", "stop")).ok
+    finally:
+        if not broker.broker.running:
+            await asyncio.to_thread(broker.start)
+    path = data_dir / "restart.kbrun"
+    gaps = recorded_gaps(path)
+    assert len(gaps) == 1, gaps
+    (t_from, t_to), = gaps
+    assert t_from <= t_down and t_to >= t_up, (t_from, t_down, t_up, t_to)
+    records = list(read_run(path))
+    assert not [r for r in records if t_from < r.t_s < t_to], "records inside the gap"
+    assert any(r.t_s == t_from for r in records), "the gap starts at the last record before it"
+    got = [struct.unpack("<I", r.payload)[0] for r in records if r.topic == topic]
+    assert got == list(range(100))
 
 
 # ------------------------------------------------------------------------------ SIGKILL

@@ -1,5 +1,6 @@
-"""The pure analysis of ``kibble bench --only realtime`` (kibble.services.rtbench), on made-up
-observer records (no stack, no broker; well under a second)."""
+"""The pure analysis of ``kibble bench --only realtime`` and ``--only soak``
+(kibble.services.rtbench), on made-up observer records (no stack, no broker; well under a
+second). The soak itself, an hour of the whole stack, is run by hand (README, Benchmarks)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,43 @@ def test_null_uses_the_truth_clock_and_cases_parse(monkeypatch):
     assert "realtime" in bench.GROUPS and "realtime" not in bench.DEFAULT_GROUPS
     assert rtbench.proc_cpu_s(os.getpid()) >= 0.0
     assert math.isnan(rtbench.proc_cpu_s(None))
+
+
+def test_soak_memory_growth_frames_by_connection_reconnects_and_the_recorded_gap():
+    # memory: the slope after the first tenth of the window, of the last PID only
+    samples = [(t, 7 if t < 50 else 8, 100.0 + (0.0 if t < 50 else 2.0 * (t - 50) / 3600.0))
+               for t in range(0, 101, 5)]
+    samples[1] = (5.0, 7, 1e6)                          # start-up: inside the first tenth
+    assert rtbench.rss_growth_mb_per_h(samples, 0.0, 100.0) == pytest.approx(2.0)
+    assert math.isnan(rtbench.rss_growth_mb_per_h(samples[:3], 0.0, 100.0))
+    assert math.isnan(rtbench.rss_growth_mb_per_h([], 0.0, 100.0))
+    assert rtbench.proc_rss_mb(os.getpid()) > 1.0 and math.isnan(rtbench.proc_rss_mb(None))
+
+    # frames: lost within each connection of the observer, unseen between two
+    spans = rtbench.episodes([(0.0, True), (10.0, False), (12.0, True)], t_end=20.0)
+    assert spans == [(0.0, 10.0), (12.0, 20.0)]
+    s_k = np.array([1, 2, 4, 5, 6, 9, 10, 12])  # 3 lost in the first, 7 and 8 unseen, 11 lost
+    s_t = np.array([1.0, 2.0, 3.0, 4.0, 9.0, 13.0, 14.0, 15.0])
+    assert rtbench.frames_lost_by_episode(s_k, s_t, spans) == (2, 2)
+
+    # reconnects: online after a will or after a silence of 3 s; other services and times ignored
+    def st(t, service, online=True):
+        return (t, service, "armed", online, 0, 0.0, 0.0, 1, "armed", t)
+
+    statuses = [st(t, "servo") for t in (1.0, 2.0, 3.0, 7.0, 8.0)]          # silent 3 -> 7
+    statuses += [st(1.0, "daq"), st(2.0, "daq", online=False), st(2.5, "daq"), st(3.5, "daq")]
+    statuses += [st(1.0, "other"), st(9.0, "other"), st(30.0, "servo")]
+    assert rtbench.reconnects(statuses, ["servo", "daq", "sim"], 0.0, 10.0) == {
+        "servo": 1, "daq": 1, "sim": 0}
+
+    # the recorder's gap spans the outage and holds no record
+    assert rtbench.gap_recorded([(0.5, 1.0), (9.0, 16.0)], [8.0, 9.0, 16.0, 17.0], 10.0, 15.0) == (
+        True, 7.0, 0)
+    assert rtbench.gap_recorded([(9.0, 16.0)], [9.0, 12.0], 10.0, 15.0) == (False, 7.0, 1)
+    ok, gap_s, inside = rtbench.gap_recorded([(11.0, 16.0)], [], 10.0, 15.0)   # starts too late
+    assert not ok and math.isnan(gap_s) and inside == 0
+
+    assert "soak" in bench.GROUPS and "soak" not in bench.DEFAULT_GROUPS
+    for bad in ({"seconds": 10}, {"case": "nist4:200,efb:200", "seconds": 60}):
+        with pytest.raises(ValueError):
+            rtbench.run_soak(**bad)
