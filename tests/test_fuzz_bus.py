@@ -8,6 +8,9 @@ import pytest
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Reply
+from kibble.services.registry import service_class
+from kibble.services.runtime import load_config
+from kibble.services.up import stack_config
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -40,3 +43,31 @@ async def test_codec_verdict_does_not_depend_on_the_callers_stack():
             data = msgspec.msgpack.encode({**fields, where: {}})[:-1] + b"\x81\xa1k" * depth + b"\xc0"
             verdicts = {decodes_at(data, msg_type, extra) for extra in (0, 20, 100, 400)}
             assert verdicts == {depth <= MAX_ANY_DEPTH}, (msg_type.__name__, depth, verdicts)
+
+
+async def test_a_refused_newest_frame_falls_back_to_the_one_before_it(tmp_path):
+    """Found by the campaign (a lockstep miss, 1 s of stall): in a receive batch of the
+    current source holding the servo's setpoint for frame k and then a setpoint it refuses
+    (one lacking a current, or beyond the limits), the refused one was acted on as the
+    newest and the good one skipped, so frame k went unanswered. A frame its handler refuses
+    now falls back like one that does not decode."""
+    from kibble.bus_schema.codec import encode
+    from kibble.bus_schema.messages import Setpoint
+
+    cs = service_class("current_source")(load_config(
+        "current_source", stack_config("nist4"), instrument="fz-unit", state_dir=tmp_path,
+        restore=False, clock="lockstep"))
+    cs.subscriptions()                         # as on connecting: the conflated frame topics
+    topic = cs.topics.setpoint("servo")
+    good = Setpoint(frame=7, values={"main_coil_current_a": 1e-3, "counter_mass_current_a": 0.0,
+                                     "main_coil_connected": 1.0})
+    for refused in ({"main_coil_current_a": 1e-3}, {"main_coil_current_a": 1.0, "counter_mass_current_a": 0.0}):
+        cs.last_input_frame = -1
+        rejected = cs.counters["rejected"]
+        cs.batch_begin()
+        cs.message(topic, encode(good))
+        cs.message(topic, encode(Setpoint(frame=-1, values=refused)))
+        cs.batch_end()
+        cs.batch_flushed()
+        assert cs.counters["rejected"] == rejected + 1
+        assert cs.last_input_frame == 7, refused
