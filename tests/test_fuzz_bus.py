@@ -38,6 +38,7 @@ import collections
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -757,3 +758,30 @@ async def test_a_refused_newest_frame_falls_back_to_the_one_before_it(tmp_path):
         cs.batch_flushed()
         assert cs.counters["rejected"] == rejected + 1
         assert cs.last_input_frame == 7, refused
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # realtime.FrameTiming's
+async def test_a_frame_stamped_in_the_far_past_leaves_the_status_decodable(tmp_path):
+    """Found by the campaign: a sensor frame stamped ``t_mono_s = -1.8e308`` (a valid message,
+    refused by the daq for its channels, taken as a clock tick by the actuators) made every
+    daemon's next heartbeat carry ``timing.age_ms_max = inf``: a status that its own codec, the
+    supervisor and ``kibble status`` refuse. A node's status now always decodes."""
+    from kibble.bus_schema.codec import encode
+    from kibble.bus_schema.messages import HwSensorFrame
+
+    for name in ("current_source", "daq"):
+        svc = service_class(name)(load_config(name, stack_config("nist4"), instrument="fz-unit",
+                                              state_dir=tmp_path, restore=False, clock="lockstep"))
+        out: list[tuple[str, bytes]] = []
+        svc.attach_local(lambda topic, payload, qos, retain: out.append((topic, payload)))
+        svc.subscriptions()
+        for stamp in (-sys.float_info.max, sys.float_info.max):
+            svc.batch_begin()
+            svc.message(svc.topics.hw("sensors"), encode(HwSensorFrame(frame=-1, t_mono_s=stamp)))
+            svc.batch_end()
+            svc.batch_flushed()
+            svc.publish_status(interval=True)
+            topic, payload = out[-1]
+            assert topic == svc.topics.status(name)
+            status = decode(payload, Status)
+            assert 0.0 <= status.timing.age_ms_max <= sys.float_info.max, (name, stamp)
