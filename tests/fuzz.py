@@ -146,9 +146,11 @@ def targets_of(nodes: Iterable[BusNode]) -> list[Target]:
     for entries in subs.values():
         for pattern, _, _ in entries:
             if "+" in pattern or "#" in pattern:
-                for leaf in ("frame", "status"):   # a recorder keeps the newest of */status
+                # a frame nobody else takes, a status of nobody, and a real service's retained
+                # parameters (a recorder keeps the newest params and status of every service)
+                for leaf in ("fuzz/frame", "fuzz/status", "servo/params"):
                     concrete = "/".join("fuzz" if level == "+" else level for level in pattern.split("/"))
-                    topics.setdefault(concrete.replace("#", f"fuzz/{leaf}"), pattern)
+                    topics.setdefault(concrete.replace("#", leaf), pattern)
             else:
                 topics.setdefault(pattern, pattern)
     targets = []

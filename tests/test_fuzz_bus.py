@@ -441,6 +441,9 @@ async def run_campaign(bench: Bench, payloads: list[Payload], *, record: bool = 
     if recorder:
         stop = await loop.command("recorder", "stop")
         result.problems += recorded_problems(Path(stop["path"]), payloads)
+        await loop.command("recorder", "start", run_id=f"{run_id}-after")
+        stop = await loop.command("recorder", "stop")
+        result.problems += preamble_problems(bench, Path(stop["path"]))
     result.problems += check(bench, result)
     return result
 
@@ -490,6 +493,31 @@ def recorded_problems(path: Path, payloads: list[Payload]) -> list[str]:
     missing = sum((want - seen).values())
     if missing:
         problems.append(f"recorder: {missing} of {sum(want.values())} payloads not in the run file")
+    return problems
+
+
+def preamble_problems(bench: Bench, path: Path) -> list[str]:
+    """A run opened after the campaign starts with every node's status and every daemon's
+    parameters, each one that decodes (the campaign sent garbage on ``servo/params``)."""
+    from kibble.bus_schema.messages import ParamList
+
+    first: dict[str, bytes] = {}
+    for record in read_run(path):
+        first.setdefault(record.topic, bytes(record.payload))
+    problems = []
+    for name, node in bench.nodes.items():
+        wanted = [(node.topics.status(name), Status)]
+        if hasattr(node, "params"):
+            wanted.append((node.topics.params(name), ParamList))
+        for topic, msg_type in wanted:
+            if topic not in first:
+                problems.append(f"recorder: a run opened after the campaign lacks {topic}")
+                continue
+            try:
+                decode(first[topic], msg_type)
+            except DecodeError as exc:
+                problems.append(f"recorder: a run opened after the campaign starts with a {topic} "
+                                f"that does not decode: {exc}"[:300])
     return problems
 
 
@@ -648,7 +676,7 @@ async def test_topics_are_the_nodes_subscriptions(nist4):
         assert node.topics.cmd(node.name) in topics, name
     for device in STACKS["nist4"]["devices"] + ("mass_lift", "sensors"):
         assert f"kb/{bench.instrument}/hw/{device}" in topics
-    for leaf in ("daq/frame", "servo/setpoint", "sequencer/reply", "fuzz/frame"):
+    for leaf in ("daq/frame", "servo/setpoint", "sequencer/reply", "fuzz/frame", "servo/params"):
         assert f"kb/{bench.instrument}/{leaf}" in topics
     print("\n" + "\n".join(f"{t.topic}: {t.msg_type.__name__ if t.msg_type else 'raw'} -> "
                            f"{', '.join(s.node for s in t.subscribers)}" for t in bench.targets))
