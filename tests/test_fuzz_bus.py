@@ -217,7 +217,7 @@ class Observer:
             return
         ours = (topic, hash(data)) in self.injected
         obs = self.obs
-        if not ours and data[:1] not in _ARRAY_HEADS:   # the frames are arrays, a reply a map
+        if not ours and not retained and data[:1] not in _ARRAY_HEADS:  # frames are arrays
             try:
                 reply = decode(data, Reply)
             except DecodeError:
