@@ -1,7 +1,12 @@
 """The one codec: ``encode(msg) -> bytes`` and ``decode(data, Type) -> msg``.
 
 Decoding validates types, ranges and finiteness and raises :class:`DecodeError` (and nothing
-else) with a text that names the message type, the field and what was wrong with it.
+else) with a text that names the message type, the field and what was wrong with it. Whether
+a payload decodes depends on its bytes alone: a field typed ``Any`` (``Reply.result``,
+``Event.data``) is accepted at most :data:`MAX_ANY_DEPTH` levels deep, because msgspec counts
+nesting against Python's recursion limit, so without a bound of its own the same reply nested
+~980 deep decoded at the top of a stack and was refused 20 calls further down (issue 17,
+found by ``tests/test_fuzz_bus.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from kibble.bus_schema.messages import SCHEMA_VERSION, Message
 M = TypeVar("M", bound=Message)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+_decoders: dict[type, "msgspec.msgpack.Decoder | _BoundedDecoder"] = {}
+MAX_ANY_DEPTH = 32
+"""Deepest nesting of lists and maps accepted in a field typed ``Any``, counted from the field
+(a reply's ``result`` of ``{"params": [{...}]}`` is 3 deep)."""
 _NONFINITE = re.compile(r"Expected `float` [<>]= [-]?1\.7976931348623157e\+308")
 _TOP_INDEX = re.compile(r"^\$\[(\d+)\]")
 
@@ -39,9 +47,61 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
-def _new_decoder(msg_type: type[M]) -> msgspec.msgpack.Decoder:
-    dec = _decoders[msg_type] = msgspec.msgpack.Decoder(msg_type)
+def _admits_any(t: msgspec.inspect.Type) -> bool:
+    if isinstance(t, msgspec.inspect.AnyType):
+        return True
+    if isinstance(t, msgspec.inspect.UnionType):
+        return any(_admits_any(x) for x in t.types)
+    if isinstance(t, msgspec.inspect.DictType):
+        return _admits_any(t.key_type) or _admits_any(t.value_type)
+    if isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.SetType,
+                      msgspec.inspect.FrozenSetType, msgspec.inspect.VarTupleType)):
+        return _admits_any(t.item_type)
+    if isinstance(t, msgspec.inspect.TupleType):
+        return any(_admits_any(x) for x in t.item_types)
+    return False
+
+
+class _BoundedDecoder:
+    """The decoder of a type with fields typed ``Any``: msgspec's, then the nesting bound."""
+
+    __slots__ = ("_dec", "_fields")
+
+    def __init__(self, msg_type: type, fields: tuple[str, ...]) -> None:
+        self._dec = msgspec.msgpack.Decoder(msg_type)
+        self._fields = fields
+
+    def decode(self, data: bytes | bytearray | memoryview) -> Message:
+        msg = self._dec.decode(data)
+        for name in self._fields:
+            if _too_deep(getattr(msg, name), MAX_ANY_DEPTH):
+                raise msgspec.ValidationError(f"Nested deeper than {MAX_ANY_DEPTH} levels - at `$.{name}`")
+        return msg
+
+
+def _new_decoder(msg_type: type[M]) -> "msgspec.msgpack.Decoder | _BoundedDecoder":
+    info = msgspec.inspect.type_info(msg_type)
+    deep = tuple(f.name for f in getattr(info, "fields", ()) if _admits_any(f.type))
+    dec = _decoders[msg_type] = (_BoundedDecoder(msg_type, deep) if deep
+                                 else msgspec.msgpack.Decoder(msg_type))
     return dec
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether lists and maps nest deeper than ``limit`` in ``value`` (iterative: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _name_array_fields(text: str, msg_type: type) -> str:

@@ -85,6 +85,24 @@ class _CommandEnvelope(msgspec.Struct, forbid_unknown_fields=False):
     reply_to: Any = ""
 
 
+_FMAX = 1.7976931348623157e308
+
+
+def decodable_status(status: Status) -> Status:
+    """``status`` with its timing figures within what a :class:`Status` may carry (finite,
+    not negative), so that a node never publishes a status its own codec refuses. A frame
+    acted on whose publisher stamped it absurdly far in the past (``t_mono_s`` = -1e308 is
+    a valid message) makes an age of ~1e308 s: infinite in milliseconds, and the percentiles
+    NaN. Such a figure is kept as the largest finite float, which still says how absurd it
+    was; a negative one is 0."""
+    timing = status.timing
+    for name in timing.__struct_fields__:
+        value = getattr(timing, name)
+        if isinstance(value, float) and not 0.0 <= value <= _FMAX:
+            setattr(timing, name, 0.0 if value < 0.0 else _FMAX)
+    return status
+
+
 def _first_non_finite(value: Any, where: str) -> str | None:
     """The path of the first NaN or infinite float in ``value`` (an argument), or None."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -206,7 +224,7 @@ class BusNode:
         return True
 
     def publish_status(self, interval: bool = False) -> None:
-        self.publish(self._t_status, self.status(interval=interval), qos=1, retain=True)
+        self.publish(self._t_status, decodable_status(self.status(interval=interval)), qos=1, retain=True)
 
     def event(self, kind: str, text: str, severity: Severity = "info",
               data: dict[str, Any] | None = None, rate_limited: bool = True) -> None:
@@ -373,8 +391,8 @@ class BusNode:
                 connected_at = None
                 try:
                     # stamped now, so the will carries this session's last connect time
-                    will = aiomqtt.Will(self._t_status, encode(self.stamp(self.status(online=False))),
-                                        qos=1, retain=True)
+                    offline = decodable_status(self.status(online=False))
+                    will = aiomqtt.Will(self._t_status, encode(self.stamp(offline)), qos=1, retain=True)
                     client = make_client(self.broker, self.client_id, will=will)
                     deliver_directly(client, self.receiver())
                     async with client:
@@ -411,7 +429,7 @@ class BusNode:
         if not isinstance(exc, asyncio.CancelledError):
             log.critical("%s: stopped by %s", self.name, reason, exc_info=exc)
         try:
-            status = self.status(online=False)
+            status = decodable_status(self.status(online=False))
             status.detail["exit"] = reason[:500]
             self.publish(self._t_status, status, qos=1, retain=True)
         except Exception as inner:  # the status itself may be what failed: the will's, then
@@ -448,7 +466,7 @@ class BusNode:
                 raise task.exception()
         if self._stop.is_set():
             await self.stopping()
-            self.publish(self._t_status, self.status(online=False), qos=1, retain=True)
+            self.publish(self._t_status, decodable_status(self.status(online=False)), qos=1, retain=True)
 
     async def _watch_connection(self, client: aiomqtt.Client) -> None:
         """Return (by raising ``MqttError``) when the connection drops: messages do not come

@@ -14,8 +14,10 @@ Commands (besides ``param.*``):
 
 - ``start run_id=ID [config_hash=HEX]``: open a new run file (``ID``: letters, digits, ``_``,
   ``-``, ``.``) and write into it first the latest ``params`` and ``status`` message of every
-  service (with their time of receipt), so the run records the set-up it started from; refused
-  while a run is open or when the file already exists.
+  service (with their time of receipt; only messages that decode as such, from the service
+  their topic names, so garbage on ``servo/params`` does not replace the servo's parameters),
+  so the run records the set-up it started from; refused while a run is open or when the file
+  already exists.
 - ``stop``: flush, fsync and close the run file; replies with the counts.
 
 A lost broker connection during a run is recorded as a gap: on reconnecting, the recorder
@@ -46,7 +48,7 @@ from typing import Any
 import msgspec
 
 from kibble.bus_schema.codec import DecodeError, decode
-from kibble.bus_schema.messages import Command, Event
+from kibble.bus_schema.messages import Command, Event, ParamList, Status
 from kibble.bus_schema.topics import Topics
 from kibble.services.recordfile import SUFFIX, RunWriter, read_run
 from kibble.services.runtime import Service, command
@@ -104,7 +106,7 @@ class Recorder(Service):
         t_s = self._last_rx_utc_s = time.time()
         if self._gap is not None and len(self._gap) == 2:
             self._gap.append(t_s)
-        if topic.endswith(("/params", "/status")):
+        if topic.endswith(("/params", "/status")) and self._describes_a_service(topic, payload):
             self.latest[topic] = (t_s, payload)
         writer = self.writer
         if writer is None:
@@ -117,6 +119,16 @@ class Recorder(Service):
             writer.append(topic, payload, t_s)
         except OSError as exc:
             self._write_failed(exc)
+
+    def _describes_a_service(self, topic: str, payload: bytes) -> bool:
+        """Whether a ``<service>/params`` or ``<service>/status`` message is one a run may
+        start with: it decodes, and names the service of its topic."""
+        service, _, leaf = topic[len(self.topics.prefix) + 1:].partition("/")
+        try:
+            msg = decode(payload, ParamList if leaf == "params" else Status)
+        except DecodeError:
+            return False
+        return msg.service == service
 
     def _write_failed(self, exc: OSError) -> None:
         """A full or failing disk: close what can be closed and say so loudly."""

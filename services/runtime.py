@@ -441,7 +441,8 @@ class Service(BusNode):
         return self._dispatch_typed(topic, payload)[1]
 
     def _dispatch_typed(self, topic: str, payload: bytes) -> tuple[bool, Awaitable[None] | None]:
-        """(whether it decoded, the pending work of an async handler)."""
+        """(whether it was taken: it decoded and its handler did not :meth:`reject` it, the
+        pending work of an async handler)."""
         if topic == self._t_cmd:  # after the frames of this batch, as they arrived first
             return True, self._command_later(payload)
         entry = self._subs.get(topic)
@@ -460,6 +461,7 @@ class Service(BusNode):
             self.timing.acted(msg.t_mono_s, now)
             if topic == self._clock_topic:
                 self._clock_seen = True
+        rejected = self.counters["rejected"]
         try:
             result = handler(msg)
         except Exception as exc:  # a handler bug must not stop the daemon: count, report, go on
@@ -467,7 +469,10 @@ class Service(BusNode):
             return True, None
         if result is not None and inspect.isawaitable(result):  # frame handlers return None
             return True, result
-        return True, None
+        # a frame its handler refused (a setpoint beyond the limits, a sensor frame short of
+        # channels) is as bad as one that did not decode: of a conflated batch, the frame
+        # before it is acted on instead, so a refused newest frame cannot hide a good one
+        return self.counters["rejected"] == rejected, None
 
     async def _command_later(self, payload: bytes) -> None:
         pending = self.command_received(payload)
@@ -518,7 +523,8 @@ class Service(BusNode):
             self.timing.frame_done()
 
     def _dispatch_entry(self, topic: str, payload: bytes) -> bool:
-        """Dispatch one message; False if it did not decode (it was rejected)."""
+        """Dispatch one message; False if it was rejected (it did not decode, or its handler
+        refused it)."""
         decoded, pending = self._dispatch_typed(topic, payload)
         if pending is not None:
             self.spawn(pending, topic)
