@@ -27,13 +27,10 @@ from typing import Any, Coroutine, Iterable
 
 import numpy as np
 
-from kibble.bus_schema.messages import Timing
+from kibble.bus_schema.messages import COUNTER_MAX, Timing
 
 __all__ = ["FrameIntake", "FrameTiming", "saturating_add", "COUNTER_MAX", "cannot_keep_up",
            "precise_event_loop", "run"]
-
-COUNTER_MAX = (1 << 63) - 1
-"""Counters stop here instead of overflowing the wire format's int64."""
 
 
 def saturating_add(value: int, increment: int) -> int:
