@@ -1,5 +1,5 @@
-"""Frame tags checked, not trusted; implausible frames dropped (issue 17 findings 3, 8; build
-items 1 and 5): the daemons in process, every message encoded and decoded as on the bus.
+"""Frame tags checked, not trusted; implausible frames dropped (issue 17 findings 1, 2, 3, 8, 11;
+build items 1 and 5): the daemons in process, every message encoded and decoded as on the bus.
 
 Each daemon gets the frames of a lockstep run at 200 Hz (the campaign's), one message at a time
 through the runtime's decode (:meth:`Service.dispatch_now`); what it publishes is recorded.
@@ -10,16 +10,24 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from kibble.bus_schema.codec import decode, encode
 from kibble.bus_schema.messages import (
-    FRAME_MAX, Command, DaqFrame, Event, HwSensorFrame, Message, Setpoint, Status,
+    FRAME_MAX, Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, Message, Setpoint,
+    Status,
 )
+from kibble.services.actuator import LOCKSTEP_ANSWER_S
+from kibble.services.current_source import CurrentSource
 from kibble.services.damping import Damping
 from kibble.services.daq import Daq
 from kibble.services.runtime import Service, ServiceConfig
 from kibble.services.servo import Servo
+from kibble.services.theta_z import ThetaZ
 
 RATE_HZ = 200.0
+HELD_A = 6.9e-3
+"""The current that holds the 1 kg mass (services/current_source.py)."""
 
 
 class InProcess:
@@ -56,6 +64,94 @@ class InProcess:
 
     def published(self, topic: str, msg_type: type[Message]) -> list[Any]:
         return [decode(p, msg_type) for t, p in self.out if t == topic]
+
+
+def holding_current_source(tmp_path) -> tuple[InProcess, int]:
+    """A current source holding 6.9 mA at frame 300 of a run (armed at frame 100), and 300."""
+    cs = InProcess(CurrentSource, tmp_path)
+    for k in range(300):
+        cs.sensors(k)
+        cs.daq(k)
+        cs.setpoint(k, HELD_A if k >= 100 else 0.0)
+        if k == 99:
+            cs.arm()
+    assert cs.svc.guard.state == "armed" and cs.svc.guard.out[0] == pytest.approx(HELD_A)
+    return cs, 300
+
+
+def main_current_a(cs: InProcess, i: int = -1) -> float:
+    commands = cs.published(cs.topics.hw("main_source"), HwActuatorCommand)
+    return cs.svc.main_dac.to_value(*commands[i].codes)
+
+
+def servo_freezes(cs: InProcess, first: int, frames: int = 2948, **sensors: Any) -> None:
+    """The servo falls silent: only the hardware clock and the DAQ go on."""
+    for k in range(first, first + frames):
+        cs.sensors(k, **sensors)
+        cs.daq(k)
+
+
+def assert_stale_then_safe(cs: InProcess, last_input: int) -> None:
+    """Stale within its stale time, held for hold_s, then ramped to zero: safe."""
+    stale = cs.events("stale")
+    assert stale, "no stale event"
+    assert stale[0].data["frame"] <= last_input + cs.svc.stale_ticks + 1
+    assert cs.svc.guard.state == "safe" and main_current_a(cs) == 0.0
+
+
+# ------------------------------------------------------------------ finding 1
+
+
+def test_a_setpoint_tagged_in_the_future_does_not_blind_stale_detection(tmp_path):
+    """Finding 1: one well-formed servo/setpoint tagged frame + 1e9, then a frozen servo: over
+    2948 frames the current source raised no stale event, stayed armed and held 6.9 mA."""
+    cs, k = holding_current_source(tmp_path)
+    cs.sensors(k)
+    cs.setpoint(k + 10**9, HELD_A)
+    servo_freezes(cs, k + 1)
+    assert_stale_then_safe(cs, k - 1)
+    assert "ahead of the hardware clock" in cs.events("rejected")[0].text
+
+
+def test_a_clock_frame_tagged_in_the_future_does_not_blind_stale_detection(tmp_path):
+    """Finding 1, through hw/sensors: one frame at frame + 1e6, then a frozen servo."""
+    cs, k = holding_current_source(tmp_path)
+    cs.sensors(k + 10**6)
+    assert not cs.events("stale")  # a rejected tag moves no clock
+    servo_freezes(cs, k)
+    assert_stale_then_safe(cs, k - 1)
+    assert "more than the" in cs.events("rejected")[0].text
+
+
+@pytest.mark.parametrize("new_session", [False, True])
+def test_a_simulator_restart_does_not_blind_stale_detection(tmp_path, new_session):
+    """Finding 1, by a restart: the frame counter starts again at 0. With a new session the
+    clock follows at once; without one, after the restarted frames agree for a few frames."""
+    cs, _ = holding_current_source(tmp_path)
+    servo_freezes(cs, 0, **({"session": 2} if new_session else {}))
+    assert_stale_then_safe(cs, 0)
+    notes = [e.text for e in cs.events("frame_clock")]
+    assert any(("session 2 from frame 0" if new_session else "resynchronised") in n for n in notes)
+
+
+# ------------------------------------------------------------------ finding 2
+
+
+@pytest.mark.parametrize("cls", [Damping, ThetaZ])
+def test_a_future_clock_frame_does_not_put_damping_or_theta_z_safe(tmp_path, cls):
+    """Finding 2: one hw/sensors message with a future frame put damping and theta_z safe at
+    once (theta_z holds for 0 s)."""
+    svc = InProcess(cls, tmp_path, frame_rate_hz=1000.0)  # 200 Hz loops: decimated by 5
+    for k in range(600):
+        if k == 300:
+            svc.sensors(k + 10**6)
+        svc.sensors(k)
+        svc.daq(k, coil_vx_m_s=1e-6, coil_theta_z_rad=1e-7)
+        if k == 99:
+            svc.arm()
+    assert not svc.events("safe") and not svc.events("stale")
+    assert svc.svc.guard.state == "armed"
+    assert svc.svc.counters["rejected"] == 1
 
 
 # ------------------------------------------------------------------ finding 3
@@ -139,3 +235,56 @@ def test_implausible_daq_frames_in_a_row_are_stale_input(tmp_path):
     assert damping.svc.guard.state == "safe" and not damping.svc.guard.out.any()
     assert damping.events("stale")[0].data["frame"] == 200 + damping.svc.stale_ticks
     assert damping.svc.counters["rejected"] == 200
+
+
+# ------------------------------------------------------------------ finding 11 and the backstop
+
+
+def test_lockstep_answers_from_the_clock_once_the_upstream_is_silent(tmp_path):
+    """Finding 11, in process: the servo falls silent; the frame waiting for it is answered once
+    it has waited LOCKSTEP_ANSWER_S, every frame after it at once, until input comes again."""
+    cs, k = holding_current_source(tmp_path)
+
+    def answered() -> list[int]:
+        return [c.frame for c in cs.published(cs.topics.hw("main_source"), HwActuatorCommand)]
+
+    cs.sensors(k)
+    assert answered()[-1] == k - 1                              # waiting for the servo
+    cs.svc.watch_clock(time.monotonic())
+    assert answered()[-1] == k - 1                              # not yet
+    cs.svc.watch_clock(time.monotonic() + LOCKSTEP_ANSWER_S + 0.01)
+    assert answered()[-1] == k and cs.events("upstream_silent")
+    for j in range(k + 1, k + 5):
+        cs.sensors(j)
+        assert answered()[-1] == j                              # at once
+    cs.setpoint(k + 4, HELD_A)                                  # the servo is back
+    cs.sensors(k + 5)
+    assert answered()[-1] == k + 4                              # waited for again
+    cs.setpoint(k + 5, HELD_A)
+    assert answered()[-1] == k + 5 and cs.svc.guard.state == "armed"
+
+
+def test_realtime_a_clock_that_stops_advancing_is_stale_whatever_the_tags_say(tmp_path):
+    """Build item 1's backstop: the frames keep coming but every tag is refused; on the wall
+    clock the input goes stale, is held for hold_s (1 s), then ramps to zero at 5 mA/s."""
+    cs = InProcess(CurrentSource, tmp_path, clock="realtime")
+    for k in range(300):
+        cs.sensors(k)
+        cs.setpoint(k, HELD_A if k >= 100 else 0.0)
+        if k == 99:
+            cs.arm()
+    t0 = time.monotonic()
+    for i in range(1, 4):
+        cs.sensors(300 + i * 10**6)                             # each jump refused
+    assert cs.svc.counters["rejected"] == 3
+    cs.svc.watch_clock(t0 + 0.01)
+    assert not cs.events("stale")
+    cs.svc.watch_clock(t0 + 0.1)
+    assert cs.events("clock_stopped") and cs.events("stale") and cs.svc.guard.state == "armed"
+    assert main_current_a(cs) == pytest.approx(HELD_A, abs=cs.svc.main_dac.fine_lsb)
+    cs.svc.watch_clock(t0 + 1.5)                                # held 1 s, then the ramp
+    assert cs.svc.guard.state == "safe"
+    ramped = HELD_A - main_current_a(cs)
+    assert 0.0 < ramped <= 0.005 * 0.5 + 2 * cs.svc.main_dac.fine_lsb
+    cs.svc.watch_clock(t0 + 3.0)
+    assert main_current_a(cs) == 0.0
