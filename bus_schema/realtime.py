@@ -146,7 +146,7 @@ class FrameClock:
 
     __slots__ = ("period_s", "rate_hz", "direct_rate_hz", "slack_frames", "align", "frame",
                  "session", "local", "offset", "step", "t_s", "t_stamp_s", "note", "_run",
-                 "_run_frame", "_run_session", "_run_stamp_s")
+                 "_run_frame", "_run_session", "_run_stamp_s", "_rejoined")
 
     def __init__(self, period_s: float, realtime: bool, lockstep_device: bool = False,
                  slack_frames: int = SLACK_FRAMES, align: int = 1) -> None:
@@ -183,6 +183,8 @@ class FrameClock:
         self._run_frame = -1
         self._run_session = 0
         self._run_stamp_s = 0.0
+        self._rejoined = False
+        """Set by :meth:`rejoin`: the next frame may jump forward any number of frames."""
 
     def advance(self, frame: int, session: int, stamp_s: float, now_s: float) -> str | None:
         """Take the next frame of the stream: None if accepted, else why it was rejected.
@@ -193,7 +195,7 @@ class FrameClock:
                 self._accept(frame, step, stamp_s, now_s)
                 return None
             allowed = self._allowed(stamp_s, now_s, self.t_stamp_s, self.direct_rate_hz)
-            if 0 < step <= allowed:
+            if 0 < step <= allowed or (self._rejoined and step > 0):
                 self._accept(frame, step, stamp_s, now_s)
                 return None
         elif frame < 0:
@@ -245,6 +247,7 @@ class FrameClock:
         if stamp > self.t_stamp_s:
             self.t_stamp_s = stamp
         self._run = 0
+        self._rejoined = False
 
     def _begin(self, frame: int, session: int, stamp_s: float, now_s: float, advance: int,
                note: str) -> None:
@@ -257,6 +260,12 @@ class FrameClock:
         self.session = session
         self.step = 0
         self.note = note
+
+    def rejoin(self) -> None:
+        """The loop was away from the stream (its connection was lost): the frames went on
+        without it, so the next frame of the session may be any number of frames ahead (once;
+        a lockstep device would otherwise wait for three of them to agree)."""
+        self._rejoined = True
 
     def stall(self, frames: int) -> None:
         """Advance the count by ``frames`` (a multiple of ``align``) with no frame: the frames

@@ -363,8 +363,10 @@ class ActuatorService(Service):
 
     async def on_connected(self) -> None:
         """Say hello to the hardware (frame -1, the present outputs: zero at boot); this also
-        registers the devices with a lockstep simulator."""
+        registers the devices with a lockstep simulator. Its frames went on while we were away:
+        the next one may be far ahead."""
         assert self.guard is not None
+        self.clock.rejoin()
         self.write_outputs(-1, self.guard.out.copy())
 
     async def on_disconnect(self) -> None:

@@ -239,3 +239,10 @@ def test_a_stall_ages_the_inputs_of_the_frames_before_it():
     assert clock.check_input(101 + SLACK_FRAMES) is None
     assert "ahead of the hardware clock" in clock.check_input(102 + SLACK_FRAMES)
     assert "must name the frame" in clock.check_input(-1)
+
+
+def test_a_loop_back_from_a_lost_connection_takes_the_next_jump_once():
+    clock = _clock()
+    clock.rejoin()  # the simulator ran on while the broker was away
+    assert clock.advance(100 + 500, 1, 10.0, 10.0) is None and clock.local == 600
+    assert "more than the 4" in clock.advance(600 + 500, 1, 10.0, 10.0)  # once only
