@@ -107,6 +107,10 @@ RESYNC_FRAMES = 3
 """Rejected clock frames in a row that agree with one another after which the clock follows
 them: the stream itself moved (a restart that named no new session, a jump while this loop was
 away); one message never moves the clock that way."""
+REALTIME_LATE_S = 0.1
+"""How late a realtime publisher may publish a frame: the simulator restarts its schedule once
+it is more than max(0.1 s, 2 periods) behind (hil_sim.clock.RealtimeSchedule), so the frames
+it owes until then may come in a burst, stamped close together."""
 LOCKSTEP_MAX_HZ = 20_000.0
 """The fastest a lockstep simulator publishes frames (per wall second): each waits for its
 devices' answers over the broker, a round trip of 0.6-0.9 ms here (docs/architecture.md section
@@ -126,11 +130,13 @@ class FrameClock:
 
     A frame of the current session is accepted if its tag advances by 1 to ``slack_frames``, or
     by no more than the frames the wall clock allows from the newest publisher stamp seen to
-    this frame's (no later than now): one per period in realtime, :data:`LOCKSTEP_MAX_HZ` in
-    lockstep (a loop that fell behind skips frames). A ``lockstep_device`` (an actuator the
-    lockstep simulator waits for) sees every frame, so a longer jump of its clock counts only
-    once confirmed, as below. A tag that does not advance, or jumps further, is rejected with
-    the reason.
+    this frame's (no later than now): one per period in realtime, plus the frames a late
+    publisher may owe (:data:`REALTIME_LATE_S`), :data:`LOCKSTEP_MAX_HZ` in lockstep (a loop
+    that fell behind skips frames). A ``lockstep_device`` (an actuator the lockstep simulator
+    waits for) sees every frame, so a longer jump of its clock counts only once confirmed, as
+    below. A tag that does not advance, or jumps further, is rejected with the reason. In
+    realtime the count advances by no more than the stamps allow (plus the slack) whatever
+    the tag: a frame tagged far ahead but stamped now moves it by a few frames only.
 
     A frame of another session starts a new numbering at once (a simulator restart); so do
     :data:`RESYNC_FRAMES` rejected frames in a row that agree with one another. Either way the
@@ -141,12 +147,14 @@ class FrameClock:
 
     Inputs tagged by the same clock (setpoints, DAQ frames) map onto the count with
     :attr:`offset`; :meth:`check_input` refuses one that leads the clock by more than
-    ``slack_frames``.
+    :attr:`lead_frames`, and :meth:`cap` keeps one that leads it from counting as later than
+    the clock plus the slack (an input's stream may be read before the clock's).
     """
 
-    __slots__ = ("period_s", "rate_hz", "direct_rate_hz", "slack_frames", "align", "frame",
-                 "session", "local", "offset", "step", "t_s", "t_stamp_s", "note", "_run",
-                 "_run_frame", "_run_session", "_run_stamp_s", "_rejoined")
+    __slots__ = ("period_s", "rate_hz", "direct_rate_hz", "late_frames", "lead_frames",
+                 "slack_frames", "align", "frame", "session", "local", "offset", "step", "t_s",
+                 "t_stamp_s", "note", "_realtime", "_run", "_run_frame", "_run_session",
+                 "_run_stamp_s", "_rejoined")
 
     def __init__(self, period_s: float, realtime: bool, lockstep_device: bool = False,
                  slack_frames: int = SLACK_FRAMES, align: int = 1) -> None:
@@ -159,6 +167,11 @@ class FrameClock:
         """The most frames per wall second the stream can advance."""
         self.direct_rate_hz = 0.0 if lockstep_device and not realtime else self.rate_hz
         """The same for a frame taken on its own (not confirmed by a run)."""
+        self.late_frames = int(max(REALTIME_LATE_S / period_s, 2.0)) if realtime else 0
+        """Frames a late realtime publisher may owe, allowed on top."""
+        self.lead_frames = slack_frames + self.late_frames
+        """How far an input's tag may lead the clock (its stream read before the clock's)."""
+        self._realtime = realtime
         self.slack_frames = slack_frames
         self.align = align
         """A new numbering keeps ``local`` congruent to the tags modulo ``align`` (a decimated
@@ -192,11 +205,15 @@ class FrameClock:
         step = frame - self.frame
         if session == self.session and self.frame >= 0:
             if 0 < step <= self.slack_frames:  # the every-frame path: two comparisons
-                self._accept(frame, step, stamp_s, now_s)
+                self._accept(frame, step, step, stamp_s, now_s)
                 return None
             allowed = self._allowed(stamp_s, now_s, self.t_stamp_s, self.direct_rate_hz)
+            allowed += self.late_frames
             if 0 < step <= allowed or (self._rejoined and step > 0):
-                self._accept(frame, step, stamp_s, now_s)
+                count = step
+                if self._realtime:  # no faster than the stamps say, whatever the tag
+                    count = min(step, self._allowed(stamp_s, now_s, self.t_stamp_s, self.rate_hz))
+                self._accept(frame, step, count, stamp_s, now_s)
                 return None
         elif frame < 0:
             return f"frame {frame}: a clock frame must have a frame number"
@@ -237,9 +254,10 @@ class FrameClock:
             return self.slack_frames
         return self.slack_frames + int(max(0.0, min(stamp_s, now_s) - since_stamp_s) * rate_hz)
 
-    def _accept(self, frame: int, step: int, stamp_s: float, now_s: float) -> None:
+    def _accept(self, frame: int, step: int, count: int, stamp_s: float, now_s: float) -> None:
+        """Take ``frame``, ``step`` tags after the last; the count advances by ``count``."""
         self.frame = frame
-        self.local += step
+        self.local += count
         self.offset = self.local - frame
         self.step = step
         self.t_s = now_s
@@ -256,7 +274,7 @@ class FrameClock:
         else:
             local = self.local + advance
             local += (frame - local) % self.align
-        self._accept(frame, local - self.local, stamp_s, now_s)
+        self._accept(frame, local - self.local, local - self.local, stamp_s, now_s)
         self.session = session
         self.step = 0
         self.note = note
@@ -274,15 +292,20 @@ class FrameClock:
         self.local += frames
 
     def check_input(self, frame: int) -> str | None:
-        """Why an input tagged ``frame`` cannot be taken (it leads the clock by more than the
-        slack, or names no frame), or None. Before the clock's first frame there is nothing to
-        check it against."""
+        """Why an input tagged ``frame`` cannot be taken (it leads the clock by more than
+        :attr:`lead_frames`, or names no frame), or None. Before the clock's first frame there
+        is nothing to check it against."""
         if frame < 0:
             return f"frame {frame}: an input must name the frame it is for"
-        if self.frame >= 0 and frame - self.frame > self.slack_frames:
+        if self.frame >= 0 and frame - self.frame > self.lead_frames:
             return (f"frame {frame} is ahead of the hardware clock (frame {self.frame}) by more "
-                    f"than {self.slack_frames} frames")
+                    f"than {self.lead_frames} frames")
         return None
+
+    def cap(self, local: int) -> int:
+        """A local count as an input may claim it: no later than the clock's plus the slack."""
+        limit = self.local + self.slack_frames
+        return local if local < limit else limit
 
 
 _ACTIVE: list["FrameTiming"] = []

@@ -15,8 +15,9 @@ more hardware devices behind an :class:`ActuatorDriver`. The runtime delivers:
 
 Frame tags are checked, not trusted (:class:`~kibble.bus_schema.realtime.FrameClock`): a
 clock frame that goes back within its session or jumps further than the clock allows, a DAQ
-frame that does not advance, an input that leads the clock by more than a few frames: each is
-rejected (counted, an event) and moves neither the stale clock nor the watchdog. The guard runs
+frame that does not advance, an input that leads the clock by more than the clock may lag its
+own stream: each is rejected (counted, an event) and moves neither the stale clock nor the
+watchdog; an input a little ahead counts as of the clock. The guard runs
 on the clock's own count, which no tag can stop or rush; a new hardware session (a simulator
 restart) continues it. In realtime a frame clock that stops (no frame accepted for
 ``stale_after_s`` of wall time, whatever the tags said) is stale input: the guard then runs on
@@ -215,10 +216,11 @@ class ActuatorService(Service):
     def new_tick(self, frame: int) -> bool:
         """Whether the control path should act on ``frame``: True once per loop period (every
         frame, undecimated). Consumes the period: a second call for it says False."""
-        tick = (frame + self.clock.offset) // self.decimation
-        if tick <= self._control_tick:
+        clock = self.clock
+        local = frame + clock.offset
+        if local // self.decimation <= self._control_tick:
             return False
-        self._control_tick = tick
+        self._control_tick = clock.cap(local) // self.decimation
         return True
 
     def take_daq_frame(self, frame: DaqFrame) -> None:
@@ -232,7 +234,7 @@ class ActuatorService(Service):
         if why is not None:
             self.reject(self.topics.frame("daq"), why)
             return
-        self._daq_local, self._daq_frame = local, frame.frame
+        self._daq_local, self._daq_frame = clock.cap(local), frame.frame
         self.on_daq_frame(frame)
 
     def on_daq_frame(self, frame: DaqFrame) -> None:
@@ -255,8 +257,9 @@ class ActuatorService(Service):
 
         In realtime, an input older than the age limit when it arrives is not taken: the loop
         cannot keep up, and the guard then holds and goes safe exactly as for missing input.
-        An input tagged ahead of the hardware clock, or older than the last one taken, is
-        rejected: it would make the input look fresh for longer than it is."""
+        An input tagged far ahead of the hardware clock, or older than the last one taken, is
+        rejected, and one a little ahead counts as of the clock (plus the slack): no tag makes
+        the input look fresh for longer than it is."""
         assert self.guard is not None
         if self.frame_too_old:
             self.counters["too_old"] += 1
@@ -268,13 +271,15 @@ class ActuatorService(Service):
                            data={"frame": frame, "age_s": self.frame_age_s})
             return
         self._too_old = False
-        why = self.clock.check_input(frame)
-        tick = (frame + self.clock.offset) // self.decimation
-        if why is None and tick < self.last_input_tick:
+        clock = self.clock
+        why = clock.check_input(frame)
+        local = frame + clock.offset
+        if why is None and local // self.decimation < self.last_input_tick:
             why = f"frame {frame} is older than the last input taken (frame {self.last_input_frame})"
         if why is not None:
             self.reject(f"{self.name} input", why)
             return
+        tick = clock.cap(local) // self.decimation  # fresh as of the clock at the latest
         if request is not None:
             try:
                 self.guard.request(tick, request)

@@ -93,8 +93,8 @@ class Daq(Service):
         self.vel = np.zeros(6)
         self._last_pose: np.ndarray | None = None
         """The pose of the last frame published (None: none yet)."""
-        self._pose_local: int | None = None
-        """Its frame on the clock's count (None: not of the present numbering)."""
+        self._pose_frame: int | None = None
+        """Its frame (None: not of the present numbering of the frames)."""
         self.cm_z_m = 0.0
         self.clock = FrameClock(self.dt_s, realtime=self.config.clock == "realtime")
         self.subscribe(self.topics.hw("sensors"), HwSensorFrame, self.on_sensors)
@@ -143,7 +143,7 @@ class Daq(Service):
             return
         if clock.step == 0:  # a new numbering of the frames: no velocity across it
             self.event("frame_clock", clock.note, data={"frame": hw.frame, "session": hw.session})
-            self._pose_local = None
+            self._pose_frame = None
         if len(fph) >= len(fc):
             disp = [(c + ph / two_pi) * half for c, ph in zip(fc, fph)]
         else:  # (as before: runs into the missing phase)
@@ -158,7 +158,7 @@ class Daq(Service):
             pose = list(self.pose)
             pose[2] = disp[0]
             cm_z = self.cm_z_m
-        gap = 0 if self._pose_local is None else clock.local - self._pose_local
+        gap = 0 if self._pose_frame is None else hw.frame - self._pose_frame
         v = self._velocity(pose, gap)
         values = self.params.values
         p = [x - values[key] for x, key in zip(pose, _ZERO_KEYS)]
@@ -190,7 +190,7 @@ class Daq(Service):
             return
         self.pose, self.vel, self.cm_z_m = pose, v, cm_z
         self._last_pose = pose
-        self._pose_local = clock.local
+        self._pose_frame = hw.frame
         if gap > 1:
             self.counters["frames_missed"] = saturating_add(self.counters.get("frames_missed", 0), gap - 1)
         self.publish_bytes(t_frame, payload)

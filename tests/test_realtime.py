@@ -196,14 +196,25 @@ def test_a_clock_frame_advances_by_the_slack_never_back_and_never_further():
 
 def test_the_wall_clock_allows_longer_steps_in_realtime_and_to_a_loop_lockstep_does_not_wait_for():
     rt = _clock(realtime=True)  # 1 kHz: 0.5 s of publisher stamps allow 500 frames more
-    assert rt.advance(600, 1, 10.5, 10.6) is None
-    assert "more than the 4" in rt.advance(700, 1, 10.5, 10.6)  # the same stamp: no time for it
+    assert rt.advance(600, 1, 10.5, 10.6) is None and rt.local == 600
+    # frames a late publisher owed, in a burst with the same stamp: taken, but the count moves
+    # only as far as the stamps say (the slack)
+    assert rt.advance(600 + rt.late_frames, 1, 10.5, 10.6) is None
+    assert rt.local == 600 + SLACK_FRAMES and rt.offset == rt.local - rt.frame
     assert "more than" in rt.advance(10**6, 1, 1e9, 10.7)       # a stamp from the future is now
     free = _clock(lockstep_device=False)  # the daq: the simulator may run ahead of it
     assert free.advance(100 + 200, 1, 10.01, 10.01) is None     # 10 ms at up to 20 kHz
     assert "more than" in free.advance(300 + 10**6, 1, 10.02, 10.02)
     gated = _clock()  # an actuator: the simulator waits for it, it sees every frame
     assert "more than the 4" in gated.advance(300, 1, 10.01, 10.01)
+
+
+def test_an_input_ahead_of_the_clock_counts_as_of_the_clock():
+    rt = _clock(realtime=True)
+    assert rt.check_input(100 + rt.lead_frames) is None           # its stream read first
+    assert "ahead of the hardware clock" in rt.check_input(101 + rt.lead_frames)
+    assert rt.cap(100 + rt.lead_frames + rt.offset) == rt.local + SLACK_FRAMES
+    assert rt.cap(101 + rt.offset) == 101 + rt.offset
 
 
 def test_a_new_session_starts_a_new_numbering_and_the_count_goes_on():
