@@ -44,13 +44,14 @@ from kibble.bus_schema.realtime import SLACK_FRAMES, FrameClock
 from kibble.services.runtime import Service, ServiceConfig, command
 from kibble.services.safety import ActuatorGuard, GuardConfig
 
-LOCKSTEP_ANSWER_S = 0.2
+LOCKSTEP_ANSWER_S = 0.6
 """Lockstep: a frame that has waited this long (wall clock) for its input, with no input in
 that time, finds the upstream silent: it and every frame after it until input comes are
-answered from the clock, as frames of stale input are (a live but slow upstream keeps the
-simulator waiting for it, as it should). Well inside the simulator's lockstep timeout (1 s by
-default), so that a dead upstream costs the run no miss. The one wall-clock time of an actuator
-in lockstep: what the guard does with the frames still counts frames."""
+answered from the clock, as frames of stale input are. A live but slow upstream (a servo
+restarted under load took over 0.2 s for its first frame) keeps the simulator waiting for it,
+as it should; a dead one costs the run no miss: this is inside the simulator's lockstep timeout
+(1 s by default) with the watch's period (a quarter of it) to spare. The one wall-clock time of
+an actuator in lockstep: what the guard does with the frames still counts frames."""
 
 
 class ActuatorDriver(Protocol):
