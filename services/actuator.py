@@ -178,41 +178,19 @@ class ActuatorService(Service):
         """Hardware frame k: if our input is stale (or, in lockstep, silent), the guard alone
         sets (and answers) frame k."""
         clock = self.clock
-        began = clock.frame < 0
-        now = time.monotonic()
-        why = clock.advance(sensors.frame, sensors.session, sensors.t_mono_s, now)
+        why = clock.advance(sensors.frame, sensors.session, sensors.t_mono_s, time.monotonic())
         if why is not None:
             self.reject(self.topics.hw("sensors"), why)
             return
         self._clock_stopped = False
         if clock.step == 0:
-            self._new_numbering(began)
+            self.event("frame_clock", clock.note, data={"frame": clock.frame,
+                                                        "session": clock.session})
         tick = clock.local // self.decimation
         if tick <= self.last_tick:
             return
         if tick - self.last_input_tick > self.stale_ticks or self._upstream_silent:
             self._apply(sensors.frame, tick)
-
-    def _new_numbering(self, began: bool) -> None:
-        """The clock began a numbering: report it; at its very first frame, forget whatever
-        came before it tagged ahead of it (nothing could check those tags then)."""
-        clock = self.clock
-        self.event("frame_clock", clock.note, data={"frame": clock.frame, "session": clock.session})
-        if not began:
-            return
-        limit = (clock.local + clock.slack_frames) // self.decimation
-        if self.last_input_tick > limit:
-            self.reject(f"{self.name} input", f"frame {self.last_input_frame} came before the "
-                        f"first hardware frame ({clock.frame}) and is ahead of it: forgotten")
-            self.last_input_tick = self.last_input_frame = -1
-            assert self.guard is not None
-            self.guard.forget_request()
-        if self.last_tick > limit:
-            self.last_tick = -1
-        if self._control_tick > limit:
-            self._control_tick = -1
-        if self._daq_local > clock.local + clock.slack_frames:
-            self._daq_local = self._daq_frame = -1
 
     def new_tick(self, frame: int) -> bool:
         """Whether the control path should act on ``frame``: True once per loop period (every

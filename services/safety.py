@@ -300,11 +300,6 @@ class ActuatorGuard:
             self._werr[j] = _U2 * s
         self._wsync = 0
 
-    def forget_request(self) -> None:
-        """The last request no longer counts as input (its frame cannot be trusted): armed, the
-        input is stale from the next frame on; the values stay what a fresh request replaces."""
-        self._request_frame = None
-
     def output(self, frame: int) -> np.ndarray:
         """The outputs to apply at ``frame`` (always finite and within the limits).
 

@@ -17,6 +17,7 @@ from kibble.bus_schema.messages import (
     FRAME_MAX, Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, Message, Setpoint,
     Status,
 )
+from kibble.bus_schema.realtime import SLACK_FRAMES
 from kibble.services.actuator import LOCKSTEP_ANSWER_S
 from kibble.services.current_source import CurrentSource
 from kibble.services.damping import Damping
@@ -132,6 +133,17 @@ def test_a_simulator_restart_does_not_blind_stale_detection(tmp_path, new_sessio
     assert_stale_then_safe(cs, 0)
     notes = [e.text for e in cs.events("frame_clock")]
     assert any(("session 2 from frame 0" if new_session else "resynchronised") in n for n in notes)
+
+
+def test_an_input_before_the_first_clock_frame_does_not_blind_stale_detection(tmp_path):
+    """Before the hardware clock's first frame no tag can be checked: a setpoint tagged 1e9 then
+    counts as of the clock's start (plus the slack), and a frozen servo after it is stale input
+    as any."""
+    cs = InProcess(CurrentSource, tmp_path)
+    cs.setpoint(10**9, HELD_A)
+    cs.arm()
+    servo_freezes(cs, 0, frames=600)
+    assert_stale_then_safe(cs, SLACK_FRAMES)
 
 
 # ------------------------------------------------------------------ finding 2

@@ -97,16 +97,6 @@ def test_a_request_tagged_in_the_future_still_goes_stale():
     assert g.state == "safe" and g.stale
 
 
-def test_a_forgotten_request_is_stale_input():
-    g = make_guard()
-    g.arm()
-    g.request(0, [0.3, 0.0])
-    g.output(0)
-    g.forget_request()
-    g.output(1)
-    assert g.stale and g.state == "armed"  # held for hold_s, as any stale input
-
-
 def test_watchdog_trips_on_excess_rms_and_needs_reset_then_arm():
     g = make_guard()
     g.arm()
