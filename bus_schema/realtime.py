@@ -212,7 +212,9 @@ class FrameClock:
             if 0 < step <= allowed or (self._rejoined and step > 0):
                 count = step
                 if self._realtime:  # no faster than the stamps say, whatever the tag
-                    count = min(step, self._allowed(stamp_s, now_s, self.t_stamp_s, self.rate_hz))
+                    short = step - self._allowed(stamp_s, now_s, self.t_stamp_s, self.rate_hz)
+                    if short > 0:  # (by whole periods of the loop: its ticks stay aligned)
+                        count -= -(-short // self.align) * self.align
                 self._accept(frame, step, count, stamp_s, now_s)
                 return None
         elif frame < 0:

@@ -209,6 +209,12 @@ def test_the_wall_clock_allows_longer_steps_in_realtime_and_to_a_loop_lockstep_d
     assert "more than the 4" in gated.advance(300, 1, 10.01, 10.01)
 
 
+def test_a_count_held_back_by_the_stamps_keeps_a_decimated_loops_periods_aligned():
+    rt = _clock(realtime=True, align=2)
+    assert rt.advance(105, 1, 10.0, 10.0) is None                 # 5 tags, the slack's 4 allowed
+    assert rt.local == 103 and rt.offset % 2 == 0
+
+
 def test_an_input_ahead_of_the_clock_counts_as_of_the_clock():
     rt = _clock(realtime=True)
     assert rt.check_input(100 + rt.lead_frames) is None           # its stream read first
