@@ -1,22 +1,23 @@
 """The one codec: ``encode(msg) -> bytes`` and ``decode(data, Type) -> msg``.
 
-Decoding validates types, ranges and finiteness and raises :class:`DecodeError` (and nothing
-else) with a text that names the message type, the field and what was wrong with it. Whether
-a payload decodes depends on its bytes alone: a field typed ``Any`` (``Reply.result``,
-``Event.data``) is accepted at most :data:`MAX_ANY_DEPTH` levels deep, because msgspec counts
-nesting against Python's recursion limit, so without a bound of its own the same reply nested
-~980 deep decoded at the top of a stack and was refused 20 calls further down (issue 17,
-found by ``tests/test_fuzz_bus.py``).
+Decoding validates types, ranges (the plausibility limits of the frames' fields among them) and
+finiteness and raises :class:`DecodeError` (and nothing else) with a text that names the message
+type, the field and what was wrong with it. Whether a payload decodes depends on its bytes
+alone: a field typed ``Any`` (``Reply.result``, ``Event.data``) is accepted at most
+:data:`MAX_ANY_DEPTH` levels deep, because msgspec counts nesting against Python's recursion
+limit, so without a bound of its own the same reply nested ~980 deep decoded at the top of a
+stack and was refused 20 calls further down (issue 17, found by ``tests/test_fuzz_bus.py``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TypeVar
 
 import msgspec
 
-from kibble.bus_schema.messages import SCHEMA_VERSION, Message
+from kibble.bus_schema.messages import SCHEMA_VERSION, Limits, Message, field_limits
 
 M = TypeVar("M", bound=Message)
 
@@ -27,6 +28,9 @@ MAX_ANY_DEPTH = 32
 (a reply's ``result`` of ``{"params": [{...}]}`` is 3 deep)."""
 _NONFINITE = re.compile(r"Expected `float` [<>]= [-]?1\.7976931348623157e\+308")
 _TOP_INDEX = re.compile(r"^\$\[(\d+)\]")
+_BOUND = re.compile(r"^Expected `(?:float|int)` [<>]= \S+ - at `\$\[(\d+)\](?:\[(\d+)\])?`$")
+"""A bound violated in an array-encoded frame, at a field or at one element of a list field."""
+_limits: dict[type, dict[str, Limits]] = {}
 
 
 class DecodeError(ValueError):
@@ -116,6 +120,33 @@ def _name_array_fields(text: str, msg_type: type) -> str:
     return f"{head} - at `{path}"
 
 
+def _beyond_limits(text: str, data: bytes | bytearray | memoryview, msg_type: type) -> str | None:
+    """The rejection text for a value beyond a field's plausibility limits (or None if ``text``
+    is about something else): the field, the value and the limits with their unit."""
+    match = _BOUND.match(text)
+    if match is None:
+        return None
+    fields = msg_type.__struct_fields__
+    i = int(match.group(1))
+    lim = _limits.get(msg_type)
+    if lim is None:
+        lim = _limits[msg_type] = field_limits(msg_type)
+    if i >= len(fields) or fields[i] not in lim:
+        return None
+    name, (lo, hi, unit, _) = fields[i], lim[fields[i]]
+    value = msgspec.msgpack.decode(data)[i]  # the error path only: the payload decoded, untyped
+    if match.group(2) is not None:
+        name, value = f"{name}[{match.group(2)}]", value[int(match.group(2))]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"$.{name} must be a finite number (got {value})"
+    return (f"$.{name} is {_number(value)} {unit}, beyond its plausibility limits "
+            f"[{_number(lo)}, {_number(hi)}] {unit}")
+
+
+def _number(x: float) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
 def decode(data: bytes | bytearray | memoryview, msg_type: type[M]) -> M:
     """Decode and validate ``data`` as ``msg_type``.
 
@@ -129,6 +160,9 @@ def decode(data: bytes | bytearray | memoryview, msg_type: type[M]) -> M:
     try:
         msg = dec.decode(data)
     except msgspec.ValidationError as exc:
+        beyond = _beyond_limits(str(exc), data, msg_type)
+        if beyond is not None:
+            raise DecodeError(msg_type.__name__, beyond) from None
         text = _name_array_fields(str(exc), msg_type)
         if _NONFINITE.search(text):
             where = text.rsplit(" - at ", 1)[-1] if " - at " in text else "a field"

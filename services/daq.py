@@ -13,6 +13,13 @@ applied high voltage) are passed on.
 
 Command ``zero``: the present pose becomes the origin (the weighing position), so the servo's
 null is ``coil_z_m = 0``; ``unzero`` clears it. The offsets persist as parameters.
+
+Frame tags are checked (:class:`~kibble.bus_schema.realtime.FrameClock`): a sensor frame whose
+tag goes back within its session or jumps further than the clock allows is rejected (counted,
+an event) and publishes nothing; a new hardware session starts the velocities afresh. A frame
+whose values are beyond the plausibility limits of ``DaqFrame`` (positions beyond the stops,
+velocities, currents, voltages beyond the hardware) is dropped the same way, before anyone acts
+on it: the loops downstream see a missing frame.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
+from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame
-from kibble.bus_schema.realtime import saturating_add
+from kibble.bus_schema.realtime import FrameClock, saturating_add
 from kibble.control.geometry import ifo_fusion_matrix, psd_matrix
 from kibble.services.actuator import typed_settings
 from kibble.services.params import Param
@@ -63,12 +71,13 @@ class Daq(Service):
                            doc="PJVS reference voltage subtracted in hardware, added back to the DVM reading")
     velocity_filter_s = Param(0.01, unit="s", min=0.0, max=10.0,
                               doc="time constant of the velocity low-pass (0: raw frame differences)")
-    zero_coil_x_m = Param(0.0, unit="m", min=-0.1, max=0.1, doc="origin of x (set by zero)")
-    zero_coil_y_m = Param(0.0, unit="m", min=-0.1, max=0.1, doc="origin of y (set by zero)")
-    zero_coil_z_m = Param(0.0, unit="m", min=-0.1, max=0.1, doc="origin of z, the weighing position (set by zero)")
-    zero_coil_theta_x_rad = Param(0.0, unit="rad", min=-0.1, max=0.1, doc="origin of theta-x (set by zero)")
-    zero_coil_theta_y_rad = Param(0.0, unit="rad", min=-0.1, max=0.1, doc="origin of theta-y (set by zero)")
-    zero_coil_theta_z_rad = Param(0.0, unit="rad", min=-0.1, max=0.1, doc="origin of theta-z (set by zero)")
+    # the origin lies within the stops, so that no zeroed reading passes the DaqFrame limits
+    zero_coil_x_m = Param(0.0, unit="m", min=-0.05, max=0.05, doc="origin of x (set by zero)")
+    zero_coil_y_m = Param(0.0, unit="m", min=-0.05, max=0.05, doc="origin of y (set by zero)")
+    zero_coil_z_m = Param(0.0, unit="m", min=-0.05, max=0.05, doc="origin of z, the weighing position (set by zero)")
+    zero_coil_theta_x_rad = Param(0.0, unit="rad", min=-0.05, max=0.05, doc="origin of theta-x (set by zero)")
+    zero_coil_theta_y_rad = Param(0.0, unit="rad", min=-0.05, max=0.05, doc="origin of theta-y (set by zero)")
+    zero_coil_theta_z_rad = Param(0.0, unit="rad", min=-0.05, max=0.05, doc="origin of theta-z (set by zero)")
 
     def setup(self) -> None:
         s = self.settings = typed_settings(self.config.settings, DaqSettings, self.name)
@@ -83,8 +92,11 @@ class Daq(Service):
         """Last raw pose (x, y, z, theta_x, theta_y, theta_z) before zeroing."""
         self.vel = np.zeros(6)
         self._last_pose: np.ndarray | None = None
-        self._last_frame = -1
+        """The pose of the last frame published (None: none yet)."""
+        self._pose_frame: int | None = None
+        """Its frame (None: not of the present numbering of the frames)."""
         self.cm_z_m = 0.0
+        self.clock = FrameClock(self.dt_s, realtime=self.config.clock == "realtime")
         self.subscribe(self.topics.hw("sensors"), HwSensorFrame, self.on_sensors)
         self.frame_clock(self.topics.hw("sensors"), self.dt_s)
 
@@ -124,6 +136,14 @@ class Daq(Service):
             if problem is not None:
                 self.reject(t_sensors, problem)
                 return
+        clock = self.clock
+        why = clock.advance(hw.frame, hw.session, hw.t_mono_s, time.monotonic())
+        if why is not None:
+            self.reject(t_sensors, why)
+            return
+        if clock.step == 0:  # a new numbering of the frames: no velocity across it
+            self.event("frame_clock", clock.note, data={"frame": hw.frame, "session": hw.session})
+            self._pose_frame = None
         if len(fph) >= len(fc):
             disp = [(c + ph / two_pi) * half for c, ph in zip(fc, fph)]
         else:  # (as before: runs into the missing phase)
@@ -132,15 +152,16 @@ class Daq(Service):
             # the matrix products stay numpy's (BLAS): the same bits as always
             z = (self.fusion @ np.asarray(disp[:3])).tolist()
             xyt = (self.psd @ np.asarray(hw.psd_v[:n_psd])).tolist()
-            pose = self.pose = [xyt[0], xyt[1], z[0], z[1], z[2], xyt[4]]
-            self.cm_z_m = disp[3]
+            pose = [xyt[0], xyt[1], z[0], z[1], z[2], xyt[4]]
+            cm_z = disp[3]
         else:
-            pose = self.pose = list(self.pose)
+            pose = list(self.pose)
             pose[2] = disp[0]
-        self._update_velocity(hw.frame)
+            cm_z = self.cm_z_m
+        gap = 0 if self._pose_frame is None else hw.frame - self._pose_frame
+        v = self._velocity(pose, gap)
         values = self.params.values
         p = [x - values[key] for x, key in zip(pose, _ZERO_KEYS)]
-        v = self.vel
         if nist4:
             dvm = (hw.dvm_v[0] if hw.dvm_v else 0.0) + values["pjvs_voltage_v"]
             mon = hw.current_monitor_v
@@ -157,31 +178,37 @@ class Daq(Service):
             frame=hw.frame, sim_time_s=hw.sim_time_s, coil_x_m=p[0], coil_y_m=p[1],
             coil_z_m=p[2], coil_theta_x_rad=p[3], coil_theta_y_rad=p[4], coil_theta_z_rad=p[5],
             coil_vx_m_s=v[0], coil_vy_m_s=v[1], coil_vz_m_s=v[2], coil_wx_rad_s=v[3],
-            coil_wy_rad_s=v[4], coil_wz_rad_s=v[5], counter_mass_z_m=float(self.cm_z_m),
+            coil_wy_rad_s=v[4], coil_wz_rad_s=v[5], counter_mass_z_m=float(cm_z),
             coil_voltage_v=dvm, main_coil_current_a=i_main, counter_mass_current_a=i_cm,
-            capacitance_f=cap, temperature_k=hw.temperature_k, pressure_pa=hw.pressure_pa)
-        self.publish(t_frame, out)
+            capacitance_f=cap, temperature_k=hw.temperature_k, pressure_pa=hw.pressure_pa,
+            session=hw.session)
+        payload = encode(self.stamp(out))
+        try:  # the limits every reader of the frame checks, checked here first (~0.7 us)
+            decode(payload, DaqFrame)
+        except DecodeError as exc:  # dropped like a missing frame: nothing of it is kept
+            self.reject(t_sensors, f"implausible: {exc}")
+            return
+        self.pose, self.vel, self.cm_z_m = pose, v, cm_z
+        self._last_pose = pose
+        self._pose_frame = hw.frame
+        if gap > 1:
+            self.counters["frames_missed"] = saturating_add(self.counters.get("frames_missed", 0), gap - 1)
+        self.publish_bytes(t_frame, payload)
         self.counters["frames_out"] += 1
         self.loop_timer.tick(time.monotonic())
         if self.state != "running":
             self.set_state("running")
 
-    def _update_velocity(self, frame: int) -> None:
-        gap = frame - self._last_frame
+    def _velocity(self, pose: list[float], gap: int) -> list[float]:
+        """The velocities with ``pose``, ``gap`` frames after the last pose kept (0: none to
+        difference with, the velocities stay)."""
         if self._last_pose is None or gap <= 0:
-            self._last_pose = list(self.pose)
-            self._last_frame = frame
-            return
-        if gap > 1:
-            self.counters["frames_missed"] = saturating_add(self.counters.get("frames_missed", 0), gap - 1)
+            return self.vel
         h = gap * self.dt_s
         tau = self.velocity_filter_s
         alpha = 1.0 if tau <= 0 else min(1.0, gap * self.dt_s / (tau + gap * self.dt_s))
         # (pose - last) / h is the raw velocity; vel += alpha (raw - vel), per DOF
-        self.vel = [v + alpha * ((x - x0) / h - v)
-                    for x, x0, v in zip(self.pose, self._last_pose, self.vel)]
-        self._last_pose = list(self.pose)
-        self._last_frame = frame
+        return [v + alpha * ((x - x0) / h - v) for x, x0, v in zip(pose, self._last_pose, self.vel)]
 
     @command("zero")
     def cmd_zero(self, cmd: Command) -> dict[str, Any]:
@@ -202,4 +229,5 @@ class Daq(Service):
         return {"origin": dict.fromkeys(ZERO_FIELDS, 0.0)}
 
     def status_detail(self) -> dict[str, Any]:
-        return {"frame": self._last_frame, "coil_z_m": float(self.pose[2] - self.params.values["zero_coil_z_m"])}
+        return {"frame": self.clock.frame, "session": self.clock.session,
+                "coil_z_m": float(self.pose[2] - self.params.values["zero_coil_z_m"])}

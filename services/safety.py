@@ -301,9 +301,14 @@ class ActuatorGuard:
         self._wsync = 0
 
     def output(self, frame: int) -> np.ndarray:
-        """The outputs to apply at ``frame`` (always finite and within the limits)."""
+        """The outputs to apply at ``frame`` (always finite and within the limits).
+
+        A request tagged after ``frame`` counts as made at ``frame``: its age runs from now, so
+        no tag from the future keeps the input fresh."""
         c = self.config
         if self.state == "armed":
+            if self._request_frame is not None and self._request_frame > frame:
+                self._request_frame = frame
             age_s = math.inf if self._request_frame is None else (frame - self._request_frame) * c.frame_period_s
             if age_s > c.stale_after_s:
                 if self._stale_since is None:

@@ -4,7 +4,7 @@ behaviour an operator relies on: a parameter set mid-run over MQTT takes effect 
 output step, a watchdog trip and its reset, HV refused above the pressure limit, spoofed
 setpoints unable to open the coil under current, a restarted servo taking the load up where
 it was, and a killed servo leaving the current source in its safe state (then restarted by the
-supervisor).
+supervisor), after spoofed frame tags and without stalling the lockstep run.
 
 200 Hz frames (docs/architecture.md section 6: the chain makes a few hundred steps per second over MQTT on
 this machine); figures come from ``sim/truth``, as in ``make run``.
@@ -22,7 +22,9 @@ import pytest
 import pytest_asyncio
 
 from kibble.bus_schema.codec import decode
-from kibble.bus_schema.messages import DaqFrame, Event, HwActuatorCommand, LoopFrame, Setpoint, Status
+from kibble.bus_schema.messages import (
+    DaqFrame, Event, HwActuatorCommand, HwSensorFrame, LoopFrame, Setpoint, Status,
+)
 from kibble.services import scenarios as S
 from kibble.services.busloop import BusLoop
 from kibble.services.registry import service_class
@@ -236,13 +238,31 @@ async def test_restarted_servo_takes_up_the_load_where_it_left_it(nist4):
 
 async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4):
     """The servo dies and nobody restarts it at once: the current source stops hearing
-    setpoints, counts the frames (simulated time: the lockstep misses take wall time but are
-    only frames), holds the current, then ramps it to zero. The supervisor then restarts the
-    servo: a new session, with the persisted masses, holding what the (now safe) source
-    produces: the coil is at its stop, so it waits in ``hold`` for an operator."""
+    setpoints, counts the frames (simulated time), holds the current, then ramps it to zero,
+    answering every frame from the clock once the servo is silent: the simulator never waits
+    for it (issue 17 finding 11: it stayed silent 10 frames, the simulator counted misses and
+    dropped it). Just before, a setpoint tagged frame + 1e9 and a sensor frame tagged frame + 1e6
+    (finding 1: they blinded its stale detection; finding 2: the sensor frame put damping and
+    theta_z safe) are refused. The supervisor then restarts the servo: a new session, with the
+    persisted masses, holding what the (now safe) source produces: the coil is at its stop, so
+    it waits in ``hold`` for an operator."""
     stack, loop = nist4
     await loop.command("servo", "mode", mode="force")
     await loop.run_seconds(2.0, record=False)
+    before = await loop.sim("stats")
+    frame = before["frame"]
+    async with loop.bus.listen("kb/hil/+/event") as sub:
+        await loop.bus.publish(loop.bus.topics.setpoint("servo"), Setpoint(
+            frame=frame + 10**9, values={"main_coil_current_a": 6.9e-3,
+                                         "counter_mass_current_a": 0.0}), qos=0)
+        await loop.bus.publish(loop.bus.topics.hw("sensors"), HwSensorFrame(
+            frame=frame + 10**6, fringe_count=[0] * 4, fringe_phase_rad=[0.0] * 4,
+            psd_v=[0.0] * 6), qos=0)
+        await loop.run_seconds(0.5, record=False)
+        spoofed = drained(sub, Event)
+    assert not [e for e in spoofed if e.kind in ("stale", "safe")], spoofed
+    rejected = {e.service for e in spoofed if e.kind == "rejected" and "frame" in e.text}
+    assert rejected == {"daq", "current_source", "damping", "theta_z"}, spoofed
     servo = stack.child_of("servo")
     old_pid, restarts = servo.proc.pid, servo.restarts
     stack.max_restarts = restarts                    # hold the supervisor back for now
@@ -264,6 +284,9 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
     status = await status_of(loop, "current_source",
                              lambda st: st.detail["main_coil_current_a"] == 0.0, 10.0)
     assert status.state in ("safe", "tripped"), status.state   # the wheel swings once unheld
+    after = await loop.sim("stats")
+    assert after["counters"]["misses"] == before["counters"]["misses"]
+    assert after["counters"]["dropped"] == before["counters"]["dropped"]
     stack.max_restarts = 5
     for _ in range(100):
         if servo.running and servo.proc.pid != old_pid:

@@ -1,5 +1,5 @@
-"""bus_schema.realtime (newest frame wins, honest timing) and the lockstep gate's held answers:
-pure, no broker."""
+"""bus_schema.realtime (newest frame wins, honest timing, frame tags checked) and the lockstep
+gate's held answers: pure, no broker."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from kibble.bus_schema.codec import encode
 from kibble.bus_schema.messages import Setpoint, Timing
 from kibble.bus_schema.realtime import (
-    COUNTER_MAX, FrameIntake, FrameTiming, cannot_keep_up, saturating_add,
+    COUNTER_MAX, RESYNC_FRAMES, SLACK_FRAMES, FrameClock, FrameIntake, FrameTiming, cannot_keep_up,
+    saturating_add,
 )
 from kibble.hil_sim.clock import LockstepGate
 from kibble.services.runtime import Service, ServiceConfig
@@ -168,3 +169,97 @@ def test_a_decimated_actuator_acts_once_per_loop_period_and_says_how_long_it_hol
     for k in range(400, 600):  # then the clock alone drives the guard to safe
         damping.on_clock(HwSensorFrame(frame=k))
     assert damping.guard.state == "safe"
+
+
+# ------------------------------------------------------------------ frame tags (issue 17)
+
+
+def _clock(**kw) -> FrameClock:
+    clock = FrameClock(1e-3, **{"realtime": False, "lockstep_device": True, **kw})
+    assert clock.advance(100, 1, 10.0, 10.0) is None and clock.step == 0  # the first frame
+    return clock
+
+
+def test_a_clock_frame_advances_by_the_slack_never_back_and_never_further():
+    clock = _clock()
+    for k in range(101, 101 + SLACK_FRAMES + 1, 2):
+        assert clock.advance(k, 1, 10.0, 10.0) is None
+    frame, local = clock.frame, clock.local
+    for bad, why in ((frame, "not after"), (frame - 50, "not after"),
+                     (frame + SLACK_FRAMES + 1, "more than the 4"),
+                     (frame + 10**9, "more than the 4")):
+        assert why in clock.advance(bad, 1, 10.0, 10.0)
+        assert (clock.frame, clock.local) == (frame, local)  # a rejected tag moves nothing
+    assert clock.advance(frame + SLACK_FRAMES, 1, 10.0, 10.0) is None
+    assert clock.local == local + SLACK_FRAMES and clock.offset == clock.local - clock.frame
+
+
+def test_the_wall_clock_allows_longer_steps_in_realtime_and_to_a_loop_lockstep_does_not_wait_for():
+    rt = _clock(realtime=True)  # 1 kHz: 0.5 s of publisher stamps allow 500 frames more
+    assert rt.advance(600, 1, 10.5, 10.6) is None and rt.local == 600
+    # frames a late publisher owed, in a burst with the same stamp: taken, but the count moves
+    # only as far as the stamps say (the slack)
+    assert rt.advance(600 + rt.late_frames, 1, 10.5, 10.6) is None
+    assert rt.local == 600 + SLACK_FRAMES and rt.offset == rt.local - rt.frame
+    assert "more than" in rt.advance(10**6, 1, 1e9, 10.7)       # a stamp from the future is now
+    free = _clock(lockstep_device=False)  # the daq: the simulator may run ahead of it
+    assert free.advance(100 + 200, 1, 10.01, 10.01) is None     # 10 ms at up to 20 kHz
+    assert "more than" in free.advance(300 + 10**6, 1, 10.02, 10.02)
+    gated = _clock()  # an actuator: the simulator waits for it, it sees every frame
+    assert "more than the 4" in gated.advance(300, 1, 10.01, 10.01)
+
+
+def test_a_count_held_back_by_the_stamps_keeps_a_decimated_loops_periods_aligned():
+    rt = _clock(realtime=True, align=2)
+    assert rt.advance(105, 1, 10.0, 10.0) is None                 # 5 tags, the slack's 4 allowed
+    assert rt.local == 103 and rt.offset % 2 == 0
+
+
+def test_an_input_ahead_of_the_clock_counts_as_of_the_clock():
+    rt = _clock(realtime=True)
+    assert rt.check_input(100 + rt.lead_frames) is None           # its stream read first
+    assert "ahead of the hardware clock" in rt.check_input(101 + rt.lead_frames)
+    assert rt.cap(100 + rt.lead_frames + rt.offset) == rt.local + SLACK_FRAMES
+    assert rt.cap(101 + rt.offset) == 101 + rt.offset
+
+
+def test_a_new_session_starts_a_new_numbering_and_the_count_goes_on():
+    clock = _clock(align=5)
+    assert clock.advance(103, 1, 10.0, 10.0) is None
+    local = clock.local
+    assert clock.advance(0, 2, 10.0, 10.0) is None  # the simulator restarted
+    assert clock.step == 0 and "session 2 from frame 0" in clock.note
+    assert clock.local > local and clock.local % 5 == 0 and clock.offset == clock.local
+    assert clock.advance(1, 2, 10.0, 10.0) is None and clock.local == clock.offset + 1
+
+
+def test_only_a_run_of_frames_that_agree_resynchronises_the_clock():
+    clock = _clock()
+    for k in range(101, 111):  # a spoofer interleaving far tags with the real frames: never
+        assert clock.advance(k + 10**6, 1, 10.0, 10.0) is not None
+        assert clock.advance(k, 1, 10.0, 10.0) is None
+    local = clock.local
+    # a restart that named no new session: the frames start again, and agree with one another
+    assert "not after" in clock.advance(0, 1, 10.0, 10.0)
+    assert "not after" in clock.advance(1, 1, 10.0, 10.0)
+    assert clock.advance(2, 1, 10.0, 10.0) is None and clock.step == 0
+    assert "resynchronised" in clock.note and clock.frame == 2
+    assert clock.local == local + RESYNC_FRAMES  # the frames of the run counted, no more
+
+
+def test_a_stall_ages_the_inputs_of_the_frames_before_it():
+    clock = _clock()
+    input_local = 100 + clock.offset
+    clock.stall(50)
+    assert clock.local - input_local == 50
+    assert clock.advance(101, 1, 10.0, 10.0) is None and clock.local == input_local + 51
+    assert clock.check_input(101 + SLACK_FRAMES) is None
+    assert "ahead of the hardware clock" in clock.check_input(102 + SLACK_FRAMES)
+    assert "must name the frame" in clock.check_input(-1)
+
+
+def test_a_loop_back_from_a_lost_connection_takes_the_next_jump_once():
+    clock = _clock()
+    clock.rejoin()  # the simulator ran on while the broker was away
+    assert clock.advance(100 + 500, 1, 10.0, 10.0) is None and clock.local == 600
+    assert "more than the 4" in clock.advance(600 + 500, 1, 10.0, 10.0)  # once only

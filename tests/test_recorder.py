@@ -160,7 +160,7 @@ async def test_recorder_records_what_was_published(broker, tmp_path):
     async with running(Recorder(config)) as rec, BusClient(broker.url, instrument) as bus, raw:
         async def publish_all(tag: int) -> None:
             for k in range(20):
-                frame = DaqFrame(frame=k, seq=k, coil_z_m=1e-6 * k + tag, coil_vz_m_s=-1e-3 * k)
+                frame = DaqFrame(frame=k, seq=k, coil_z_m=1e-6 * k + 1e-3 * tag, coil_vz_m_s=-1e-3 * k)
                 msgs = {f"{p}/daq/frame": encode(frame),
                         f"{p}/servo/setpoint": encode(Setpoint(frame=k, values={"main_coil_current_a": 0.01 * k})),
                         f"{p}/custom/blob": bytes([k, tag]) + b"\x00\xff not msgpack",
@@ -214,7 +214,7 @@ async def test_recorder_records_what_was_published(broker, tmp_path):
     assert summary["records"] == len(records)
     with h5py.File(out) as f:
         z = f["daq/frame/coil_z_m"][:]
-        np.testing.assert_allclose(z, 1e-6 * np.arange(20) + 1, rtol=0, atol=0)
+        np.testing.assert_allclose(z, 1e-6 * np.arange(20) + 1e-3, rtol=0, atol=0)
         assert f["daq/frame/coil_z_m"].attrs["unit"] == "m"
         assert f["servo/setpoint/values/main_coil_current_a"].attrs["unit"] == "A"
         assert f["recorder/status"].attrs["message_type"] == "Status"

@@ -103,9 +103,9 @@ async def test_param_set_is_replied_audited_applied_and_republished(config):
             assert svc.gain == 2.5
             assert svc.applied == [("gain", 1.0, 2.5)]
             await bus.publish(svc.topics.setpoint("driver"),
-                              Setpoint(frame=7, values={"x_m": 2.0}), qos=1)
+                              Setpoint(frame=7, values={"x_m": 0.02}), qos=1)
             out = await frames.expect(DaqFrame, lambda f: f.frame == 7, timeout_s=3)
-            assert out.coil_z_m == pytest.approx(5.0)
+            assert out.coil_z_m == pytest.approx(0.05)
 
         got = await bus.request("example", "param.get", {"name": "gain"}, timeout_s=3)
         assert got.ok and got.result == {"name": "gain", "value": 2.5, "unit": "V/m"}
@@ -223,13 +223,13 @@ async def test_invalid_messages_dropped_counted_reported_and_service_goes_on(con
             assert "finite" in seen[2].text and "values" in seen[2].text
             assert all(e.severity == "warning" and e.data["topic"] == topic for e in seen)
 
-            await bus.publish(topic, Setpoint(frame=5, values={"x_m": 1.5}), qos=1)
-            assert (await frames.expect(DaqFrame, timeout_s=3)).coil_z_m == pytest.approx(1.5)
+            await bus.publish(topic, Setpoint(frame=5, values={"x_m": 0.015}), qos=1)
+            assert (await frames.expect(DaqFrame, timeout_s=3)).coil_z_m == pytest.approx(0.015)
             assert svc.counters["rejected"] == 3
 
             for k in range(100):  # a flood: a bounded number of events, the rest counted
                 await raw.publish(topic, b"\xc1" * (k + 1), qos=0)
-            await bus.publish(topic, Setpoint(frame=6, values={"x_m": 2.0}), qos=1)
+            await bus.publish(topic, Setpoint(frame=6, values={"x_m": 0.02}), qos=1)
             assert (await frames.expect(DaqFrame, timeout_s=3)).frame == 6
             await asyncio.sleep(0.6)  # let one token refill: the next event reports the count
             await raw.publish(topic, b"\xc1", qos=1)
@@ -362,8 +362,8 @@ async def test_handler_error_is_counted_reported_and_service_goes_on(config):
             await bus.publish(topic, Setpoint(frame=1, values={"boom": 1.0}), qos=1)
             ev = await events.expect(Event, lambda e: e.kind == "handler_error", timeout_s=3)
             assert ev.severity == "alarm" and "RuntimeError" in ev.text and "boom requested" in ev.text
-            await bus.publish(topic, Setpoint(frame=2, values={"x_m": 3.0}), qos=1)
-            assert (await frames.expect(DaqFrame, timeout_s=3)).coil_z_m == pytest.approx(3.0)
+            await bus.publish(topic, Setpoint(frame=2, values={"x_m": 0.03}), qos=1)
+            assert (await frames.expect(DaqFrame, timeout_s=3)).coil_z_m == pytest.approx(0.03)
         assert svc.counters["handler_errors"] == 1
 
 

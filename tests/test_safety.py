@@ -1,4 +1,5 @@
-"""The actuator guard: safe on boot, limits, slew, stale hold and ramp, watchdog trip and reset."""
+"""The actuator guard: safe on boot, limits, slew, stale hold and ramp (whatever the request's
+tag), watchdog trip and reset."""
 
 import math
 import re
@@ -80,6 +81,20 @@ def test_fresh_request_within_hold_resumes_without_step():
     g.request(130, [0.3, 0.0])
     assert g.output(130)[0] == 0.3
     assert not g.stale
+
+
+def test_a_request_tagged_in_the_future_still_goes_stale():
+    """Issue 17 finding 1: a request tagged frame + 1e9 left the guard's input fresh forever
+    (its age negative). Its age now runs from the frame it is applied at."""
+    g = make_guard()
+    g.arm()
+    for k in range(100):
+        g.request(k, [0.3, 0.0])
+        g.output(k)
+    g.request(100 + 10**9, [0.3, 0.0])
+    for k in range(100, 200):       # no request since: stale after 10 ms, safe 50 ms later
+        g.output(k)
+    assert g.state == "safe" and g.stale
 
 
 def test_watchdog_trips_on_excess_rms_and_needs_reset_then_arm():
