@@ -63,12 +63,14 @@ Output: ``servo/setpoint`` each frame (tagged with the DAQ frame index), ``servo
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
 from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, LoopFrame, Setpoint
+from kibble.bus_schema.realtime import FrameClock
 from kibble.control import pid as P
 from kibble.control.electrostatic import efb_force_to_voltage
 from kibble.control.trajectory import (
@@ -206,6 +208,9 @@ class Servo(Service):
         self.err_sq = 0.0
         self.err_n = 0
         self.mass_topic = self.topics.hw(s.mass_lift_device)
+        self.clock = FrameClock(self.dt_s, realtime=self.config.clock == "realtime")
+        """The DAQ frames' tags, checked: the trajectory and the load-step feedforward run on
+        them, so a frame tagged in the past (before a mass was placed) would step the force."""
         self.subscribe(self.topics.frame("daq"), DaqFrame, self.on_frame)
         self.frame_clock(self.topics.frame("daq"), self.dt_s)
 
@@ -240,6 +245,10 @@ class Servo(Service):
         return self.frame * self.dt_s
 
     def on_frame(self, daq: DaqFrame) -> None:
+        why = self.clock.advance(daq.frame, daq.session, daq.t_mono_s, time.monotonic())
+        if why is not None:
+            self.reject(self.topics.frame("daq"), why)
+            return
         frame = self.frame = daq.frame
         t = frame * self.dt_s
         z = self.z_m = daq.coil_z_m

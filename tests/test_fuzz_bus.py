@@ -18,9 +18,8 @@ the nodes themselves. Seen from an outside observer on ``#``:
   frames still flow and are answered with their own tags, every actuator still armed, the
   frame clocks with the simulator's, the recorder's file holds every payload it was sent.
 
-The families of the open findings of issue 17 (future and past frame tags, implausible values,
-relay fields) run as separate cases under strict xfail: when the fixes land they pass, the
-xfail turns into a failure, and the mark is removed. The EFB stack (sim, daq, servo,
+The families of issue 17's findings (future and past frame tags, implausible values, relay
+fields) run as separate cases, each built from live traffic. The EFB stack (sim, daq, servo,
 hv_source) gets the main campaign too.
 
 Two defects the campaign found are fixed, with tests of their own at the end: the codec's
@@ -695,13 +694,8 @@ async def test_campaign(nist4):
 
 FAMILIES = ("relays", "frame_tags", "implausible")
 """The families of issue 17's findings 7 (relay fields), 1-3 (future and past frame tags) and
-8 (implausible values), each a case of its own."""
-OPEN = {
-    "frame_tags": "issue 17 findings 1-3: future and past frame tags; fixed on branch frametags",
-    "implausible": "issue 17 finding 8: implausible values move the coil; fixed on branch frametags",
-}
-"""In the order they run: the least harmful to the stack first (a case that leaves the stack
-unhealthy costs the next one a new stack)."""
+8 (implausible values), each a case of its own, in the order they run: the least harmful to
+the stack first (a case that leaves the stack unhealthy costs the next one a new stack)."""
 
 
 PAUSED = {"relays", "frame_tags"}
@@ -710,9 +704,7 @@ stack is at, with no real frame racing them. The implausible values go between r
 instead, one every few frames: several in a row are meant to be stale input (issue 17 item 5)."""
 
 
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=[pytest.mark.xfail(strict=True, reason=OPEN[f])] if f in OPEN else [])
-    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 async def test_campaign_of_a_finding(nist4, family):
     """One family of an open finding, built from live traffic, checked like the main one."""
     bench = await bench_for(nist4)
