@@ -44,6 +44,10 @@ from kibble.bus_schema.realtime import SLACK_FRAMES, FrameClock
 from kibble.services.runtime import Service, ServiceConfig, command
 from kibble.services.safety import ActuatorGuard, GuardConfig
 
+HELLO_AFTER_S = 1.0
+"""With no hardware frame for this long (wall clock), the actuator says hello again (frame -1,
+its present outputs): a lockstep simulator that restarted knows only the devices that speak to
+it, and waits for them before its first frame."""
 LOCKSTEP_ANSWER_S = 0.6
 """Lockstep: a frame that has waited this long (wall clock) for its input, with no input in
 that time, finds the upstream silent: it and every frame after it until input comes are
@@ -126,6 +130,8 @@ class ActuatorService(Service):
         without its input (set by :meth:`watch_clock`, cleared by the next input)."""
         self._too_old = False
         self._clock_stopped = False
+        self._hello_t_s = -math.inf
+        """When the last hello went out (monotonic s)."""
         self._lockstep = False
         super().__init__(config)
 
@@ -339,7 +345,15 @@ class ActuatorService(Service):
         period_s = LOCKSTEP_ANSWER_S / 4 if self._lockstep else self.guard.config.stale_after_s / 2
         while True:
             await asyncio.sleep(period_s)
-            self.watch_clock(time.monotonic())
+            now_s = time.monotonic()
+            self.watch_clock(now_s)
+            if now_s - max(self.clock.t_s, self._hello_t_s) > HELLO_AFTER_S:
+                self._hello(now_s)
+
+    def _hello(self, now_s: float) -> None:
+        assert self.guard is not None
+        self._hello_t_s = now_s
+        self.write_outputs(-1, self.guard.out.copy())
 
     def _state_name(self) -> str:
         assert self.guard is not None
@@ -349,14 +363,15 @@ class ActuatorService(Service):
         """Say hello to the hardware (frame -1, the present outputs: zero at boot); this also
         registers the devices with a lockstep simulator. Its frames went on while we were away:
         the next one may be far ahead."""
-        assert self.guard is not None
         self.clock.rejoin()
-        self.write_outputs(-1, self.guard.out.copy())
+        self._hello(time.monotonic())
 
     async def on_disconnect(self) -> None:
-        """A lost broker is stale input: disarm (the outputs ramp down at the next frames)."""
+        """A lost broker is stale input: disarm (the outputs ramp down at the next frames); the
+        state says so at once, so the status published on reconnecting is the guard's."""
         if self.guard is not None and self.guard.state == "armed":
             self.guard.disarm()
+            self.set_state(self._state_name())
 
     async def on_stop(self) -> None:
         if self.guard is not None:

@@ -297,6 +297,25 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
     assert restarted.detail["test_mass_on"] is True and restarted.detail["aux_on"] is False
 
 
+async def test_restarted_simulator_is_answered_without_a_command(nist4):
+    """issue 17, finding 4: the actuators registered only when they connected, so a restarted
+    lockstep simulator waited for them forever (no frame for 8 s until a manual ``kibble cmd
+    sim register``). With no hardware frame for a second they say hello again. Runs last of
+    the module's stack: the new simulator is a new plant."""
+    stack, loop = nist4
+    sim = stack.child_of("sim")
+    old_pid = sim.proc.pid
+    async with loop.bus.listen(loop.bus.topics.status("sim")) as statuses:
+        old = await statuses.expect(Status, lambda st: st.online, timeout_s=10.0)
+        os.kill(old_pid, signal.SIGKILL)
+        new = await statuses.expect(
+            Status, lambda st: st.online and st.session != old.session and st.detail["frame"] > 20,
+            timeout_s=30.0)
+    assert sim.proc.pid != old_pid
+    assert set(new.detail["registered"].split(",")) == {"cm_source", "damping", "main_source",
+                                                        "theta_z_hv"}
+
+
 @pytest.mark.asyncio(loop_scope="function")
 async def test_efb_holds_1_mg_and_refuses_hv_above_the_pressure_limit(broker, tmp_path):
     async with Stack("efb", clock="lockstep", rate_hz=RATE_HZ, broker_url=broker.url,
