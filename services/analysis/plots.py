@@ -54,8 +54,10 @@ def plot_bl_profile(result: VelocitySetResult, path) -> str:
 def plot_bl_time(result: TripletResult, path) -> str:
     """Bl over time, force (s = 1) vs velocity (s = 0) points, PNG (after seed 001 figure 12):
     top the data relative to {Bl_V} with the triplet regression, bottom the data minus the
-    smooth part l1 + l2 t + l3 t^2, where the force points sit l4 above the velocity points.
-    Returns the path."""
+    smooth part l1 + l2 t + l3 t^2, where the force points sit l4 above the velocity points;
+    the title l4 / {Bl_V} = h / h_units - 1 (eq. 15; h_units the h of the electrical units,
+    the SI value in the pipeline, :mod:`~kibble.services.analysis.constants`). Returns the
+    path."""
     plt = _plt()
     fig, (a0, a1) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
     t0 = result.time_s.min()
@@ -74,7 +76,7 @@ def plot_bl_time(result: TripletResult, path) -> str:
     a0.set_ylabel("Bl / Bl_V - 1 / 1e-9")
     a1.set_ylabel("Bl - (l1 + l2 t + l3 t^2) / 1e-9 (rel.)")
     a1.set_xlabel("t / min")
-    a0.set_title(f"h/h90 - 1 = {result.h_rel * 1e9:.1f}({result.u_h_rel * 1e9:.1f}) x 1e-9")
+    a0.set_title(f"l4 / Bl_V = h / h_units - 1 = {result.h_rel * 1e9:.1f}({result.u_h_rel * 1e9:.1f}) x 1e-9")
     a0.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
