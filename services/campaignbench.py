@@ -9,7 +9,7 @@ run side by side on two cores:
   over 80 mm at 1 mm/s, a force set 17 weighings of 58 s, each after an erase with the servo's
   default erase, 160 s): about 9000 s simulated. ``campaign_h_rel_err`` = h / h_SI - 1,
   ``campaign_h_rel_u`` its stated type A relative uncertainty (the triplet regression and the
-  master profile, :func:`~kibble.services.campaign.analyze_nist4`), to compare with the
+  master profile, :func:`~kibble.services.analysis.analyze_nist4`), to compare with the
   published one-triplet statistical scatter of NIST-4, 28e-9 (:data:`PUBLISHED`).
 * EFB: the 1 mg artifact weighed with :func:`~kibble.services.campaign.offline_efb` at its
   defaults (an ``efb_run``: 6 runs of the weighing plan, i.e. 5 trials, with 20 s windows,
@@ -37,7 +37,6 @@ bench`` leaves it out, ``kibble bench --only campaign`` runs it.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import multiprocessing
 import sys
@@ -68,14 +67,6 @@ EFB_TYPE_B_REL = math.sqrt(sum(v * v for v in an.EFB_TABLE_1_BUDGET_1MG.values()
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _campaign(kind: str, seed: int, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """One offline campaign, its progress on stderr prefixed with ``kind``; the JSON-able
-    summary. Module level, so that a spawned process can run it."""
-    fn = {"nist4": C.offline_nist4, "efb": C.offline_efb}[kind]
-    result = asyncio.run(fn(seed, progress=lambda s: _stderr(f"  [{kind}]{s}"), **dict(kwargs)))
-    return result.summary()
 
 
 def figures(nist4: Mapping[str, Any], efb: Mapping[str, Any], wall_s: float) -> dict[str, float]:
@@ -133,12 +124,13 @@ def run(*, nist4_seed: int = NIST4_SEED, efb_seed: int = EFB_SEED, rate_hz: floa
     out: dict[str, dict[str, Any]] = {}
     if parallel:
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {kind: pool.submit(_campaign, kind, seed, kw) for kind, (seed, kw) in jobs.items()}
+            futures = {kind: pool.submit(C.offline_summary, kind, seed, kw, f"  [{kind}]")
+                       for kind, (seed, kw) in jobs.items()}
             for kind, fut in futures.items():
                 out[kind] = fut.result()
     else:
         for kind, (seed, kw) in jobs.items():
-            out[kind] = _campaign(kind, seed, kw)
+            out[kind] = C.offline_summary(kind, seed, kw, f"  [{kind}]")
     res = figures(out["nist4"], out["efb"], time.perf_counter() - t0)
     say(f"  campaign: h / h_SI - 1 = {res['campaign_h_rel_err']:+.2e}, type A u {res['campaign_h_rel_u']:.2e} "
         f"(published one-triplet scatter {PUBLISHED['campaign_h_rel_u']:.2e}), z {res['campaign_h_z']:+.2f}; "

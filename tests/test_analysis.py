@@ -1,4 +1,4 @@
-"""Analysis steps (kibble.services.analysis) against synthetic data with a known answer.
+"""The paper's functions (kibble.services.analysis) against synthetic data with a known answer.
 
 Noise-free: exact to 1e-12 relative. With noise: over 200 synthetic sets the fraction with
 |error| < 2u lies in [0.85, 1] and the stated u matches the empirical scatter within 1.3.
@@ -65,22 +65,19 @@ def _sweeps(rng, n_s=30, n=93, noise=0.0, sweep_noise=0.0, thermal_v=2e-7, v_m_s
 def test_velocity_noise_free_exact():
     rng = np.random.default_rng(1)
     z, u, v, t, dirs = _sweeps(rng)
-    pjvs = 0.68
-    pj = np.where(v > 0, pjvs, -pjvs)
-    u_dvm = u - pj
     z_w = 0.0013
-    r = an.velocity_mode_bl(z, u_dvm, v, dirs, voltage_pjvs_v=pj, time_s=t, z_weigh_m=z_w,
-                            order=5, z_range_m=(-Z_HALF, Z_HALF))
+    r = an.velocity_mode_bl(z, u, v, dirs, time_s=t, z_weigh_m=z_w, order=5,
+                            z_range_m=(-Z_HALF, Z_HALF))
     truth = C.chebval(z_w / Z_HALF, COEF)
     thermal = 2e-7 / 1e-3
     np.testing.assert_allclose(r.master_coef[1:], COEF[1:], rtol=0, atol=1e-12 * COEF[0])
     expect = truth + np.where(np.array(dirs) == "up", thermal, -thermal)
     np.testing.assert_allclose(r.bl_sweep_t_m, expect, rtol=1e-12)
     np.testing.assert_allclose(r.bl_pair_t_m, truth, rtol=1e-12)      # thermal cancels in pairs
-    assert len(r.bl_pair_t_m) == 29                                    # 30 sweeps -> 29 Bl_V
+    assert len(r.bl_pair_t_m) == 15                 # 30 sweeps -> 15 non-overlapping pairs
     assert r.bl_mean_t_m == pytest.approx(truth, rel=1e-12)
     assert np.max(np.abs(np.concatenate(r.residual_t_m))) < 1e-12 * truth
-    np.testing.assert_allclose(r.time_pair_s, 0.5 * (r.time_sweep_s[1:] + r.time_sweep_s[:-1]))
+    np.testing.assert_allclose(r.time_pair_s, 0.5 * (r.time_sweep_s[0::2] + r.time_sweep_s[1::2]))
 
 
 def test_velocity_run_master_profile():
@@ -254,8 +251,8 @@ def test_force_linear_drift_interpolated_exactly():
 
 
 def test_force_currents_from_voltage():
-    np.testing.assert_allclose(an.currents_from_voltage([0.7, -0.69], 100.0, [-0.01, 0.0]),
-                               [0.0069, -0.0069], rtol=1e-12)
+    np.testing.assert_allclose(an.currents_from_voltage([0.69, -0.69], 100.0), [0.0069, -0.0069],
+                               rtol=1e-12)
 
 
 def test_eq19_equals_eq16_17():
@@ -308,7 +305,8 @@ def test_triplet_noise_free_exact():
     dt_f = np.mean(t[s] - t.mean())
     blv = LAM[0] + LAM[1] * dt_f + LAM[2] * dt_f**2
     assert abs(r.h_rel - LAM[3] / blv) < 1e-12
-    assert r.h_j_s == pytest.approx(an.H90_J_S * (1 + LAM[3] / blv), rel=1e-12)
+    assert an.h_from_lambda4(r.lam[3], r.bl_v_t_m, an.H90_J_S) == pytest.approx(
+        an.H90_J_S * (1 + LAM[3] / blv), rel=1e-12)
     assert np.max(np.abs(r.residual_t_m)) < 1e-12 * LAM[0]
 
 
@@ -320,35 +318,44 @@ def test_h_and_mass_from_si_construction():
     u_90 = u_si * an.K_J_HZ_V / an.K_J90_HZ_V     # what a K_J90-calibrated DVM/PJVS reads
     i_90 = i_si * (an.K_J_HZ_V * an.R_K_OHM) / (an.K_J90_HZ_V * an.R_K90_OHM)
     bl_v, bl_f = u_90 / v, m * g / i_90           # Bl_F with the calibrated (true) mass
-    assert an.h_from_bl_ratio(bl_f / bl_v) == pytest.approx(an.H_J_S, rel=1e-12)
-    assert an.h_from_lambda4(bl_f - bl_v, bl_v) == pytest.approx(an.H_J_S, rel=1e-12)
+    assert an.h_from_lambda4(bl_f - bl_v, bl_v, an.H90_J_S) == pytest.approx(an.H_J_S, rel=1e-12)
+    # measured in the SI (the daq's units) the same balance gives Bl_F = Bl_V and h_SI
+    assert an.h_from_lambda4(m * g / i_si - u_si / v, u_si / v, an.H_J_S) == pytest.approx(an.H_J_S, rel=1e-12)
     # the same with the triplet regression of a drifting Bl
     t, s = _triplet_times()
     drift = 1 + 3e-8 * (t - t.mean()) / 3600
     data = np.where(s, bl_f, bl_v) * drift
     r = an.triplet_regression(t, data, s, u_bl_t_m=np.where(s, 1e-8, 4e-8) * bl_v)
-    assert r.h_j_s == pytest.approx(an.H_J_S, rel=1e-12)
+    assert an.h_from_lambda4(r.lam[3], r.bl_v_t_m, an.H90_J_S) == pytest.approx(an.H_J_S, rel=1e-12)
     # mass in the new SI: Bl_F computed with a wrong assumed mass recovers the true one
     m_assumed = 1.0
     ratio = (m_assumed * g / i_90) / bl_v
-    assert an.mass_from_bl_ratio(ratio, m_assumed) == pytest.approx(m, rel=1e-12)
-    # eq. 22 from Josephson / QHE quantities: U = n f / K_J, R = R_K / p, m g v = U^2 / R
-    n, p, f = 120000, 1, 7.7e9
-    u = n * f / an.K_J_HZ_V
-    mass = u * u / (an.R_K_OHM / p) / (g * v)
-    assert an.mass_eq22(p, n, f, g, v) == pytest.approx(mass, rel=1e-12)
+    assert an.mass_from_bl_ratio(ratio, m_assumed, an.H90_J_S) == pytest.approx(m, rel=1e-12)
+    ratio_si = (m_assumed * g / i_si) / (u_si / v)
+    assert an.mass_from_bl_ratio(ratio_si, m_assumed, an.H_J_S) == pytest.approx(m, rel=1e-12)
 
 
 def test_h_from_triplets():
+    """The mean of the triplets' h; type A: one triplet, its regression's u widened to its
+    Student t (69 degrees of freedom here); two or three, the larger of their scatter and the
+    regressions' u of the mean; more, their scatter widened (dof n - 1); the master profile's
+    u in quadrature."""
     t, s = _triplet_times()
     rng = np.random.default_rng(13)
     trips = [an.triplet_regression(t, _triplet_model(t, s) + 1e-8 * rng.standard_normal(t.size), s)
              for _ in range(5)]
-    r = an.h_from_triplets(trips)
-    hs = np.array([x.h_j_s for x in trips])
+    hs = np.array([an.h_from_lambda4(x.lam[3], x.bl_v_t_m, an.H90_J_S) for x in trips])
+    u_trip = np.array([x.u_h_rel * math.sqrt(x.dof / (x.dof - 2)) for x in trips])
+    r = an.h_from_triplets(trips, 2e-9, an.H90_J_S, an.NIST4_TABLE_III_BUDGET)
     assert r.value == pytest.approx(hs.mean(), rel=1e-15)
-    assert r.u_a == pytest.approx(np.std(hs, ddof=1) / math.sqrt(5), rel=1e-12)
+    sem = np.std(hs, ddof=1) / math.sqrt(5) * math.sqrt(4 / 2)
+    assert r.u_a == pytest.approx(math.hypot(sem, 2e-9 * an.H90_J_S), rel=1e-12)
     assert r.u_b_rel == pytest.approx(math.sqrt(sum(x * x for x in an.NIST4_TABLE_III_BUDGET.values())))
+    one = an.h_from_triplets(trips[:1], 2e-9, an.H90_J_S)
+    assert one.u_a == pytest.approx(an.H90_J_S * math.hypot(u_trip[0], 2e-9), rel=1e-12) and one.u_b == 0
+    two = an.h_from_triplets(trips[:2], 0.0, an.H90_J_S)
+    stated = an.H90_J_S * math.sqrt(np.sum(u_trip[:2] ** 2)) / 2
+    assert two.u_a == pytest.approx(max(np.std(hs[:2], ddof=1) / math.sqrt(2), stated), rel=1e-12)
 
 
 def test_triplet_noise_within_uncertainty():
@@ -407,7 +414,6 @@ def test_gradient_noise_free_exact(alternate):
     assert r.dcdz_f_m == pytest.approx(_poly_slope(z_w), rel=1e-12)
     np.testing.assert_allclose(r.dcdz_sweep_f_m, _poly_slope(z_w), rtol=1e-12)
     assert r.drift_coef[0] == pytest.approx(2e-17, rel=1e-9)
-    assert r.kappa_f_m == pytest.approx(0.5 * _poly_slope(z_w), rel=1e-12)
     # quadratic drift with drift_order=2
     z, c, t = _gradient_data(rng, drift_f_s=(2e-17, 3e-22))
     r2 = an.capacitance_gradient(z, c, t, z_weigh_m=z_w, drift_order=2)
@@ -439,42 +445,45 @@ M_MG = 1e-6                      # 1 mg in kg
 G_EFB = 9.80101
 
 
-def _efb_data(rng, n_p=40, v_s=0.04, drift_n_s=0.0, noise_v=0.0, f_u0=2.0e-5):
-    """Sequence per trial: U+, U-, L+, L-, then a final U+; measured V = +-V_true + V_S."""
+def _efb_data(rng, n_p=40, v_s=0.04, drift_n_s=0.0, noise_v=0.0, f_u0=2.0e-5, sign=-1):
+    """Sequence per trial: U+, U-, L+, L-, then a final U+; measured V = +-V_true + V_S, one
+    voltage per reading (so its mean square is its square). Loaded, the force is m g higher
+    (``sign=+1``, eq. 8) or lower (``sign=-1``, the printed eq. 17)."""
     dt = 60.0
     t_up = dt * 4 * np.arange(n_p + 1)
     t_un, t_lp, t_ln = t_up[:-1] + dt, t_up[:-1] + 2 * dt, t_up[:-1] + 3 * dt
 
-    def v_meas(force, pol):
-        return pol * np.sqrt(force / KAPPA) + v_s + noise_v * rng.standard_normal(np.shape(force))
+    def v2_meas(force, pol):
+        return (pol * np.sqrt(force / KAPPA) + v_s + noise_v * rng.standard_normal(np.shape(force))) ** 2
 
     fu = lambda tt: f_u0 + drift_n_s * tt  # noqa: E731
     return dict(
-        t_u_pos_s=t_up, v_u_pos_v=v_meas(fu(t_up), +1),
-        t_u_neg_s=t_un, v_u_neg_v=v_meas(fu(t_un), -1),
-        t_l_pos_s=t_lp, v_l_pos_v=v_meas(fu(t_lp) - M_MG * G_EFB, +1),
-        t_l_neg_s=t_ln, v_l_neg_v=v_meas(fu(t_ln) - M_MG * G_EFB, -1))
+        t_u_pos_s=t_up, v2_u_pos_v2=v2_meas(fu(t_up), +1),
+        t_u_neg_s=t_un, v2_u_neg_v2=v2_meas(fu(t_un), -1),
+        t_l_pos_s=t_lp, v2_l_pos_v2=v2_meas(fu(t_lp) + sign * M_MG * G_EFB, +1),
+        t_l_neg_s=t_ln, v2_l_neg_v2=v2_meas(fu(t_ln) + sign * M_MG * G_EFB, -1))
 
 
 def test_efb_mass_noise_free_exact():
     rng = np.random.default_rng(8)
     d = _efb_data(rng, v_s=0.04)               # surface potential, no drift
-    r = an.efb_weighing(KAPPA, G_EFB, **d)
+    r = an.efb_weighing(KAPPA, G_EFB, **d, sign=-1)
     np.testing.assert_allclose(r.mass_trial_kg, M_MG, rtol=1e-12)
     # single polarity would be biased by the surface potential (eqs. 4-5)
-    f = lambda v: an.efb_force_n(v, KAPPA)   # noqa: E731
-    m_pos = (f(d["v_u_pos_v"][:-1]) - f(d["v_l_pos_v"])) / G_EFB
+    m_pos = KAPPA * (d["v2_u_pos_v2"][:-1] - d["v2_l_pos_v2"]) / G_EFB
     assert abs(m_pos.mean() / M_MG - 1) > 1e-4
     # linear drift of the restoring force, no surface potential: interpolation is exact
     d = _efb_data(rng, v_s=0.0, drift_n_s=3e-12)
-    r = an.efb_weighing(KAPPA, G_EFB, **d)
+    r = an.efb_weighing(KAPPA, G_EFB, **d, sign=-1)
     np.testing.assert_allclose(r.mass_trial_kg, M_MG, rtol=1e-12)
-    # hysteresis correction (seed 000 Table 3: 13.9(1.4) ng for 1 mg)
-    r = an.efb_weighing(KAPPA, G_EFB, **d, hysteresis_kg=13.9e-12)
-    assert r.mass_kg == pytest.approx(M_MG - 13.9e-12, rel=1e-12)
-    assert r.u_hysteresis_kg == pytest.approx(1.39e-12, rel=1e-12)
-    h = an.efb_hysteresis_from_mimic([2.0e-5 + 1.4e-10] * 3, [2.0e-5] * 3, G_EFB)
-    assert h == pytest.approx(1.4e-10 / G_EFB, rel=1e-6)
+    # the simulator's convention (loaded force higher, eq. 8), a kappa per trial: linear in it
+    d = _efb_data(rng, n_p=3, sign=+1)
+    kappa = KAPPA * np.array([1.0, 1.0 + 1e-6, 1.0 - 2e-6])
+    r = an.efb_weighing(kappa, G_EFB, **d)
+    np.testing.assert_allclose(r.mass_per_kappa_kg_m_per_f, M_MG / KAPPA, rtol=1e-12)
+    np.testing.assert_allclose(r.mass_trial_kg, M_MG * kappa / KAPPA, rtol=1e-12)
+    with pytest.raises(ValueError, match="sign must be"):
+        an.efb_weighing(KAPPA, G_EFB, **d, sign=0)
 
 
 def test_efb_refuses_extrapolation():
@@ -482,7 +491,7 @@ def test_efb_refuses_extrapolation():
     d = _efb_data(rng)
     d["t_l_neg_s"] = d["t_l_neg_s"] + 1e6
     with pytest.raises(ValueError):
-        an.efb_weighing(KAPPA, G_EFB, **d)
+        an.efb_weighing(KAPPA, G_EFB, **d, sign=-1)
 
 
 def test_efb_mass_noise_within_uncertainty():
@@ -490,38 +499,43 @@ def test_efb_mass_noise_within_uncertainty():
     errs, us = [], []
     for _ in range(N_SETS):
         d = _efb_data(rng, n_p=40, noise_v=2e-5, drift_n_s=1e-12)
-        r = an.efb_weighing(KAPPA, G_EFB, **d)
-        errs.append(r.mass_raw_kg - M_MG)
-        us.append(r.u_a_kg)
+        r = an.efb_weighing(KAPPA, G_EFB, **d, sign=-1)
+        errs.append(r.mass_trial_kg.mean() - M_MG)
+        us.append(r.u_a_weighing_kg)
     _coverage(errs, us)
 
 
 # --- uncertainty ----------------------------------------------------------------------------
 def test_budgets_reproduce_published_totals():
     # seed 001 Table III: statistical 24.9e-9 with the type B lines -> total 33.6e-9
-    r = an.combine_uncertainty([1.0], an.NIST4_TABLE_III_BUDGET, u_a=24.9e-9)
+    r = an.combine_uncertainty([1.0], 24.9e-9, an.NIST4_TABLE_III_BUDGET)
     assert r.u_c_rel == pytest.approx(33.6e-9, abs=0.05e-9)
-    # seed 000 Table 1: 1 mg type A 3.8e-6 -> 7.3e-6; 20 mg type A 2.2e-6 -> 6.5e-6
-    r = an.combine_uncertainty([1e-6], an.EFB_TABLE_1_BUDGET_1MG, u_a=3.8e-6 * 1e-6)
+    # seed 000 Table 1: 1 mg type A 3.8e-6 -> 7.3e-6; 20 mg (hysteresis 2.2e-7) type A 2.2e-6 -> 6.5e-6
+    r = an.combine_uncertainty([1e-6], 3.8e-6 * 1e-6, an.EFB_TABLE_1_BUDGET_1MG)
     assert r.u_c_rel == pytest.approx(7.3e-6, abs=0.05e-6)
-    r = an.combine_uncertainty([2e-5], an.EFB_TABLE_1_BUDGET_20MG, u_a=2.2e-6 * 2e-5)
-    assert r.u_c_rel == pytest.approx(6.5e-6, abs=0.05e-6)
     assert "total relative uncertainty" in r.table()
+    r = an.combine_uncertainty([2e-5], 2.2e-6 * 2e-5, dict(an.EFB_TABLE_1_BUDGET_1MG, hysteresis=2.2e-7))
+    assert r.u_c_rel == pytest.approx(6.5e-6, abs=0.05e-6)
+    assert an.budget_named("table3", "nist4") is an.NIST4_TABLE_III_BUDGET
+    assert an.budget_named("table1", "efb") is an.EFB_TABLE_1_BUDGET_1MG
+    assert an.budget_named(None, "efb") is None and an.budget_named("none", "nist4") is None
+    with pytest.raises(ValueError, match="the efb budget, not one for the nist4"):
+        an.budget_named("table1", "nist4")
 
 
 def test_combine_exact_and_noise():
     v = np.array([1.0, 1.0 + 2e-8, 1.0 - 2e-8, 1.0])
-    r = an.combine_uncertainty(v, {"a": 3e-9, "b": 4e-9})
+    r = an.combine_uncertainty(v, an.std_of_mean(v), {"a": 3e-9, "b": 4e-9})
     assert r.value == pytest.approx(1.0, rel=1e-15)
     assert r.u_b_rel == pytest.approx(5e-9, rel=1e-12)
     assert r.u_a == pytest.approx(np.std(v, ddof=1) / 2, rel=1e-12)
     assert r.u_c == pytest.approx(math.hypot(r.u_a, r.u_b), rel=1e-12)
-    assert an.combine_uncertainty(v, type_a="std").u_a == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+    assert math.isnan(an.std_of_mean([1.0]))
     rng = np.random.default_rng(11)
     errs, us = [], []
     for _ in range(N_SETS):
         x = 1.0 + 1e-8 * rng.standard_normal(20)
-        rr = an.combine_uncertainty(x)
+        rr = an.combine_uncertainty(x, an.std_of_mean(x))
         errs.append(rr.value - 1.0)
         us.append(rr.u_c)
     _coverage(errs, us)
@@ -534,7 +548,8 @@ def test_plots_written(tmp_path):
     vr = an.velocity_mode_bl(z, u, v, dirs, order=5, time_s=t)
     tt, s = _triplet_times()
     tr = an.triplet_regression(tt, _triplet_model(tt, s) + 1e-8 * rng.standard_normal(tt.size), s)
-    ur = an.combine_uncertainty(1e-6 * (1 + 4e-6 * rng.standard_normal(12)), an.EFB_TABLE_1_BUDGET_1MG)
+    masses = 1e-6 * (1 + 4e-6 * rng.standard_normal(12))
+    ur = an.combine_uncertainty(masses, an.std_of_mean(masses), an.EFB_TABLE_1_BUDGET_1MG)
     paths = [an.plot_bl_profile(vr, tmp_path / "profile.png"),
              an.plot_bl_time(tr, tmp_path / "bl_time.png"),
              an.plot_mass_determinations(ur, tmp_path / "mass.png", unit="mg", scale=1e6,

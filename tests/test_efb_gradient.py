@@ -1,16 +1,13 @@
 """EFB capacitance-gradient mode (seed 000 section 3.1, issue 6): hv_source's watchdog centred
-on the servo's reference, the servo's gradient mode in process (handover between the main and
-the auxiliary electrode, slewed moves, refused commands) and the analysis's bracketing of the
-weighings by gradient determinations with the propagation of their uncertainty."""
-
-import math
+on the servo's reference and the servo's gradient mode in process (handover between the main
+and the auxiliary electrode, slewed moves, refused commands). The analysis's bracketing of the
+weighings by gradient determinations is tested in test_analysis_pipeline.py."""
 
 import numpy as np
 import pytest
 
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, HwSensorFrame, Setpoint
-from kibble.services import campaign as C
 from kibble.services.hv_source import HvSource
 from kibble.services.inprocess import InProcessStack
 from kibble.services.runtime import ServiceConfig
@@ -180,111 +177,3 @@ async def test_gradient_mode_is_entered_only_from_force_mode_with_the_link_held(
             await stack.command("servo", "sweep", direction="up")
     finally:
         stack.close()
-
-
-# ============================================================================ analysis
-
-
-def _event(info: dict, t: np.ndarray, **data) -> dict:
-    return {"info": info, "data": {"sim_time_s": t.tolist(), **{k: np.asarray(v).tolist() for k, v in data.items()}}}
-
-
-def _gradient_events(t0: float, dcdz: float, rng, noise_f: float = 2e-18) -> list[dict]:
-    """One determination as efb_gradient records it: 2 sweeps of 11 points within 2 mm, 3 s
-    windows at 100 Hz, the held bridge reading updated every second."""
-    z_pts = np.linspace(-1e-3, 1e-3, 11)
-    events, t = [], t0
-    for s in range(2):
-        for i, z in enumerate(z_pts if s == 0 else z_pts[::-1]):
-            tt = t + np.arange(300) * 0.01
-            readings = 28.4e-12 + dcdz * z + 1e-7 * z**2 + noise_f * rng.standard_normal(4)
-            c = readings[np.minimum((tt - t + 0.5).astype(int), 3)]
-            events.append(_event({"sweep": s, "index": i, "z_set_m": z, "z_weigh_m": 0.0}, tt,
-                                 coil_z_m=np.full(tt.size, z), capacitance_f=c))
-            t += 10.0
-    return events
-
-
-def _weighing_events(t0: float, kappa: float, mass: float, g: float, drift_n_s: float) -> list[dict]:
-    """One efb_weighing run: +U +L +U -U -L -U, voltages from F = kappa (V - V_s)^2 with a
-    restoring force that drifts linearly."""
-    events = []
-    for j, (pol, idx, loaded) in enumerate([("+", 0, 0), ("+", 1, 1), ("+", 2, 0),
-                                            ("-", 0, 0), ("-", 1, 1), ("-", 2, 0)]):
-        t = t0 + 10.0 * j + np.arange(100) * 0.05
-        f = 4.735e-6 + drift_n_s * t + loaded * mass * g
-        v = 0.04 + (1 if pol == "+" else -1) * np.sqrt(f / kappa)
-        events.append(_event({"polarity": pol, "index": idx, "loaded": bool(loaded)}, t, coil_voltage_v=v))
-    return events
-
-
-def test_each_trial_takes_the_determinations_bracketing_it_and_their_uncertainty():
-    """G0 run0 G1 run1 G2 run2 G3: trial 0 (run 0) is bracketed by G0 and G1, trial 1 by G1 and
-    G2 (G3 brackets no trial: run 2 only lends its first unloaded reading). The mass is linear
-    in kappa (eq. 1), so with voltages made with kappa_true it is m kappa_used / kappa_true; the
-    dC/dz part of the type A uncertainty is checked against finite differences of the whole
-    analysis (each determination's capacitances tilted by a known dC/dz)."""
-    rng = np.random.default_rng(3)
-    kappa_true, mass, g = 4.735e-10, 1e-6, 9.80101
-    dcdz_in = [0.9470e-9, 0.9471e-9, 0.9469e-9, 0.9472e-9]
-    grads, weighs = [], []
-    for j, d in enumerate(dcdz_in):
-        grads.append(_gradient_events(1000.0 * j, d, rng))
-        if j < 3:
-            weighs.append(_weighing_events(1000.0 * j + 500.0, kappa_true, mass, g, 1e-12))
-
-    def run(gr):
-        return C.analyze_efb([e for w in weighs for e in w], g_m_s2=g,
-                             gradients=[e for d in gr for e in d])
-
-    res = run(grads)
-    d = np.array(res["dcdz_f_m"])
-    assert res["n_gradients"] == 4 and res["n_trials"] == 2
-    assert d == pytest.approx(dcdz_in, rel=2e-5)
-    assert res["kappa_trial_f_m"] == pytest.approx([(d[0] + d[1]) / 4, (d[1] + d[2]) / 4], rel=1e-15)
-    kt = np.array(res["kappa_trial_f_m"])
-    assert res["mass_trial_kg"] == pytest.approx(mass * kt / kappa_true, rel=1e-9)
-    # d mass / d dC/dz_j by finite differences: tilt determination j's capacitances by delta z
-    delta = 1e-15
-    sens = []
-    for j in range(4):
-        tilted = [list(det) for det in grads]
-        tilted[j] = [dict(e, data=dict(e["data"], capacitance_f=(np.array(e["data"]["capacitance_f"])
-                                                                 + delta * np.array(e["data"]["coil_z_m"])).tolist()))
-                     for e in grads[j]]
-        sens.append((run(tilted)["mass_kg"] - res["mass_kg"]) / delta)
-    assert sens[3] == 0.0 and sens[1] == pytest.approx(sens[0] + sens[2], rel=1e-4)
-    u_expected = math.sqrt(sum((s * u) ** 2 for s, u in zip(sens, res["u_dcdz_f_m"])))
-    assert res["u_a_dcdz_kg"] == pytest.approx(u_expected, rel=1e-4)
-    assert res["u_a_kg"] == pytest.approx(math.hypot(res["u_a_weighing_kg"], u_expected), rel=1e-4)
-
-
-def test_weighings_outside_the_gradient_determinations_are_refused():
-    rng = np.random.default_rng(1)
-    grads = _gradient_events(1000.0, 0.947e-9, rng)
-    weighs = _weighing_events(0.0, 4.735e-10, 1e-6, 9.8, 0.0) + _weighing_events(2000.0, 4.735e-10, 1e-6, 9.8, 0.0)
-    with pytest.raises(ValueError, match="trial 0 .* is not bracketed by gradient determinations"):
-        C.analyze_efb(weighs, g_m_s2=9.8, gradients=grads)
-    with pytest.raises(ValueError, match="not both or neither"):
-        C.analyze_efb(weighs, g_m_s2=9.8, gradients=grads, kappa_f_m=4.7e-10)
-
-
-def test_a_recorded_efb_run_is_analysed_with_its_measured_gradient(tmp_path):
-    from kibble.services.runanalysis import RecordedRun, analyze
-
-    rng = np.random.default_rng(5)
-    grads = [_gradient_events(1000.0 * j, 0.947e-9, rng) for j in range(4)]
-    weighs = [_weighing_events(1000.0 * j + 500.0, 4.735e-10, 1e-6, 9.80101, 0.0) for j in range(3)]
-    docs = [("start", {"plan_name": "efb_run"}), ("descriptor", {"uid": "g", "name": "gradient"}),
-            ("descriptor", {"uid": "w", "name": "weighing"})]
-    for j in range(4):
-        docs += [("event", dict(e, descriptor="g")) for e in grads[j]]
-        if j < 3:
-            docs += [("event", dict(e, descriptor="w")) for e in weighs[j]]
-    docs.append(("stop", {"exit_status": "success", "reason": ""}))
-    run = RecordedRun(tmp_path / "run.kbr", docs, {"servo": {"g_m_s2": 9.80101, "kappa_f_m": 1.0}})
-    result = analyze(run)
-    direct = C.analyze_efb([e for w in weighs for e in w], g_m_s2=9.80101,
-                           gradients=[e for g in grads for e in g])
-    assert result["plan"] == "efb_run" and result["n_gradients"] == 4
-    assert result["mass_kg"] == direct["mass_kg"] == pytest.approx(1e-6, rel=1e-5)

@@ -312,7 +312,7 @@ async def test_efb_gradient_plan_recovers_the_plants_dcdz_with_the_link_on_the_a
     assert np.abs(np.diff(ref)).max() <= 5e-5 / GRADIENT_RATE_HZ * (1 + 1e-9)
     assert max(abs(f.values["error_m"]) for f in gradient) < 2e-6
 
-    (t0, t1, res), = C.efb_gradients(events)
+    (t0, t1, res), = an.efb_gradients(events)
     temp_c = np.mean([np.mean(e["data"]["temperature_k"]) for e in events]) - 273.15
     c1 = p["capacitor.dcdz_F_m"] + p["capacitor.temp_coeff_F_m_K"] * (temp_c - p["capacitor.temp_ref_C"])
     assert res.dcdz_f_m == pytest.approx(c1, abs=3.0 * res.u_dcdz_f_m)

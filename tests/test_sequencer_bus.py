@@ -113,8 +113,8 @@ async def test_weighings_through_the_bus_recorded_and_analysed(broker, tmp_path,
     # trials give a type A uncertainty of one degree of freedom: whether stated uncertainties
     # are honest is tested over seeds in test_campaign.py; here the bound is the noise of 3 s
     # windows (offline, 5 s windows scatter by ~3e-6)
-    assert result["mass_kg"] == pytest.approx(1e-6, rel=3e-5)
-    assert 0 < result["u_mass_kg"] < 3e-11
+    assert result.mass_kg == pytest.approx(1e-6, rel=3e-5)
+    assert 0 < result.u_mass_kg < 3e-11
 
     out = subprocess.run([python_exe, "-m", "kibble.services.cli", "analyze", str(run_path),
                           "--json", str(tmp_path / "r.json")], env=subprocess_env,
