@@ -48,7 +48,7 @@ Generator per call, held per noise tick.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
