@@ -127,12 +127,13 @@ async def test_past_the_age_limit_the_actuator_holds_then_goes_safe_with_one_eve
             cs.cmd_arm(Command(command="arm", id="1"))
             await asyncio.sleep(1.0)
             assert cs.guard.state == "armed" and cs.counters["too_old"] == 0
-            # the daemon's event loop hangs for 2 s (this test's loop runs it): when it wakes up
-            # its socket holds 1000 frames of each topic (~140 kB), more than one read takes
-            # (64 kB), so the newest frame of the first batches is ~1 s old (the limit is 20
+            # the daemon's event loop hangs for 1.5 s (this test's loop runs it): when it wakes
+            # up its socket holds 750 frames of each topic (~105 kB), more than one read takes
+            # (64 kB), so the newest frame of the first batches is ~0.7 s old (the limit is 20
             # frames, 40 ms): it must not apply them, and goes safe after its hold (0.2 s).
-            # A shorter hang, whose backlog fits in one read, skips to the newest frame at once.
-            time.sleep(2.0)
+            # A shorter hang, whose backlog fits in one read, skips to the newest frame at once;
+            # one of 2 s reaches the 2 s keepalive, and a lost broker disarms the daemon instead.
+            time.sleep(1.5)
             await feeder
             await asyncio.sleep(0.3)
             watcher.cancel()
