@@ -34,7 +34,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import msgspec
 import numpy as np
@@ -237,8 +237,12 @@ class ActuatorService(Service):
                        rate_limited=False)
             self.set_state("tripped")
 
-    def drive(self, frame: int, request: Sequence[float] | None) -> None:
+    def drive(self, frame: int, request: Sequence[float] | None,
+              taken: Callable[[], None] | None = None) -> None:
         """A fresh request for ``frame`` (None: the input arrived but asks for nothing new).
+        ``taken`` commits what else the input asks for (a relay, a reference); it is called
+        once the input is accepted, before the outputs are written, so a refused input changes
+        nothing.
 
         In realtime, an input older than the age limit when it arrives is not taken: the loop
         cannot keep up, and the guard then holds and goes safe exactly as for missing input.
@@ -275,6 +279,8 @@ class ActuatorService(Service):
         self.last_input_frame = frame
         self._input_t_s = time.monotonic()
         self._upstream_silent = False
+        if taken is not None:
+            taken()
         self._apply(frame, tick)
 
     def _apply(self, frame: int, tick: int, since: int | None = None) -> None:

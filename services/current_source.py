@@ -119,10 +119,12 @@ class CurrentSource(ActuatorService):
         if not want and request[0] != 0.0:
             self._refuse_relay(sp.frame, request[0])
             return
-        self.main_connect_wanted = want
         if want != self.main_connected:
             request[0] = 0.0  # the switchbox changes only once its current has ramped to zero
-        self.drive(sp.frame, request)
+
+        def taken() -> None:
+            self.main_connect_wanted = want
+        self.drive(sp.frame, request, taken)
 
     def _refuse_relay(self, frame: int, main_a: float) -> None:
         """A setpoint asking to open the coil with current through it: dropped, counted, and

@@ -103,14 +103,16 @@ class HvSource(ActuatorService):
             self.reject(topic, f"z_ref_m {z_ref:.6g} m is beyond the travel limit "
                                f"+-{self.settings.travel_limit_m:.6g} m")
             return
-        if to_main is not None:
-            self.to_main_wanted = to_main == 1.0
-        if z_ref is not None:
-            self.z_ref_m = z_ref
+        want = self.to_main_wanted if to_main is None else to_main == 1.0
         request = sp.values["hv_voltage_v"]
-        if self.to_main_wanted != self.to_main:
+        if want != self.to_main:
             request = 0.0  # the relay switches only once the output has ramped to zero
-        self.drive(sp.frame, [request])
+
+        def taken() -> None:
+            self.to_main_wanted = want
+            if z_ref is not None:
+                self.z_ref_m = z_ref
+        self.drive(sp.frame, [request], taken)
 
     def interlock(self, frame: DaqFrame) -> str | None:
         return pressure_interlock(frame.pressure_pa, self.settings.pressure_limit_pa)

@@ -194,3 +194,20 @@ def test_opening_the_coil_under_current_is_refused_with_one_event(cs):
     assert events.count("relay_refused") == 1
     tick(cs, 150, main_a=0.0069, connected=1.0)     # the servo's own setpoint: accepted again
     assert cs.counters["rejected"] == 50 and cs.guard.state == "armed"
+
+
+def test_a_refused_setpoint_does_not_move_the_switchbox(cs):
+    """A setpoint tagged far ahead of the hardware clock is refused whole: its switchbox field
+    must not be remembered either, or the coil would open once the servo's own current next
+    reaches zero (the spoofed tag alone would have changed the relay)."""
+    arm(cs)
+    for k in range(1, 50):
+        tick(cs, k, main_a=0.0, connected=1.0)
+    rejected = cs.counters["rejected"]
+    cs.on_setpoint(Setpoint(frame=49 + 10**6, values={
+        "main_coil_current_a": 0.0, "counter_mass_current_a": 0.0, "main_coil_connected": 0.0}))
+    assert cs.counters["rejected"] == rejected + 1
+    for k in range(50, 60):
+        tick(cs, k, main_a=0.0)              # the servo's own setpoints leave the field out
+    assert cs.main_connected and cs.main_connect_wanted
+    assert all(relays == (True,) for _, _, relays in cs.main_driver.writes)

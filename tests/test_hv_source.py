@@ -61,3 +61,19 @@ def test_stale_setpoint_ramps_hv_down_without_hold(hv):
     after = [volts(hv, i) for i in range(len(hv.driver.writes)) if hv.driver.writes[i][0] >= 200]
     assert after[0] < 100.0 - 0.4          # ramping from the first stale frame on
     assert after[-1] == 0.0
+
+
+def test_a_refused_setpoint_changes_neither_relay_nor_reference(hv):
+    """A setpoint with a tag far ahead is refused whole: its relay and reference fields too
+    (a spoofed z_ref_m would move the watchdog's centre, a relay field would switch the HV)."""
+    tick(hv, 0, 0.0)
+    hv.cmd_arm(Command(id="1", command="arm"))
+    for k in range(1, 50):
+        tick(hv, k, 0.0)
+    hv.on_setpoint(Setpoint(frame=49 + 10**6, values={
+        "hv_voltage_v": 0.0, "hv_to_main": 0.0, "z_ref_m": 1e-3}))
+    assert hv.counters["rejected"] >= 1
+    for k in range(50, 60):
+        tick(hv, k, 0.0)
+    assert hv.to_main and hv.to_main_wanted and hv.z_ref_m == 0.0
+    assert hv.driver.writes[-1][2] == (True, True)
