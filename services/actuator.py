@@ -231,11 +231,11 @@ class ActuatorService(Service):
         if reason is None and self.interlock_reason is not None and self.guard.state == "armed":
             reason = f"interlock: {self.interlock_reason}"
             self.guard.trip(reason)
-        if reason is not None:
+        if reason is not None:  # the retained status first: whoever hears of the trip finds it
+            self.set_state("tripped")
             self.event("trip", f"tripped: {reason}; ramping to safe, reset to clear",
                        severity="alarm", data={"reason": reason, "frame": frame.frame},
                        rate_limited=False)
-            self.set_state("tripped")
 
     def drive(self, frame: int, request: Sequence[float] | None,
               taken: Callable[[], None] | None = None) -> None:
@@ -296,13 +296,13 @@ class ActuatorService(Service):
             for t in range(since, tick):
                 guard.output(t)
         outputs = guard.output(tick)
+        self.set_state(self._state_name())  # before the events: they find the status already new
         if guard.stale and not was_stale:
             self.event("stale", f"input stale at frame {frame}: holding, then ramping to zero",
                        severity="warning", data={"frame": frame})
         if guard.state != before:
             self.event("safe", f"{before} -> {guard.state} at frame {frame} (stale input)",
                        severity="alarm", data={"frame": frame})
-        self.set_state(self._state_name())
         self.write_outputs(frame, outputs)
         self.loop_timer.tick(time.monotonic())
 
