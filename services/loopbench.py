@@ -30,17 +30,18 @@ from kibble.services.up import Stack
 
 RATE_HZ = 1000.0
 
-CHAIN_SPEC: dict[str, tuple[str, ...]] = {
+CHAIN_SPEC: dict[str, Any] = {
     "services": ("daq", "current_source", "servo"), "actuators": ("current_source",),
-    "devices": ("main_source", "cm_source")}
-"""The HIL chain of docs/architecture.md section 7: hw -> daq -> servo -> current_source -> hw."""
+    "devices": ("main_source", "cm_source"), "together": (("daq", "servo", "current_source"),)}
+"""The HIL chain of docs/architecture.md section 7: hw -> daq -> servo -> current_source -> hw
+(in one process above ``up.TOGETHER_ABOVE_HZ``, as in the whole stack)."""
 
 
 class ChainStack(Stack):
     """A :class:`Stack` of the simulator and the HIL chain's daemons only (:data:`CHAIN_SPEC`)."""
 
     @property
-    def spec(self) -> dict[str, tuple[str, ...]]:
+    def spec(self) -> dict[str, Any]:
         return CHAIN_SPEC
 
 

@@ -140,3 +140,15 @@ def test_soak_memory_growth_frames_by_connection_reconnects_and_the_recorded_gap
     for bad in ({"seconds": 10}, {"case": "nist4:200,efb:200", "seconds": 60}):
         with pytest.raises(ValueError):
             rtbench.run_soak(**bad)
+
+
+def test_the_hil_chain_bench_builds_its_stack_like_the_whole_one():
+    """``kibble bench --only hil`` starts the chain (simulator, daq, servo, current_source) as
+    the whole stack runs it at that rate: the hot path in one process (its spec lacked the
+    ``together`` entry, and the bench died with a KeyError before it measured anything)."""
+    from kibble.services import loopbench, up
+
+    chain = loopbench.ChainStack("nist4", clock="lockstep", rate_hz=loopbench.RATE_HZ)
+    whole = up.Stack("nist4", clock="lockstep", rate_hz=loopbench.RATE_HZ)
+    assert chain.processes == [("daq", "servo", "current_source")]
+    assert chain.processes[0] in whole.processes
