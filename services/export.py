@@ -16,8 +16,10 @@ Layout of the HDF5 file:
   ``detail``) becomes a subgroup with one dataset per key (NaN / "" where a message lacks the
   key; nested dicts nest further; a value that is a dict in other messages is ``NAME_value``);
   lists of equal length become 2-D datasets; anything else is JSON text per row.
-  Datasets whose name ends in a unit (``_m``, ``_m_s``, ``_rad``, ``_v``, ``_a``, ``_s``,
-  ``_k``, ``_pa``, ``_f``, ``_n``, ``_kg``, ...) carry it in the attribute ``unit``.
+  A numeric dataset whose name has a unit in the bus's table of units
+  (:mod:`kibble.bus_schema.units`: ``bl_t_m`` is T m, ``dcdz_f_m`` F/m) carries it in the
+  attribute ``unit``; dimensionless and undeclared names carry none (a unit is never guessed
+  from a name's suffix).
 - ``/parameters/<service>``: the values of the service's last ``params`` message as
   attributes (``NAME``), with ``NAME.unit`` where the parameter has a unit.
 - ``/documents``: the run documents (``name``, ``doc`` as JSON text, ``t_recv_s``).
@@ -42,29 +44,12 @@ from kibble.bus_schema.messages import (
     Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, LoopFrame, Message, ParamList,
     Reply, Setpoint, SimTruth, Status,
 )
+from kibble.bus_schema.units import unit_of
 from kibble.services.recordfile import RUN_DOCUMENT_LEAF, RunFileError, decode_document, read_run
 
 _LEAF_TYPES: dict[str, type[Message]] = {
     "status": Status, "params": ParamList, "cmd": Command, "reply": Reply, "event": Event,
     "setpoint": Setpoint, "frame": LoopFrame}
-
-UNIT_SUFFIXES: tuple[tuple[str, str], ...] = (
-    ("_m_s2", "m/s^2"), ("_m_s", "m/s"), ("_rad_s", "rad/s"), ("_n_s_m", "N s/m"),
-    ("_n_m", "N m"), ("_v_per_a", "V/A"), ("_a_per_v", "A/V"), ("_v_per_m", "V/m"),
-    ("_n_per_a", "N/A"), ("_kg", "kg"), ("_m", "m"), ("_rad", "rad"), ("_v", "V"),
-    ("_a", "A"), ("_s", "s"), ("_k", "K"), ("_pa", "Pa"), ("_f", "F"), ("_n", "N"),
-    ("_hz", "Hz"), ("_ohm", "ohm"), ("_w", "W"), ("_j", "J"), ("_deg", "deg"), ("_j_s", "J s"),
-)
-"""Field-name suffix -> unit, longest match first (the naming rule of the bus messages)."""
-
-
-def unit_of(name: str) -> str:
-    """The SI unit a field name ends in (``coil_vz_m_s`` -> ``m/s``), else ""."""
-    name = name.lower()
-    for suffix, unit in sorted(UNIT_SUFFIXES, key=lambda su: -len(su[0])):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return unit
-    return ""
 
 
 def message_type_for(topic: str) -> type[Message] | None:
@@ -252,7 +237,8 @@ def export_run(run_path: str | Path, hdf5_path: str | Path) -> dict[str, Any]:
                                               dtype=str_dtype)
                 else:
                     ds = group.create_dataset(col_name, data=data)
-                unit = unit_of(col_name.rsplit("/", 1)[-1])
+                *within, leaf = col_name.split("/")
+                unit = unit_of(leaf, within[-1] if within else "")
                 if unit and data.dtype != object:
                     ds.attrs["unit"] = unit
         pgroup = f.require_group("parameters")

@@ -24,11 +24,12 @@ import pytest
 
 from kibble.bus_schema.codec import encode
 from kibble.bus_schema.messages import (
-    DaqFrame, Event, HwSensorFrame, ParamList, ParamSpec, Setpoint, Status,
+    DaqFrame, Event, HwSensorFrame, ParamList, ParamSpec, Setpoint, SimTruth, Status,
 )
 from kibble.bus_schema.transport import make_client
 from kibble.services.bus import BusClient
-from kibble.services.export import cli_export, export_run, unit_of
+from kibble.bus_schema.units import unit_of
+from kibble.services.export import cli_export, export_run
 from kibble.services.recorder import Recorder, recorded_gaps
 from kibble.services.recordfile import (
     MAGIC, RunFileError, RunWriter, config_hash, decode_document, encode_document, read_run,
@@ -367,6 +368,8 @@ def test_export_values_units_configuration_and_parameters(tmp_path, capsys):
                                                         data={"why": ["a", 1]})), 3.6)
         w.append(f"kb/{inst}/servo/event", encode(Event(service="servo", kind="trip",
                                                         data={"why": {"deep": 1}})), 3.7)
+        w.append(f"kb/{inst}/sim/truth", encode(SimTruth(frame=49, model="nist4", values={
+            "bl_t_m": 693.2, "tau_hyst_n_m": 1e-6, "dcdz_f_m": 1e-9, "z_m": 1e-9})), 3.8)
         w.append(run_document_topic(inst), encode_document("stop", {"exit_status": "success"}), 4.0)
         w.append(f"kb/{inst}/misc/raw", b"\xc1", 4.1)  # not MessagePack: counted, not fatal
     with open(run, "ab") as f:  # and a torn tail
@@ -411,7 +414,13 @@ def test_export_values_units_configuration_and_parameters(tmp_path, capsys):
         assert f["parameters/servo"].attrs["mode"] == "force"
         assert [s.decode() for s in f["documents/name"][:]] == ["start", "stop"]
         assert f["misc/raw"].attrs["undecodable"] == 1
-    assert unit_of("gain_x_n_s_m") == "N s/m" and unit_of("seq") == "" and unit_of("_m") == ""
+        truth = f["sim/truth/values"]  # units from the table, not from suffixes ("m" for all three)
+        assert truth["bl_t_m"].attrs["unit"] == "T m" and truth["dcdz_f_m"].attrs["unit"] == "F/m"
+        assert truth["tau_hyst_n_m"].attrs["unit"] == "N m" and truth["z_m"].attrs["unit"] == "m"
+        assert "unit" not in sp["cm_current_a"].attrs  # not a name of the bus: no unit guessed
+        assert st["counters/frames_in"].attrs.get("unit", "") == ""
+    assert unit_of("seq") == "" and unit_of("_m") is None and unit_of("gain_x_n_s_m") is None
+    assert unit_of("frames_in", "counters") == "" and unit_of("age_ms_p99", "timing") == "ms"
 
     # missing and corrupt files: a clear message and a non-zero status
     assert cli_export(str(tmp_path / "nope.kbrun"), str(tmp_path / "x.h5")) == 1

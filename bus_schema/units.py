@@ -1,0 +1,79 @@
+"""Units as data: the unit of every numeric name that travels on the bus, declared once.
+
+Whoever stores or shows a value (``kibble export``'s HDF5 ``unit`` attributes, an operator's
+view) reads its unit here; it is never guessed from the name's suffix, which cannot tell
+``bl_t_m`` (T m) from ``dcdz_f_m`` (F/m) or a torque ``tau_hyst_n_m`` (N m) from a stiffness.
+The table covers the fields of the message types, the keys of their ``values`` and ``detail``
+maps as the daemons and the simulator publish them, and the simulator's truth (a test ties it
+to what the in-process stacks really publish, and to the units of the plausibility limits,
+:func:`~kibble.bus_schema.messages.field_limits`). ``""`` is dimensionless (a count, a tag, a
+code, a flag, a ratio); a name that is not declared has no unit (:func:`unit_of` is None),
+never a guessed one. A ``counters`` map holds counts: :data:`COUNT_MAPS`.
+
+Service parameters declare their units themselves (``ParamSpec.unit``).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+_DIMENSIONLESS = (
+    # header, tags, codes and flags
+    "schema", "seq", "frame", "session", "heartbeat", "loop_overruns", "codes", "relays",
+    "hold_frames", "decimation", "main_coil_connected", "hv_to_main",
+    "test_mass_on", "aux_on", "stale", "relays_closed", "paused", "seed", "step",
+    "latency_n", "records", "record_hw",
+    # Status.timing
+    "frames", "skipped", "batch_max", "cpu_load",
+)
+
+_UNITS: dict[str, str] = {name: "" for name in _DIMENSIONLESS}
+_UNITS.update({
+    # times
+    "t_mono_s": "s", "t_utc_s": "s", "t_recv_s": "s", "sim_time_s": "s", "uptime_s": "s",
+    "loop_period_mean_s": "s", "loop_period_jitter_s": "s", "loop_period_max_s": "s",
+    "last_flush_age_s": "s", "sim_s": "s", "total_s": "s", "eta_s": "s",
+    "age_ms_p50": "ms", "age_ms_p99": "ms", "age_ms_max": "ms",
+    "latency_p50_ms": "ms", "latency_p99_ms": "ms",
+    "cpu_us_p50": "us", "cpu_us_p99": "us",
+    "rate_hz": "Hz", "steps_per_s": "1/s",
+    "bytes": "B", "pending_bytes": "B", "rx_backlog_bytes": "B",
+    # DaqFrame and HwSensorFrame
+    "coil_x_m": "m", "coil_y_m": "m", "coil_z_m": "m", "counter_mass_z_m": "m",
+    "coil_theta_x_rad": "rad", "coil_theta_y_rad": "rad", "coil_theta_z_rad": "rad",
+    "coil_vx_m_s": "m/s", "coil_vy_m_s": "m/s", "coil_vz_m_s": "m/s",
+    "coil_wx_rad_s": "rad/s", "coil_wy_rad_s": "rad/s", "coil_wz_rad_s": "rad/s",
+    "coil_voltage_v": "V", "main_coil_current_a": "A", "counter_mass_current_a": "A",
+    "capacitance_f": "F", "temperature_k": "K", "pressure_pa": "Pa",
+    "fringe_count": "fringes", "fringe_phase_rad": "rad", "psd_v": "V", "dvm_v": "V", "current_monitor_v": "V",
+    # setpoints, loop frames and the actuators' status details
+    "hv_voltage_v": "V", "z_ref_m": "m", "v_ref_m_s": "m/s", "z_m": "m", "error_m": "m",
+    "error_rms_m": "m", "force_n": "N", "feedforward_n": "N",
+    "set0_v_a": "A", "set0_h_a": "A", "set1_v_a": "A", "set1_h_a": "A", "set2_v_a": "A",
+    "set2_h_a": "A", "electrode_a_v": "V", "electrode_b_v": "V",
+    # sim/truth, NIST-4
+    "theta_rad": "rad", "omega_rad_s": "rad/s", "vz_m_s": "m/s", "i_main_a": "A", "i_cm_a": "A",
+    "i_main_reg_a": "A", "i_cm_reg_a": "A", "x_m": "m", "y_m": "m", "theta_x_rad": "rad",
+    "theta_y_rad": "rad", "theta_z_rad": "rad", "vx_m_s": "m/s", "vy_m_s": "m/s",
+    "wx_rad_s": "rad/s", "wy_rad_s": "rad/s", "wz_rad_s": "rad/s", "bl_t_m": "T m", "emf_v": "V",
+    "magnet_temperature_k": "K", "agx_m_s2": "m/s^2", "agy_m_s2": "m/s^2", "agz_m_s2": "m/s^2",
+    "m_test_kg": "kg", "m_aux_kg": "kg", "tau_hyst_n_m": "N m",
+    # sim/truth, EFB
+    "v_amp_v": "V", "v_out_v": "V", "f_main_n": "N", "f_aux_n": "N", "dcdz_f_m": "F/m",
+    "m_load_kg": "kg", "f_hyst_n": "N",
+})
+
+UNITS: Mapping[str, str] = MappingProxyType(_UNITS)
+"""Name -> unit of every numeric name on the bus (``""``: dimensionless)."""
+
+COUNT_MAPS = frozenset({"counters"})
+"""Fields whose map holds counts only (every key dimensionless)."""
+
+
+def unit_of(name: str, within: str = "") -> str | None:
+    """The unit of ``name`` (a field, or a key of the map field ``within``), ``""`` for a
+    dimensionless one, None if it is not declared."""
+    if within in COUNT_MAPS:
+        return ""
+    return UNITS.get(name)
