@@ -25,17 +25,18 @@ auxiliary electrode, gradient determinations bracketing the weighings).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import functools
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Mapping, Protocol
+from typing import Any, Awaitable, Callable, Generator, Mapping, Protocol
 
 import numpy as np
 
 from kibble.bus_schema.messages import DaqFrame
+from kibble.control.trajectory import sweep_duration_s
+from kibble.services.recordfile import config_hash
 
 Plan = Generator["Msg", Any, Any]
 
@@ -63,22 +64,26 @@ class Loop(Protocol):
 
 @dataclass(frozen=True)
 class Msg:
-    """One step of a plan: ``verb`` (``cmd``, ``sim``, ``wait``, ``measure``, ``estimate``),
-    its target service (``cmd``) and arguments."""
+    """One step of a plan, shaped like bluesky's: ``command``, the name the engine looks its
+    handler up by (:attr:`RunEngine.commands`: ``cmd``, ``sim``, ``wait``, ``measure``,
+    ``estimate``), the object it acts on (``obj``: a service for ``cmd``, a stream for
+    ``measure``), the daemon's own command for ``cmd`` and ``sim`` (``request``: ``mode``,
+    ``mass``, ``place_mass``, ...) and the keyword arguments."""
 
-    verb: str
-    target: str = ""
+    command: str
+    obj: str = ""
+    request: str = ""
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
 def cmd(service: str, command: str, **args: Any) -> Plan:
     """Send ``command`` to ``service``; the plan gets the reply's result."""
-    return (yield Msg("cmd", service, args | {"_command": command}))
+    return (yield Msg("cmd", service, command, args))
 
 
 def sim(command: str, **args: Any) -> Plan:
     """A simulator control command (offline runs only; a real balance has no ``sim``)."""
-    return (yield Msg("sim", "sim", args | {"_command": command}))
+    return (yield Msg("sim", "sim", command, args))
 
 
 def wait(seconds: float) -> Plan:
@@ -89,7 +94,7 @@ def wait(seconds: float) -> Plan:
 def measure(stream: str, seconds: float, **info: Any) -> Plan:
     """Record the DAQ frames of the next ``seconds`` as one event of ``stream``; the plan gets
     the frames (arrays of the DAQ frame's fields, SI)."""
-    return (yield Msg("measure", stream, {"seconds": float(seconds), "info": info}))
+    return (yield Msg("measure", stream, args={"seconds": float(seconds), "info": info}))
 
 
 def estimate(seconds: float) -> Plan:
@@ -100,23 +105,21 @@ def estimate(seconds: float) -> Plan:
 # ================================================================================ NIST-4 plans
 
 
-def sweep_duration_s(travel_m: float, speed_m_s: float = 1e-3, accel_m_s2: float = 5e-4) -> float:
-    """Duration (s) of a trapezoidal sweep of ``travel_m`` (accelerate, cruise, decelerate)."""
-    t_acc = speed_m_s / accel_m_s2
-    return 2 * t_acc + (travel_m - speed_m_s * t_acc) / speed_m_s
-
-
-def velocity_set(sweeps: int = 30, travel_m: float = 0.08, speed_m_s: float = 1e-3,
-                 accel_m_s2: float = 5e-4, margin_s: float = 1.0, settle_s: float = 5.0) -> Plan:
-    """NIST-4 velocity set: ``sweeps`` sweeps alternating in direction, down first; the damping
-    is on before each sweep and opened once the coil moves at constant velocity. Each sweep's
-    constant-velocity part is one event of stream ``sweep``."""
-    t_acc = speed_m_s / accel_m_s2
-    sweep_s = sweep_duration_s(travel_m, speed_m_s, accel_m_s2)
-    cruise_s = sweep_s - 2 * t_acc - 2 * margin_s
-    if cruise_s <= 0:
+def velocity_set(sweeps: int = 30, travel_m: float = 0.08, margin_s: float = 1.0,
+                 settle_s: float = 5.0) -> Plan:
+    """NIST-4 velocity set: ``sweeps`` sweeps of ``travel_m`` alternating in direction, down
+    first; the damping is on before each sweep and opened once the coil moves at constant
+    velocity. Each sweep's constant-velocity part less ``margin_s`` at either end is one event
+    of stream ``sweep``. The sweeps run at the servo's own speed, acceleration and jerk
+    (``sweep_speed_m_s``, ``sweep_accel_m_s2``, ``sweep_jerk_m_s3``); the windows are timed
+    from the servo's reply to each sweep, so they hold whatever those are set to."""
+    speed = (yield from cmd("servo", "param.get", name="sweep_speed_m_s"))["value"]
+    accel = (yield from cmd("servo", "param.get", name="sweep_accel_m_s2"))["value"]
+    jerk = (yield from cmd("servo", "param.get", name="sweep_jerk_m_s3"))["value"]
+    sweep_s = sweep_duration_s(speed, accel, travel_m, jerk or math.inf)
+    if sweep_s - 2 * (sweep_s - travel_m / speed) - 2 * margin_s <= 0:
         raise ValueError(f"a {travel_m} m sweep has no constant-velocity part to measure")
-    yield from estimate(sweeps * (sweep_s + 1.0) + 2 * travel_m / speed_m_s)
+    yield from estimate(sweeps * (sweep_s + 1.0) + 2 * travel_m / speed)
     yield from cmd("servo", "mode", mode="force")
     lift = yield from cmd("servo", "mass", aux=True)
     if lift["delta_kg"]:
@@ -131,10 +134,12 @@ def velocity_set(sweeps: int = 30, travel_m: float = 0.08, speed_m_s: float = 1e
         direction = "down" if k % 2 == 0 else "up"
         yield from cmd("damping", "close")
         sweep = yield from cmd("servo", "sweep", direction=direction)
+        t_acc = sweep["duration_s"] - travel_m / sweep["speed_m_s"]   # either end (symmetric)
+        cruise_s = sweep["duration_s"] - 2 * t_acc - 2 * margin_s
         yield from wait(t_acc + margin_s)
         yield from cmd("damping", "open")
         yield from measure("sweep", cruise_s, direction=direction, index=k)
-        yield from wait(sweep["duration_s"] - t_acc - margin_s - cruise_s + 0.5)
+        yield from wait(t_acc + margin_s + 0.5)
         yield from cmd("damping", "close")
     back = yield from cmd("servo", "move", z_m=0.0)
     yield from wait(back["duration_s"] + 0.5)
@@ -208,7 +213,7 @@ def gradient_move_s(travel_m: float, speed_m_s: float, accel_m_s2: float) -> flo
     if travel_m < 1e-9:
         return 0.0
     speed = min(speed_m_s, 0.9 * math.sqrt(accel_m_s2 * travel_m))
-    return sweep_duration_s(travel_m, speed, accel_m_s2)
+    return sweep_duration_s(speed, accel_m_s2, travel_m)
 
 
 def efb_gradient(points: int = 11, span_m: float = 2e-3, sweeps: int = 2, settle_s: float = 5.0,
@@ -292,23 +297,38 @@ def efb_safe_ending() -> Plan:
     yield from cmd("servo", "mode", mode="force")
 
 
-PLANS: dict[str, tuple[Callable[..., Plan], Callable[[], Plan]]] = {
-    "velocity_set": (velocity_set, nist4_safe_ending),
-    "force_set": (force_set, nist4_safe_ending),
-    "nist4_run": (nist4_run, nist4_safe_ending),
-    "efb_weighing": (efb_weighing, efb_safe_ending),
-    "efb_gradient": (efb_gradient, efb_safe_ending),
-    "efb_run": (efb_run, efb_safe_ending),
-}
-"""Plan name -> (plan, its safe ending)."""
+def safe_ending_wrapper(plan: Plan, ending: Callable[[], Plan]) -> Plan:
+    """``plan``, and if it fails or is aborted (the engine throws :class:`Aborted` into it at a
+    message boundary), ``ending``'s messages, carried out like the plan's, before the exception
+    goes on: bluesky's ``finalize_wrapper`` for the failure path (a plan that succeeds leaves
+    the balance where its procedure ends, as the paper describes it)."""
+    try:
+        return (yield from plan)
+    except Exception:
+        yield from ending()
+        raise
+
+
+def _with_safe_ending(plan_fn: Callable[..., Plan], ending: Callable[[], Plan]) -> Callable[..., Plan]:
+    @functools.wraps(plan_fn)
+    def plan(**kwargs: Any) -> Plan:
+        return safe_ending_wrapper(plan_fn(**kwargs), ending)  # a wrong argument: TypeError now
+    return plan
+
+
+PLANS: dict[str, Callable[..., Plan]] = {
+    name: _with_safe_ending(fn, ending) for name, fn, ending in (
+        ("velocity_set", velocity_set, nist4_safe_ending),
+        ("force_set", force_set, nist4_safe_ending),
+        ("nist4_run", nist4_run, nist4_safe_ending),
+        ("efb_weighing", efb_weighing, efb_safe_ending),
+        ("efb_gradient", efb_gradient, efb_safe_ending),
+        ("efb_run", efb_run, efb_safe_ending))}
+"""Plan name -> the plan as the engine runs it: wrapped in its instrument's safe ending
+(:func:`safe_ending_wrapper`; the plain plans above compose into larger ones without it)."""
 
 
 # ================================================================================ the engine
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """SHA-256 of a configuration (JSON with sorted keys): the same configuration, the same hash."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Aborted(Exception):
@@ -323,8 +343,27 @@ class Progress:
     eta_s: float | None
 
 
+Handler = Callable[["Msg", "_Run"], Awaitable[tuple[Any, float]]]
+"""A command's handler: ``(the reply the plan gets, the seconds of the balance it used)``."""
+
+
+@dataclass
+class _Run:
+    """What the handlers of one run share."""
+
+    uid: str
+    descriptors: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    total_s: float = 0.0
+
+
 class RunEngine:
     """Runs plans on a :class:`Loop` and emits the run documents.
+
+    Each message is carried out by the handler its ``command`` names in :attr:`commands` (add
+    one with :meth:`register_command`, as bluesky's ``RE.register_command``); a handler's
+    failure (a daemon refusing a command) is thrown into the plan, and so is an abort, so that
+    the plan's safe ending runs (:func:`safe_ending_wrapper`).
 
     :param emit: called with ``(name, document)`` for every document.
     :param progress: called with a :class:`Progress` after every message.
@@ -339,6 +378,13 @@ class RunEngine:
         self._running.set()
         self._abort: str | None = None
         self.state = "idle"
+        self.commands: dict[str, Handler] = {
+            "cmd": self._cmd, "sim": self._sim, "wait": self._wait, "measure": self._measure,
+            "estimate": self._estimate}
+
+    def register_command(self, name: str, handler: Handler) -> None:
+        """Carry out the messages of command ``name`` with ``handler`` (replacing any)."""
+        self.commands[name] = handler
 
     def pause(self) -> None:
         """Stop before the next message (the balance keeps holding where it is)."""
@@ -361,94 +407,82 @@ class RunEngine:
         """Run plan ``name`` of :data:`PLANS` with ``plan_args``; the stop document."""
         if name not in PLANS:
             raise ValueError(f"unknown plan {name!r}; one of {', '.join(PLANS)}")
-        plan_fn, safe_fn = PLANS[name]
-        plan = plan_fn(**(plan_args or {}))          # TypeError for a wrong argument: at once
-        run_uid = str(uuid.uuid4())
-        self.emit("start", {"uid": run_uid, "time": time.time(), "plan_name": name,
+        plan = PLANS[name](**(plan_args or {}))          # TypeError for a wrong argument: at once
+        run = _Run(uid=str(uuid.uuid4()))
+        self.emit("start", {"uid": run.uid, "time": time.time(), "plan_name": name,
                             "plan_args": dict(plan_args or {}), "config_hash": config_hash(config or {}),
                             "rate_hz": self.loop.rate_hz})
         self.state, self._abort = "running", None
-        descriptors: dict[str, str] = {}
-        counts: dict[str, int] = {}
-        step, sim_s, total_s, t0 = 0, 0.0, 0.0, time.monotonic()
+        step, sim_s, t0 = 0, 0.0, time.monotonic()
         exit_status, reason = "success", ""
+        reply: Any = None
+        error: Exception | None = None
+        aborted = False
         try:
-            reply: Any = None
             while True:
                 await asyncio.sleep(0)   # a checkpoint: pause/abort requests get their turn
                 await self._running.wait()
-                if self._abort is not None:
-                    raise Aborted(self._abort)
+                if self._abort is not None and not aborted:
+                    aborted, error = True, Aborted(self._abort)  # once: the safe ending runs on
                 try:
-                    msg = plan.send(reply)
+                    msg = plan.throw(error) if error is not None else plan.send(reply)
                 except StopIteration:
                     break
-                reply = None
-                if msg.verb == "estimate":
-                    total_s += msg.args["seconds"]
+                reply, error = None, None
+                handler = self.commands.get(msg.command)
+                try:
+                    if handler is None:
+                        raise ValueError(f"unknown plan message {msg.command!r}")
+                    reply, dt = await handler(msg, run)
+                except Exception as exc:
+                    error = exc
                     continue
-                reply, dt = await self._do(msg, run_uid, descriptors, counts)
                 sim_s += dt
                 step += 1
                 wall = time.monotonic() - t0
-                eta = wall / sim_s * max(total_s - sim_s, 0.0) if sim_s > 0 and total_s else None
-                self.progress(Progress(step, sim_s, total_s, eta))
+                eta = wall / sim_s * max(run.total_s - sim_s, 0.0) if sim_s > 0 and run.total_s else None
+                self.progress(Progress(step, sim_s, run.total_s, eta))
         except Aborted as exc:
             exit_status, reason = "abort", str(exc)
-            plan.close()
-            await self._drain(safe_fn())
         except Exception as exc:
             exit_status, reason = "fail", f"{type(exc).__name__}: {exc}"
-            plan.close()
-            await self._drain(safe_fn())
         finally:
             self.state = "idle"
-        stop = {"uid": str(uuid.uuid4()), "run_start": run_uid, "time": time.time(),
+        stop = {"uid": str(uuid.uuid4()), "run_start": run.uid, "time": time.time(),
                 "exit_status": exit_status, "reason": reason,
-                "num_events": dict(counts), "sim_s": sim_s}
+                "num_events": dict(run.counts), "sim_s": sim_s}
         self.emit("stop", stop)
         return stop
 
-    async def _drain(self, plan: Plan) -> None:
-        reply: Any = None
-        while True:
-            try:
-                msg = plan.send(reply)
-            except StopIteration:
-                return
-            reply, _ = await self._do(msg, "", {}, {})
+    # ------------------------------------------------------------------ the commands
 
-    async def _do(self, msg: Msg, run_uid: str, descriptors: dict[str, str],
-                  counts: dict[str, int]) -> tuple[Any, float]:
-        loop = self.loop
-        if msg.verb == "cmd":
-            args = dict(msg.args)
-            command = args.pop("_command")
-            return await loop.command(msg.target, command, **args), 0.0
-        if msg.verb == "sim":
-            args = dict(msg.args)
-            command = args.pop("_command")
-            return await loop.sim(command, **args), 0.0
-        if msg.verb == "wait":
-            seconds = msg.args["seconds"]
-            if seconds > 0:
-                await loop.run_seconds(seconds, record=False)
-            return None, max(seconds, 0.0)
-        if msg.verb == "measure":
-            seconds = msg.args["seconds"]
-            data = await loop.measure(seconds)
-            stream = msg.target
-            if stream not in descriptors:
-                descriptors[stream] = str(uuid.uuid4())
-                self.emit("descriptor", {"uid": descriptors[stream], "run_start": run_uid,
-                                         "name": stream, "time": time.time(),
-                                         "data_keys": sorted(data)})
-            counts[stream] = counts.get(stream, 0) + 1
-            self.emit("event", {"uid": str(uuid.uuid4()), "descriptor": descriptors[stream],
-                                "seq_num": counts[stream], "time": time.time(),
-                                "info": dict(msg.args["info"]),
-                                "data": {k: v.tolist() for k, v in data.items()}})
-            return data, seconds
-        if msg.verb == "estimate":
-            return None, 0.0
-        raise ValueError(f"unknown plan message {msg.verb!r}")
+    async def _cmd(self, msg: Msg, run: _Run) -> tuple[Any, float]:
+        return await self.loop.command(msg.obj, msg.request, **msg.args), 0.0
+
+    async def _sim(self, msg: Msg, run: _Run) -> tuple[Any, float]:
+        return await self.loop.sim(msg.request, **msg.args), 0.0
+
+    async def _wait(self, msg: Msg, run: _Run) -> tuple[Any, float]:
+        seconds = msg.args["seconds"]
+        if seconds > 0:
+            await self.loop.run_seconds(seconds, record=False)
+        return None, max(seconds, 0.0)
+
+    async def _estimate(self, msg: Msg, run: _Run) -> tuple[Any, float]:
+        run.total_s += msg.args["seconds"]
+        return None, 0.0
+
+    async def _measure(self, msg: Msg, run: _Run) -> tuple[Any, float]:
+        seconds = msg.args["seconds"]
+        data = await self.loop.measure(seconds)
+        stream = msg.obj
+        if stream not in run.descriptors:
+            run.descriptors[stream] = str(uuid.uuid4())
+            self.emit("descriptor", {"uid": run.descriptors[stream], "run_start": run.uid,
+                                     "name": stream, "time": time.time(), "data_keys": sorted(data)})
+        run.counts[stream] = run.counts.get(stream, 0) + 1
+        self.emit("event", {"uid": str(uuid.uuid4()), "descriptor": run.descriptors[stream],
+                            "seq_num": run.counts[stream], "time": time.time(),
+                            "info": dict(msg.args["info"]),
+                            "data": {k: v.tolist() for k, v in data.items()}})
+        return data, seconds

@@ -31,7 +31,7 @@ worker thread, and :meth:`RunWriter.close` always does.
 Run documents (bluesky's event model: ``start``, ``descriptor``, ``event``, ``stop``) travel on
 ``kb/<instrument>/sequencer/run`` as a MessagePack map ``{"name": NAME, "doc": {...}}``
 (:func:`encode_document`); the ``start`` document carries ``config_hash``, the SHA-256 of the
-configuration (:func:`config_hash`, the same formula as :func:`kibble.services.plans.config_hash`).
+configuration (:func:`config_hash`, the one the sequencer's plans use).
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def read_run(path: str | os.PathLike) -> RunReader:
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of a configuration: JSON with sorted keys, as the sequencer computes it."""
+    """SHA-256 (hex) of a configuration: JSON with sorted keys (the same configuration, the same hash)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -181,7 +181,7 @@ class Sequencer(Service):
             else:
                 args[key] = value
         try:
-            P.PLANS[name][0](**args).close()        # a wrong argument is refused now
+            P.PLANS[name](**args).close()           # a wrong argument is refused now
         except TypeError as exc:
             raise ValueError(f"plan {name}: {exc}") from None
         run_id = str(cmd.args.get("run_id", ""))

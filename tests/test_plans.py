@@ -51,6 +51,11 @@ async def started(model: str, **params) -> InProcessStack:
     return stack
 
 
+SERVO_MOTION = {"sweep_speed_m_s": {"value": 1e-3}, "sweep_accel_m_s2": {"value": 5e-4},
+                "sweep_jerk_m_s3": {"value": 0.0}}
+"""What the servo answers velocity_set's param.get with (its defaults)."""
+
+
 def test_plans_are_readable_generators_with_the_papers_counts():
     """Without any hardware: drive the generator by hand, answering every command."""
     plan = P.force_set()
@@ -60,14 +65,14 @@ def test_plans_are_readable_generators_with_the_papers_counts():
             msg = plan.send(reply)
         except StopIteration:
             break
-        verbs.append((msg.verb, msg.target, dict(msg.args)))
-        reply = {"duration_s": 1.0, "delta_kg": 0.0} if msg.verb == "cmd" else None
-    weighings = [a for v, t, a in verbs if v == "measure"]
+        verbs.append((msg.command, msg.request, dict(msg.args)))
+        reply = {"duration_s": 1.0, "delta_kg": 0.0} if msg.command == "cmd" else None
+    weighings = [a for v, r, a in verbs if v == "measure"]
     assert len(weighings) == 17
     assert [w["info"]["mass_on"] for w in weighings] == [k % 2 == 0 for k in range(17)]
     assert sum(w["info"]["mass_on"] for w in weighings) == 9
     assert all(w["seconds"] == 58.0 for w in weighings)
-    erases = [a for v, t, a in verbs if v == "cmd" and a["_command"] == "erase"]
+    erases = [a for v, r, a in verbs if v == "cmd" and r == "erase"]
     assert len(erases) == 17                                   # after every exchange
     plan = P.velocity_set()
     sweeps = []
@@ -77,10 +82,14 @@ def test_plans_are_readable_generators_with_the_papers_counts():
             msg = plan.send(reply)
         except StopIteration:
             break
-        if msg.verb == "measure":
-            sweeps.append(msg.args["info"]["direction"])
-        reply = {"duration_s": 84.0, "delta_kg": 0.5} if msg.verb == "cmd" else None
-    assert sweeps == ["down", "up"] * 15
+        if msg.command == "measure":
+            sweeps.append((msg.args["info"]["direction"], msg.args["seconds"]))
+        reply = (SERVO_MOTION.get(msg.args.get("name")) if msg.request == "param.get" else
+                 {"duration_s": 84.0, "speed_m_s": 1e-3, "delta_kg": 0.5}) if msg.command == "cmd" else None
+    assert [d for d, _ in sweeps] == ["down", "up"] * 15
+    # the windows are timed from the servo's reply: 84 s for 80 mm at 1 mm/s accelerates for
+    # 4 s at either end; less the 1 s margins, 74 s of constant velocity
+    assert all(seconds == pytest.approx(74.0) for _, seconds in sweeps)
 
 
 async def test_force_set_measures_mass_on_and_off_currents():
@@ -224,38 +233,38 @@ def _drive(plan, answer):
 
 
 def _efb_answer(msg):
-    if msg.verb != "cmd":
+    if msg.command != "cmd":
         return None
     return {"state": {"mode": "force", "z_ref_m": 1e-4, "trajectory": "", "trajectory_left_s": 0.0},
             "param.get": {"value": 5e-5 if msg.args.get("name") == "gradient_speed_m_s" else 4e-6},
-            "move": {"duration_s": 10.0}}.get(msg.args["_command"], {})
+            "move": {"duration_s": 10.0}}.get(msg.request, {})
 
 
 def test_efb_gradient_and_run_plans_have_the_papers_points_and_bracketing():
     msgs = _drive(P.efb_gradient(), _efb_answer)
-    points = [m.args["info"] for m in msgs if m.verb == "measure"]
-    assert all(m.target == "gradient" for m in msgs if m.verb == "measure")
+    points = [m.args["info"] for m in msgs if m.command == "measure"]
+    assert all(m.obj == "gradient" for m in msgs if m.command == "measure")
     assert len(points) == 22 and [p["sweep"] for p in points] == [0] * 11 + [1] * 11
     z = np.array([p["z_set_m"] for p in points])
     # 11 equidistant points within 2 mm about the weighing position, up then down
     assert np.diff(z[:11]) == pytest.approx(np.full(10, 2e-4), rel=1e-9)
     assert np.all(z[11:] == z[:11][::-1]) and z.mean() == pytest.approx(1e-4, rel=1e-12)
-    modes = [m.args["mode"] for m in msgs if m.verb == "cmd" and m.args["_command"] == "mode"]
+    modes = [m.args["mode"] for m in msgs if m.command == "cmd" and m.request == "mode"]
     assert modes == ["gradient", "force"]
-    last_move = [m for m in msgs if m.verb == "cmd" and m.args["_command"] == "move"][-1]
+    last_move = [m for m in msgs if m.command == "cmd" and m.request == "move"][-1]
     assert last_move.args["z_m"] == 1e-4                     # back to the weighing position
-    estimate = sum(m.args["seconds"] for m in msgs if m.verb == "estimate")
-    waited = sum(m.args["seconds"] for m in msgs if m.verb in ("wait", "measure"))
-    assert estimate > 0 and all(m.args["seconds"] == 10.0 for m in msgs if m.verb == "measure")
+    estimate = sum(m.args["seconds"] for m in msgs if m.command == "estimate")
+    waited = sum(m.args["seconds"] for m in msgs if m.command in ("wait", "measure"))
+    assert estimate > 0 and all(m.args["seconds"] == 10.0 for m in msgs if m.command == "measure")
     assert waited == pytest.approx(22 * 10.0 + 23 * 5.0 + 23 * 10.0)   # the fake moves: 10 s each
 
-    msgs = _drive(P.efb_run(runs=6, gradient_every=3), lambda m: _efb_answer(m) if m.verb == "cmd" and
-                  m.args["_command"] != "mass" else {"delta_kg": 0.0} if m.verb == "cmd" else None)
+    msgs = _drive(P.efb_run(runs=6, gradient_every=3), lambda m: _efb_answer(m) if m.command == "cmd" and
+                  m.request != "mass" else {"delta_kg": 0.0} if m.command == "cmd" else None)
     blocks = []
     for m in msgs:
-        if m.verb == "measure" and (not blocks or blocks[-1][0] != m.target):
-            blocks.append([m.target, 0])
-        if m.verb == "measure":
+        if m.command == "measure" and (not blocks or blocks[-1][0] != m.obj):
+            blocks.append([m.obj, 0])
+        if m.command == "measure":
             blocks[-1][1] += 1
     assert blocks == [["gradient", 22], ["weighing", 18], ["gradient", 22], ["weighing", 18], ["gradient", 22]]
     for bad, match in (({"points": 6}, "points must be an integer >= 7"),
