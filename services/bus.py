@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import uuid
-from typing import AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, TypeVar
 
 import aiomqtt
 
@@ -29,6 +29,17 @@ M = TypeVar("M", bound=Message)
 
 class BusError(RuntimeError):
     """A bus operation failed: no broker, a timeout, or a rejected request."""
+
+
+class Refused(BusError, ValueError):
+    """A service refused a command; the text says which service, which command and why."""
+
+
+def result_of(reply: Reply, service: str, command: str) -> dict[str, Any]:
+    """The result of a service's ``reply`` to ``command``, or :class:`Refused` with its reason."""
+    if not reply.ok:
+        raise Refused(f"{service} refused {command}: {reply.error}")
+    return reply.result
 
 
 def new_client_id(prefix: str) -> str:

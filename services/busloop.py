@@ -18,7 +18,7 @@ import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import DaqFrame, SimTruth
-from kibble.services.bus import BusClient, BusError, Subscription
+from kibble.services.bus import BusClient, BusError, Subscription, result_of
 from kibble.services.plans import daq_arrays
 
 
@@ -58,10 +58,7 @@ class BusLoop:
 
     async def command(self, service: str, command: str, **args: Any) -> dict[str, Any]:
         assert self.bus is not None
-        reply = await self.bus.request(service, command, args, timeout_s=10.0)
-        if not reply.ok:
-            raise ValueError(f"{service} refused {command}: {reply.error}")
-        return reply.result
+        return result_of(await self.bus.request(service, command, args, timeout_s=10.0), service, command)
 
     async def sim(self, command: str, **args: Any) -> dict[str, Any]:
         return await self.command("sim", command, **args)

@@ -35,6 +35,7 @@ from kibble.bus_schema.topics import Topics
 from kibble.hil_sim.bus import adapter_for, frame_overrides, plant_control
 from kibble.hil_sim.efb import EfbPlant
 from kibble.hil_sim.nist4 import Nist4Plant
+from kibble.services.bus import result_of
 from kibble.services.plans import daq_arrays
 from kibble.services.registry import service_class
 from kibble.services.runtime import Service, load_config
@@ -151,9 +152,7 @@ class InProcessStack:
         reply = self.replies.pop(cid, None)
         if reply is None:
             raise ValueError(f"no reply from {service!r} to {command!r} (not running here?)")
-        if not reply.ok:
-            raise ValueError(f"{service} refused {command}: {reply.error}")
-        return reply.result
+        return result_of(reply, service, command)
 
     async def sim(self, command: str, **args: Any) -> dict[str, Any]:
         """A plant-level simulator control command (``place_mass``, ``inject_impulse``, ...)

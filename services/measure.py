@@ -16,16 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kibble.services.bus import BusClient, BusError
+from kibble.services.bus import BusClient, BusError, result_of
 
 ALIASES = {"nist4": "nist4_run", "efb": "efb_weighing"}
 
 
 async def _ask(bus: BusClient, service: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
-    reply = await bus.request(service, command, args, timeout_s=10.0)
-    if not reply.ok:
-        raise ValueError(f"{service} refused {command}: {reply.error}")
-    return reply.result
+    return result_of(await bus.request(service, command, args, timeout_s=10.0), service, command)
 
 
 async def cli_measure_live(plan: str, args: dict[str, Any], repeat: int, run_id: str | None,

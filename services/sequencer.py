@@ -35,6 +35,7 @@ import numpy as np
 
 from kibble.bus_schema.messages import Command, DaqFrame, Reply
 from kibble.services import plans as P
+from kibble.services.bus import result_of
 from kibble.services.recordfile import encode_document, run_document_topic
 from kibble.services.actuator import typed_settings
 from kibble.services.runtime import Service, command
@@ -59,10 +60,7 @@ class _BusLoop:
         self.rate_hz = svc.settings.frame_rate_hz
 
     async def command(self, service: str, command_name: str, **args: Any) -> dict[str, Any]:
-        reply = await self.svc.request(service, command_name, args)
-        if not reply.ok:
-            raise ValueError(f"{service} refused {command_name}: {reply.error}")
-        return reply.result
+        return result_of(await self.svc.request(service, command_name, args), service, command_name)
 
     async def sim(self, command_name: str, **args: Any) -> dict[str, Any]:
         return await self.command("sim", command_name, **args)

@@ -32,7 +32,7 @@ from kibble.bus_schema.messages import Status
 from kibble.bus_schema.realtime import AGE_TOO_OLD_FRAMES, cannot_keep_up
 from kibble.bus_schema.transport import broker_spec, without_password
 from kibble.services.broker import Broker
-from kibble.services.bus import BusClient, BusError, follow
+from kibble.services.bus import BusClient, BusError, follow, result_of
 
 log = logging.getLogger(__name__)
 
@@ -357,9 +357,7 @@ class Stack:
         assert self.broker_url is not None
         async with BusClient(self.broker_url, self.instrument) as bus:
             reply = await bus.request(service, command, args or {}, timeout_s=timeout_s)
-        if not reply.ok:
-            raise BusError(f"{service} refused {command}: {reply.error}")
-        return reply.result
+        return result_of(reply, service, command)
 
     async def wait_flowing(self, names: set[str], timeout_s: float = 30.0) -> None:
         """Wait until each daemon in ``names`` reports (in its status timing) that it acts on
