@@ -81,7 +81,8 @@ E_JW = 29                      # inertia the wheel matrices were built for
 E_TAUH = 30                    # last hysteresis torque (truth)
 E_EMF = 31                     # last induced voltage (truth)
 E_VCOIL = 32                   # last main coil terminal voltage (truth)
-NE = 34
+E_RMT, E_RMA = 34, 35          # load rate of the running test / auxiliary mass-lift event (kg/s)
+NE = 36
 # ---- physical actuator vector -------------------------------------------------------------
 A_IM, A_IC, A_ID, A_HV, A_FM, A_CME, A_DE, A_HVE = 0, 1, 2, 8, 14, 15, 16, 17
 A_FVS, A_QD = 18, 19           # derived: sum of vertical damping forces (N), damping Q (5)
@@ -404,16 +405,16 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
                 tau0 = (r * (act[A_FVS] - (P[P_MTARE] + env[E_MT] + env[E_MA]) * g_eff + P[P_MCS] * g_eff)
                         + P[P_FGK] * env[E_AG])
             env[E_TICK] -= 1.0
-            # ---- mass lift ramps
-            rate = P[P_RATE] * h
+            # ---- mass lift ramps: each event at its own rate (its mass change over the ramp)
             changed = False
-            for ci in (E_MT, E_MA):
-                ti = ci + 1
-                dm = env[ti] - env[ci]
+            for k in range(2):
+                ci = E_MT + 2 * k          # E_MT, E_MA; each followed by its target
+                dm = env[ci + 1] - env[ci]
                 if dm != 0.0:
                     changed = True
+                    rate = env[E_RMT + k] * h
                     if abs(dm) <= rate:
-                        env[ci] = env[ti]
+                        env[ci] = env[ci + 1]
                     elif dm > 0:
                         env[ci] += rate
                     else:
@@ -955,7 +956,7 @@ class Nist4Plant:
         P[P_STOP] = p["wheel.stop_rad"]
         P[P_KSTOP] = p["wheel.stop_stiffness_N_m_rad"]
         P[P_CSTOP] = 2.0 * math.sqrt(P[P_KSTOP] * J0)
-        P[P_RATE] = 1.0 / p["main_side.lift_ramp_s"]  # kg/s for a 1 kg load; scaled per event
+        P[P_RATE] = 1.0 / p["main_side.lift_ramp_s"]  # 1/s: an event's load rate is |delta m| P_RATE
         self._ramp_s = p["main_side.lift_ramp_s"]
         P[P_BL0] = p["coil.bl0_T_m"]
         P[P_ZS] = p["coil.profile_scale_m"]
@@ -1347,17 +1348,24 @@ class Nist4Plant:
 
     # ---------------------------------------------------------------- events
     def place_mass(self, on: bool = True) -> None:
-        """Lower (on=True) or lift (on=False) the 1 kg test mass; the load ramps at
-        1 kg / main_side.lift_ramp_s."""
-        self.env[E_MTT] = self.params["main_side.test_mass_kg"] if on else 0.0
+        """Lower (on=True) or lift (on=False) the 1 kg test mass; see :meth:`_lift`."""
+        self._lift(E_MT, self.params["main_side.test_mass_kg"] if on else 0.0)
 
     def remove_mass(self) -> None:
         self.place_mass(False)
 
     def lift_aux(self, on_pan: bool = False) -> None:
         """Auxiliary mass: on_pan=False lifts it off the pan (velocity -> force mode),
-        on_pan=True puts it back."""
-        self.env[E_MAT] = self.params["main_side.aux_mass_kg"] if on_pan else 0.0
+        on_pan=True puts it back; see :meth:`_lift`."""
+        self._lift(E_MA, self.params["main_side.aux_mass_kg"] if on_pan else 0.0)
+
+    def _lift(self, channel: int, target_kg: float) -> None:
+        """One mass-lift event: the load of ``channel`` (E_MT test mass, E_MA auxiliary mass)
+        goes linearly from where it is to ``target_kg`` in ``main_side.lift_ramp_s``, whatever
+        the mass (the servo feeds ``delta_m g`` forward over the same duration, its
+        ``lift_ramp_s``), so simultaneous events add up to one ramp of their net load."""
+        self.env[channel + 1] = target_kg
+        self.env[E_RMT + (channel - E_MT) // 2] = abs(target_kg - self.env[channel]) * self.P[P_RATE]
 
     def set_temperature(self, temp_C: float, immediate: bool = True) -> None:
         """Set the magnet temperature setpoint; ``immediate`` also jumps the magnet to it
