@@ -8,7 +8,14 @@ Parameters: ``hil_sim/nist4.toml`` (every value with its source). Physics summar
   ``J(m) theta'' = -k theta - c theta' + tau``, with ``J = J_wheel + (m_main + m_counter) r^2``
   (the loads hang from bands on a wheel, so the lever arm is ``r`` at every angle) and
   ``tau = r (F_coil + sum F_damp,v + F_ext - m_main g_eff) - r (F_motor - m_counter g_eff)
-  + tau_hyst + f_grav k a_gx / g + tau_stop``, ``g_eff = g + a_gz``.
+  + tau_hyst + f_grav k a_gx / g + tau_stop``, ``g_eff = g + a_gz``. The knife-edge stiffness
+  ``k`` may be negative (the wheel's centre of mass moved above the edge: unstable without the
+  loop, growth rate ``sqrt(-k/J)``); its gravitational part ``f_grav k = M g d`` (``d`` the
+  centre of mass's distance below the edge, negative above it) is also the lever of the
+  horizontal ground acceleration, so that coupling follows the sign of ``k``. The damping
+  ``c = sqrt(k_nom J) / q`` and the Iwan elements' stiffnesses (below) are stated at the
+  nominal stiffness ``k_nom > 0``: they belong to the edge's contact, not to where the centre
+  of mass is.
 * **Knife-edge anelasticity**: an Iwan model, i.e. N parallel Prandtl (Maxwell-slip) elements,
   element i a spring ``k_i`` in series with a slider that slips when ``|theta - s_i| > y_i``
   (play operator). Small motions see the extra stiffness ``sum k_i``; an excursion past ``y_i``
@@ -951,7 +958,10 @@ class Nist4Plant:
         m_test0 = p["main_side.test_mass_kg"] if p["initial.test_mass_on"] else 0.0
         J0 = P[P_JW] + (P[P_MTARE] + P[P_MCS] + m_aux0 + m_test0) * r * r
         diss = 1.0 if p["mechanics.dissipation"] else 0.0
-        P[P_C] = diss * math.sqrt(max(P[P_K], 0.0) * J0) / p["wheel.q"]
+        # the knife edge's losses and anelasticity belong to its contact, stated at the nominal
+        # (positive) stiffness; tuning the centre of mass through zero changes neither
+        k_nominal = p["wheel.nominal_stiffness_N_m_rad"]
+        P[P_C] = diss * math.sqrt(k_nominal * J0) / p["wheel.q"]
         P[P_FG] = p["wheel.gravity_fraction"]
         P[P_STOP] = p["wheel.stop_rad"]
         P[P_KSTOP] = p["wheel.stop_stiffness_N_m_rad"]
@@ -1047,7 +1057,7 @@ class Nist4Plant:
         yl = np.asarray(p["hysteresis.yield_rad"], dtype=float)
         on = p["hysteresis.enabled"]
         self.hyth = yl.copy()
-        self.hyk = (np.full(len(yl), p["hysteresis.stiffness_fraction"] * P[P_K] / len(yl))
+        self.hyk = (np.full(len(yl), p["hysteresis.stiffness_fraction"] * k_nominal / len(yl))
                     if on else np.zeros(len(yl)))
         self.slip = np.zeros(len(yl))
 
