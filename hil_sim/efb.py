@@ -14,6 +14,11 @@ Parameters: ``hil_sim/efb.toml``. Physics (z up, m; positive z increases cylinde
   electrodes (weighing) or to the auxiliary electrode (gradient mode); the electrode not
   connected sits at 0 V (its surface potential still pulls);
 * ``F_hyst``: Iwan (Prandtl/Maxwell-slip) elements in the flexures, as in the NIST-4 knife edge;
+* ``k`` (flexures plus buckling spring) may be negative, tuned through zero by the buckling
+  spring (unstable without the loop, growth rate ``sqrt(-k/m)``); the damping
+  ``c = sqrt(k_nom m) / q`` and the Iwan elements' stiffnesses are stated at the nominal
+  stiffness ``k_nom > 0``: they belong to the flexures, which the tuning does not change (as
+  the NIST-4 knife edge's);
 * mass loading: 1 mg / 20 mg artifacts (or any mass) ramped on the mass holder.
 
 The linear mechanics (z, z') is stepped exactly (matrix exponential, zero-order hold of the
@@ -338,7 +343,10 @@ class EfbPlant:
         P[P_M] = p["linkage.mass_kg"]
         P[P_K] = p["linkage.stiffness_N_m"]
         diss = 1.0 if p["mechanics.dissipation"] else 0.0
-        P[P_C] = diss * math.sqrt(abs(P[P_K]) * P[P_M]) / p["linkage.q"]
+        # the flexures' losses and anelasticity, stated at the nominal (positive) stiffness; the
+        # buckling spring that tunes linkage.stiffness_N_m through zero changes neither
+        k_nominal = p["linkage.nominal_stiffness_N_m"]
+        P[P_C] = diss * math.sqrt(k_nominal * P[P_M]) / p["linkage.q"]
         P[P_G] = p["sim.g_m_s2"]
         P[P_IMB] = p["linkage.imbalance_fraction"]
         P[P_TARE] = p["linkage.tare_force_N"]
@@ -379,7 +387,7 @@ class EfbPlant:
         self.P = P
         yl = np.asarray(p["hysteresis.yield_m"], dtype=float)
         self.hyth = yl.copy()
-        self.hyk = (np.full(len(yl), p["hysteresis.stiffness_fraction"] * abs(P[P_K]) / len(yl))
+        self.hyk = (np.full(len(yl), p["hysteresis.stiffness_fraction"] * k_nominal / len(yl))
                     if p["hysteresis.enabled"] else np.zeros(len(yl)))
         self.slip = np.zeros(len(yl))
         A = np.array([[0.0, 1.0, 0.0], [-P[P_K] / P[P_M], -P[P_C] / P[P_M], 1.0 / P[P_M]], [0, 0, 0]])

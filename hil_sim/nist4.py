@@ -8,7 +8,14 @@ Parameters: ``hil_sim/nist4.toml`` (every value with its source). Physics summar
   ``J(m) theta'' = -k theta - c theta' + tau``, with ``J = J_wheel + (m_main + m_counter) r^2``
   (the loads hang from bands on a wheel, so the lever arm is ``r`` at every angle) and
   ``tau = r (F_coil + sum F_damp,v + F_ext - m_main g_eff) - r (F_motor - m_counter g_eff)
-  + tau_hyst + f_grav k a_gx / g + tau_stop``, ``g_eff = g + a_gz``.
+  + tau_hyst + f_grav k a_gx / g + tau_stop``, ``g_eff = g + a_gz``. The knife-edge stiffness
+  ``k`` may be negative (the wheel's centre of mass moved above the edge: unstable without the
+  loop, growth rate ``sqrt(-k/J)``); its gravitational part ``f_grav k = M g d`` (``d`` the
+  centre of mass's distance below the edge, negative above it) is also the lever of the
+  horizontal ground acceleration, so that coupling follows the sign of ``k``. The damping
+  ``c = sqrt(k_nom J) / q`` and the Iwan elements' stiffnesses (below) are stated at the
+  nominal stiffness ``k_nom > 0``: they belong to the edge's contact, not to where the centre
+  of mass is.
 * **Knife-edge anelasticity**: an Iwan model, i.e. N parallel Prandtl (Maxwell-slip) elements,
   element i a spring ``k_i`` in series with a slider that slips when ``|theta - s_i| > y_i``
   (play operator). Small motions see the extra stiffness ``sum k_i``; an excursion past ``y_i``
@@ -81,7 +88,8 @@ E_JW = 29                      # inertia the wheel matrices were built for
 E_TAUH = 30                    # last hysteresis torque (truth)
 E_EMF = 31                     # last induced voltage (truth)
 E_VCOIL = 32                   # last main coil terminal voltage (truth)
-NE = 34
+E_RMT, E_RMA = 34, 35          # load rate of the running test / auxiliary mass-lift event (kg/s)
+NE = 36
 # ---- physical actuator vector -------------------------------------------------------------
 A_IM, A_IC, A_ID, A_HV, A_FM, A_CME, A_DE, A_HVE = 0, 1, 2, 8, 14, 15, 16, 17
 A_FVS, A_QD = 18, 19           # derived: sum of vertical damping forces (N), damping Q (5)
@@ -404,16 +412,16 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
                 tau0 = (r * (act[A_FVS] - (P[P_MTARE] + env[E_MT] + env[E_MA]) * g_eff + P[P_MCS] * g_eff)
                         + P[P_FGK] * env[E_AG])
             env[E_TICK] -= 1.0
-            # ---- mass lift ramps
-            rate = P[P_RATE] * h
+            # ---- mass lift ramps: each event at its own rate (its mass change over the ramp)
             changed = False
-            for ci in (E_MT, E_MA):
-                ti = ci + 1
-                dm = env[ti] - env[ci]
+            for k in range(2):
+                ci = E_MT + 2 * k          # E_MT, E_MA; each followed by its target
+                dm = env[ci + 1] - env[ci]
                 if dm != 0.0:
                     changed = True
+                    rate = env[E_RMT + k] * h
                     if abs(dm) <= rate:
-                        env[ci] = env[ti]
+                        env[ci] = env[ci + 1]
                     elif dm > 0:
                         env[ci] += rate
                     else:
@@ -950,12 +958,15 @@ class Nist4Plant:
         m_test0 = p["main_side.test_mass_kg"] if p["initial.test_mass_on"] else 0.0
         J0 = P[P_JW] + (P[P_MTARE] + P[P_MCS] + m_aux0 + m_test0) * r * r
         diss = 1.0 if p["mechanics.dissipation"] else 0.0
-        P[P_C] = diss * math.sqrt(max(P[P_K], 0.0) * J0) / p["wheel.q"]
+        # the knife edge's losses and anelasticity belong to its contact, stated at the nominal
+        # (positive) stiffness; tuning the centre of mass through zero changes neither
+        k_nominal = p["wheel.nominal_stiffness_N_m_rad"]
+        P[P_C] = diss * math.sqrt(k_nominal * J0) / p["wheel.q"]
         P[P_FG] = p["wheel.gravity_fraction"]
         P[P_STOP] = p["wheel.stop_rad"]
         P[P_KSTOP] = p["wheel.stop_stiffness_N_m_rad"]
         P[P_CSTOP] = 2.0 * math.sqrt(P[P_KSTOP] * J0)
-        P[P_RATE] = 1.0 / p["main_side.lift_ramp_s"]  # kg/s for a 1 kg load; scaled per event
+        P[P_RATE] = 1.0 / p["main_side.lift_ramp_s"]  # 1/s: an event's load rate is |delta m| P_RATE
         self._ramp_s = p["main_side.lift_ramp_s"]
         P[P_BL0] = p["coil.bl0_T_m"]
         P[P_ZS] = p["coil.profile_scale_m"]
@@ -1046,7 +1057,7 @@ class Nist4Plant:
         yl = np.asarray(p["hysteresis.yield_rad"], dtype=float)
         on = p["hysteresis.enabled"]
         self.hyth = yl.copy()
-        self.hyk = (np.full(len(yl), p["hysteresis.stiffness_fraction"] * P[P_K] / len(yl))
+        self.hyk = (np.full(len(yl), p["hysteresis.stiffness_fraction"] * k_nominal / len(yl))
                     if on else np.zeros(len(yl)))
         self.slip = np.zeros(len(yl))
 
@@ -1347,17 +1358,24 @@ class Nist4Plant:
 
     # ---------------------------------------------------------------- events
     def place_mass(self, on: bool = True) -> None:
-        """Lower (on=True) or lift (on=False) the 1 kg test mass; the load ramps at
-        1 kg / main_side.lift_ramp_s."""
-        self.env[E_MTT] = self.params["main_side.test_mass_kg"] if on else 0.0
+        """Lower (on=True) or lift (on=False) the 1 kg test mass; see :meth:`_lift`."""
+        self._lift(E_MT, self.params["main_side.test_mass_kg"] if on else 0.0)
 
     def remove_mass(self) -> None:
         self.place_mass(False)
 
     def lift_aux(self, on_pan: bool = False) -> None:
         """Auxiliary mass: on_pan=False lifts it off the pan (velocity -> force mode),
-        on_pan=True puts it back."""
-        self.env[E_MAT] = self.params["main_side.aux_mass_kg"] if on_pan else 0.0
+        on_pan=True puts it back; see :meth:`_lift`."""
+        self._lift(E_MA, self.params["main_side.aux_mass_kg"] if on_pan else 0.0)
+
+    def _lift(self, channel: int, target_kg: float) -> None:
+        """One mass-lift event: the load of ``channel`` (E_MT test mass, E_MA auxiliary mass)
+        goes linearly from where it is to ``target_kg`` in ``main_side.lift_ramp_s``, whatever
+        the mass (the servo feeds ``delta_m g`` forward over the same duration, its
+        ``lift_ramp_s``), so simultaneous events add up to one ramp of their net load."""
+        self.env[channel + 1] = target_kg
+        self.env[E_RMT + (channel - E_MT) // 2] = abs(target_kg - self.env[channel]) * self.P[P_RATE]
 
     def set_temperature(self, temp_C: float, immediate: bool = True) -> None:
         """Set the magnet temperature setpoint; ``immediate`` also jumps the magnet to it

@@ -12,6 +12,10 @@ Groups:
   paper's counts and the EFB's 1 mg, ``campaign_h_rel_err``, ``campaign_h_rel_u``,
   ``efb_mass_rel_err``, ``efb_mass_rel_u``, ``campaign_wall_s``). Not in
   :data:`DEFAULT_GROUPS`: it takes 20 to 40 minutes; ``--only campaign`` runs it.
+- ``robust``: ``kibble.services.robustness`` (20 seeded NIST-4 plants drawn inside their
+  tolerance bands, each closed loop in process with the default tuning: the worst, median and
+  least null RMS and exchange peaks over the plants, ``robust_plants_missed``). Not in
+  :data:`DEFAULT_GROUPS`; ``--only robust`` runs it.
 - ``realtime``: ``kibble.services.rtbench`` (the whole stack in real time, in force mode, seen
   by an outside observer process: sensor-to-actuator latency, frames answered, trips, null,
   CPU per frame per process, ``rt_<model>_<rate>_...``). Not in :data:`DEFAULT_GROUPS`: its
@@ -184,6 +188,7 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "loop": _external("kibble.services.loopbench:run"),
     "hil": _external("kibble.services.loopbench:run_hil"),
     "campaign": _external("kibble.services.campaignbench:run"),
+    "robust": _external("kibble.services.robustness:run"),
     "realtime": _external("kibble.services.rtbench:run"),
     "soak": _external("kibble.services.rtbench:run_soak"),
 }

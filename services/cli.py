@@ -596,10 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks and print (or write) flat JSON")
     p.add_argument("--only", action="append", default=None, metavar="GROUP",
                    help="bus, control, sim, loop, hil (the over-the-bus part of loop), campaign "
-                        "(the offline campaigns at the paper's counts, ~30 min), realtime (the "
+                        "(the offline campaigns at the paper's counts, ~30 min), robust (20 "
+                        "NIST-4 plants drawn inside their tolerances, closed loop), realtime (the "
                         "whole stack in real time seen from outside, ~22 min), soak (an hour in "
                         "real time with a broker restart); repeatable; default all but hil, "
-                        "campaign, realtime and soak")
+                        "campaign, robust, realtime and soak")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")

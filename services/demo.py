@@ -80,9 +80,10 @@ async def run_demo(rate_hz: float = 200.0, run_dir: Path = Path(".state") / "dem
             ex = await S.mass_exchanges(loop, cycles=plan.exchange_cycles,
                                         window_s=plan.exchange_window_s,
                                         erase_tail_s=plan.erase_tail_s)
-            for k, (peak, settle) in enumerate(zip(ex["peaks_m"], ex["settle_s"])):
-                say(f"    exchange {k + 1}: peak {peak * 1e6:.2f} um, back within 1 um in {settle:.2f} s, "
-                    f"after the erase {ex['erase_end_m'][k] * 1e9:.2f} nm")
+            erase_ends = iter(ex["erase_end_m"])
+            for name, peak, settle in zip(ex["exchanges"], ex["peaks_m"], ex["settle_s"]):
+                erased = "" if name == "aux off" else f", after the erase {next(erase_ends) * 1e9:.2f} nm"
+                say(f"    {name}: peak {peak * 1e6:.2f} um, back within 1 um in {settle:.2f} s{erased}")
             rows.append(_row("mass_exchange_peak_um", max(ex["peaks_m"]) * 1e6, "um", "<= 10",
                              max(ex["peaks_m"]) <= 10e-6))
             rows.append(_row("mass_exchange_settle_s", max(ex["settle_s"]), "s", "<= 10",

@@ -57,28 +57,37 @@ async def force_null(loop: Loop, seconds: float, settle_s: float = 10.0) -> dict
 
 async def mass_exchanges(loop: Loop, cycles: int = 1, window_s: float = 12.0,
                          erase: bool = True, erase_tail_s: float = 3.0) -> dict[str, Any]:
-    """Force mode: auxiliary mass off, then the test mass on and off ``cycles`` times, each
-    exchange followed by an erase (and ``erase_tail_s`` at rest after it). Peak excursion (m),
-    settling time to 1 um (s) per exchange, the mean current and Bl at the end of each window,
-    and the largest |z| over the last second after each erase (m)."""
+    """Force mode: auxiliary mass off, then the test mass on and off ``cycles`` times, each 1 kg
+    exchange followed by an erase (and ``erase_tail_s`` at rest after it). Every exchange, the
+    auxiliary mass's included, is recorded over ``window_s``: ``exchanges`` names them
+    (``aux off``, ``1 kg on``, ``1 kg off``, ...), ``peaks_m`` and ``settle_s`` give the peak
+    excursion (m) and the settling time to 1 um (s) of each, in that order; ``currents`` the
+    mean current and Bl at the end of each 1 kg window and ``erase_end_m`` the largest |z| over
+    the last second after each erase (m)."""
     await loop.command("servo", "mode", mode="force")
-    await loop.command("servo", "mass", aux=False)
-    await loop.run_seconds(window_s, record=False)
-    peaks, settles, ends, erase_end = [], [], [], []
+    names, peaks, settles, ends, erase_end = [], [], [], [], []
+
+    async def exchange(name: str, **masses: bool) -> dict[str, np.ndarray]:
+        await loop.command("servo", "mass", **masses)
+        tr = await loop.run_seconds(window_s)
+        z = tr["z_m"]
+        names.append(name)
+        peaks.append(float(np.abs(z).max()))
+        settles.append(settle_time_s(z, loop.rate_hz, 1e-6))
+        return tr
+
+    await exchange("aux off", aux=False)
     for _ in range(cycles):
         for test_on in (True, False):
-            await loop.command("servo", "mass", test=test_on)
-            tr = await loop.run_seconds(window_s)
-            z = tr["z_m"]
-            peaks.append(float(np.abs(z).max()))
-            settles.append(settle_time_s(z, loop.rate_hz, 1e-6))
-            tail = slice(-int(0.4 * z.size), None)
+            tr = await exchange("1 kg on" if test_on else "1 kg off", test=test_on)
+            tail = slice(-int(0.4 * tr["z_m"].size), None)
             ends.append((test_on, float(tr["i_main_a"][tail].mean()), float(tr["bl_t_m"][tail].mean())))
             if erase:
                 info = await loop.command("servo", "erase")
                 tr = await loop.run_seconds(info["duration_s"] + erase_tail_s)
                 erase_end.append(float(np.abs(tr["z_m"][-int(loop.rate_hz):]).max()))
-    return {"peaks_m": peaks, "settle_s": settles, "currents": ends, "erase_end_m": erase_end}
+    return {"exchanges": names, "peaks_m": peaks, "settle_s": settles, "currents": ends,
+            "erase_end_m": erase_end}
 
 
 async def velocity_sweeps(loop: Loop, travel_m: float = 0.08, directions=("down", "up"),

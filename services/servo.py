@@ -156,7 +156,10 @@ class Servo(Service):
     g_m_s2 = Param(9.801031394, unit="m/s^2", min=9.7, max=9.9, doc="local gravity at the mass centre")
     test_mass_kg = Param(1.0, unit="kg", min=0.0, max=5.0, doc="test mass (NIST-4) or small artifact (EFB)")
     aux_mass_kg = Param(0.5, unit="kg", min=0.0, max=5.0, doc="auxiliary mass (NIST-4) or large artifact (EFB)")
-    lift_ramp_s = Param(2.0, unit="s", min=0.01, max=100.0, doc="duration of the mass-lift load ramp")
+    lift_ramp_s = Param(2.0, unit="s", min=0.01, max=100.0,
+                        doc="duration of every mass-lift event's load ramp, whatever its mass (the "
+                            "mass lift's own; the simulator's main_side.lift_ramp_s, EFB "
+                            "masses.lift_ramp_s)")
     sweep_speed_m_s = Param(1e-3, unit="m/s", min=1e-6, max=0.01, doc="velocity-mode speed")
     sweep_accel_m_s2 = Param(5e-4, unit="m/s^2", min=1e-6, max=0.1, doc="velocity-mode acceleration")
     sweep_jerk_m_s3 = Param(0.0, unit="m/s^3", min=0.0, max=100.0, doc="jerk limit of sweeps (0: none, trapezoid)")

@@ -38,6 +38,12 @@ async def test_force_mode_holds_the_null_below_1_nm(nist4):
 async def test_mass_exchange_excursion_settle_erase_and_current(nist4):
     out = await S.mass_exchanges(nist4, cycles=1)
     assert max(out["peaks_m"]) <= 10e-6
+    # every exchange is recorded, the auxiliary mass's too; plant and servo ramp each load
+    # change over the same lift_ramp_s, so the 0.5 kg moves the coil no more than the 1 kg
+    # (the plant once lifted every mass at 0.5 kg/s: 8.8 um against 0.14 um)
+    assert out["exchanges"] == ["aux off", "1 kg on", "1 kg off"]
+    aux, *one_kg = out["peaks_m"]
+    assert aux <= max(one_kg)
     assert max(out["settle_s"]) <= 10.0
     assert max(out["erase_end_m"]) < 5e-9             # each erase ends at rest at the null
     assert nist4.services["servo"].mode == "force"

@@ -107,3 +107,35 @@ def test_mass_loading_ramps():
     p.remove_mass()
     p.run(EfbActuators(), 1100, record_truth=False)
     assert p.truth().m_load == 0.0
+
+
+@pytest.mark.parametrize("k", [-1e-3, -2e-4])
+def test_negative_linkage_stiffness_departs_at_the_analytic_rate(k):
+    """The buckling spring tuned past zero: the link held at z = 0 by the voltage that balances
+    the preload leaves it as m z'' = -(k + k_el) z - c z', k_el = -1/2 d2C/dz2 (V - V_s)^2 the
+    electrodes' own stiffness and c = sqrt(k_nom m) / q the damping of the nominal stiffness
+    (the flexures', which the tuning does not change); the Iwan elements keep their positive
+    stiffness of the nominal one too."""
+    p = EfbPlant(NOHYST | {"linkage.stiffness_N_m": k}, seed=7)
+    pr = p.params
+    m, kappa, vs = pr["linkage.mass_kg"], p.kappa(), pr["capacitor.surface_potential_V"]
+    f_aux = 0.5 * pr["capacitor.aux_dcdz_F_m"] * pr["capacitor.aux_surface_potential_V"] ** 2
+    v = vs + math.sqrt((pr["linkage.tare_force_N"] - f_aux) / kappa)
+    act = EfbActuators(hv_code=v / p._V_per_code, hv_to_main=True, hv_enable=True)
+    p.act = p.decode(act)
+    z0 = 1e-8
+    p.set_state(z=z0, vz=0.0, v_amp=p.act[0])
+    a1 = pr["capacitor.profile_coeffs"][0] / pr["capacitor.profile_scale_m"]
+    k_total = k - kappa * a1 * (v - vs) ** 2
+    a = math.sqrt(pr["linkage.nominal_stiffness_N_m"] * m) / pr["linkage.q"] / (2 * m)
+    lam1, lam2 = -a + math.sqrt(a * a - k_total / m), -a - math.sqrt(a * a - k_total / m)
+    pole = max(np.linalg.eigvals(p.linearize(act).A[:2, :2]).real)
+    assert pole == pytest.approx(lam1, rel=1e-4)
+    b = p.run(act, 60_000)  # 60 s
+    expect = z0 * (lam1 * np.exp(lam2 * b.col("t")) - lam2 * np.exp(lam1 * b.col("t"))) / (lam1 - lam2)
+    assert np.max(np.abs(b.col("z") - expect)) <= 1e-6 * np.max(np.abs(expect))
+    assert b.col("z")[-1] > 1.5 * z0
+    nominal = EfbPlant(QUIET_EFB, seed=7)
+    tuned = EfbPlant(QUIET_EFB | {"linkage.stiffness_N_m": k}, seed=7)
+    assert np.array_equal(tuned.hyk, nominal.hyk) and np.all(nominal.hyk > 0)
+    assert tuned.P[3] == nominal.P[3] > 0                      # P_C, the link's damping

@@ -150,8 +150,9 @@ def test_mass_events_ramp_and_aux_lift(n4):
     p.place_mass(True)
     p.run(Nist4Actuators(), 500, record_truth=False)
     tr = p.truth()
-    # 0.5 s into ramps of 1 kg / 2 s: a quarter of the test mass on, half the aux mass off
-    assert tr.m_test == pytest.approx(0.25) and tr.m_aux == pytest.approx(0.25)
+    # 0.5 s into the 2 s ramps (main_side.lift_ramp_s), each event ramping its own mass over
+    # it: a quarter of the 1 kg test mass on, a quarter of the 0.5 kg aux mass off
+    assert tr.m_test == pytest.approx(0.25) and tr.m_aux == pytest.approx(0.375)
     p.run(Nist4Actuators(), 2000, record_truth=False)
     assert p.truth().m_test == 1.0 and p.truth().m_aux == 0.0
 

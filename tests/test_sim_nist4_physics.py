@@ -208,3 +208,48 @@ def test_linearization_named():
     # damping coil vertical set 0 (enabled) produces theta torque; current command drives i_main
     assert sys.B[2, 0] == pytest.approx(1 / p.params["main_source.tau_s"], rel=1e-6)
     assert abs(sys.B[1, INPUT_NAMES.index("i_damp0v")]) > 0
+
+
+def _free_response(x0, lam1, lam2, t):
+    """x(t) of the linear oscillator with (real, distinct) roots lam1, lam2, from x0 at rest."""
+    return x0 * (lam1 * np.exp(lam2 * t) - lam2 * np.exp(lam1 * t)) / (lam1 - lam2)
+
+
+@pytest.mark.parametrize("k", [-0.35, -0.05])
+def test_negative_knife_stiffness_departs_at_the_analytic_rate(k):
+    """A knife edge balanced through zero (the wheel's centre of mass above the edge): the free
+    wheel leaves the null as J theta'' = -k theta - c theta' with the damping of the nominal
+    stiffness, c = sqrt(k_nom J) / q, so at the rate -c/2J + sqrt((c/2J)^2 - k/J), about
+    sqrt(-k/J); the linearization's unstable pole is that root."""
+    p = Nist4Plant(NOHYST | {"wheel.knife_stiffness_N_m_rad": k}, seed=7)
+    params = p.params
+    J = p.inertia
+    a = math.sqrt(params["wheel.nominal_stiffness_N_m_rad"] * J) / params["wheel.q"] / (2 * J)
+    lam1, lam2 = -a + math.sqrt(a * a - k / J), -a - math.sqrt(a * a - k / J)
+    theta0 = 1e-7
+    p.set_state(theta=theta0)
+    pole = max(np.linalg.eigvals(p.linearize(Nist4Actuators()).A[0:2, 0:2]).real)
+    assert pole == pytest.approx(lam1, rel=1e-6)
+    b = p.run(Nist4Actuators(), 20_000)  # 20 s
+    expect = _free_response(theta0, lam1, lam2, b.col("t"))
+    assert np.max(np.abs(b.col("theta") - expect)) <= 1e-6 * np.max(np.abs(expect))
+    assert b.col("theta")[-1] > 2 * theta0
+
+
+def test_knife_stiffness_sign_keeps_the_losses_and_flips_the_ground_lever():
+    """Tuning k through zero moves the centre of mass, not the edge's contact: the damping and
+    the (positive) Iwan element stiffnesses stay those of the nominal stiffness. The
+    gravitational part f k = M g d sets the lever d of the horizontal ground acceleration, so
+    the torque per m/s^2, M d = f k / g, follows the sign of k."""
+    plants = {k: Nist4Plant(QUIET_NIST4 | {"wheel.knife_stiffness_N_m_rad": k}, seed=8)
+              for k in (0.35, 0.0, -0.35)}
+    nominal = plants[0.35]
+    k_nom = nominal.params["wheel.nominal_stiffness_N_m_rad"]
+    hyk = nominal.params["hysteresis.stiffness_fraction"] * k_nom / len(nominal.hyk)
+    agx = INPUT_NAMES.index("agx")
+    for k, p in plants.items():
+        assert p.P[4] == nominal.P[4] > 0                      # P_C, the wheel's damping
+        assert np.array_equal(p.hyk, np.full(len(nominal.hyk), hyk)) and hyk > 0
+        torque_per_accel = p.linearize(Nist4Actuators()).B[1, agx] * p.inertia
+        lever = p.params["wheel.gravity_fraction"] * k / p.params["sim.g_m_s2"]
+        assert torque_per_accel == pytest.approx(lever, rel=1e-6, abs=1e-12)
