@@ -1,5 +1,5 @@
 PY := .venv/bin/python
-.PHONY: run test bench setup
+.PHONY: run test lint bench setup
 setup: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -8,9 +8,12 @@ setup: .venv/.installed
 	touch $@
 run: setup
 	.venv/bin/kibble demo
+# pyproject.toml [tool.ruff] says which rules and why.
+lint: setup
+	.venv/bin/ruff check .
 # The whole suite on mosquitto, then the @pytest.mark.amqtt subset again with every directory
 # holding a mosquitto executable dropped from PATH, so the broker fixture falls back to amqtt.
-test: setup
+test: lint
 	$(PY) -m pytest
 	PATH="$$(printf '%s\n' "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/mosquitto" ] || printf '%s\n' "$$d"; done | paste -sd: -)" \
 		$(PY) -m pytest -m amqtt

@@ -93,7 +93,7 @@ def _sink_main(broker: str, state_dir: str, n_frames: int, topic: str, out: str,
         async def supervise() -> None:
             await sink.connected.wait()
             ready.set()
-            while not sent.is_set():
+            while not sent.is_set():  # noqa: ASYNC110 (a multiprocessing.Event: nothing to await)
                 await asyncio.sleep(0.1)
             await asyncio.sleep(DRAIN_S)
             sink.stop()

@@ -398,7 +398,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                               ("settle_s", args.rt_settle)) if value is not None}
     soak = {key: value for key, value in (("seconds", args.soak_seconds), ("case", args.soak_case))
             if value is not None}
-    results = run_benchmarks(args.only, broker=args.broker_url, progress=lambda s: print(s, file=sys.stderr, flush=True),
+    results = run_benchmarks(args.only, broker=args.broker_url,
+                             progress=lambda s: print(s, file=sys.stderr, flush=True),
                              group_args={"realtime": realtime, "soak": soak})
     text = json.dumps(results, indent=2, sort_keys=True)
     if args.json:
@@ -565,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, is_async=True)
 
     p = sub.add_parser("measure", help="run a measurement plan and analyse it (--offline: in process)")
-    p.add_argument("--plan", required=True, help="nist4 (a run: velocity sets bracketing a force set) or efb (weighings)")
+    p.add_argument("--plan", required=True,
+                   help="nist4 (a run: velocity sets bracketing a force set) or efb (weighings)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="plan parameter (repeatable); test=true starts from the shortened test plans")
     p.add_argument("--offline", action="store_true",

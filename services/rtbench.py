@@ -342,14 +342,18 @@ class Observer:
         await self._halt()
         if not self.out_path.exists():
             raise RuntimeError(f"the observer wrote no records (exit code {self.process.exitcode})")
-        with open(self.out_path, "rb") as f:
-            rec = pickle.load(f)
+        rec = await asyncio.to_thread(_load_pickle, self.out_path)  # ~100 MB after 10 min
         if rec["failure"]:
             raise RuntimeError(f"observer: {'; '.join(rec['failure'])}")
         return rec
 
 
 # ============================================================================ pure analysis
+
+
+def _load_pickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f)
 
 
 def frame_latencies(s_k: np.ndarray, s_t: np.ndarray, c_dev: np.ndarray, c_k: np.ndarray,

@@ -128,8 +128,10 @@ class Servo(Service):
     # ---- actuator maps and feedforward (calibrated constants of the instrument)
     bl_t_m = Param(710.2, unit="T m", min=1.0, max=5000.0, doc="main-coil Bl used to turn force into current")
     motor_bl_t_m = Param(20.0, unit="T m", min=0.01, max=500.0, doc="counter-mass motor force per ampere at the coil")
-    effective_mass_kg = Param(89.6, unit="kg", min=1e-3, max=1000.0, doc="wheel inertia referred to the coil (velocity feedforward)")
-    spring_n_m = Param(3.76, unit="N/m", min=-1e3, max=1e3, doc="knife-edge stiffness referred to the coil (velocity feedforward)")
+    effective_mass_kg = Param(89.6, unit="kg", min=1e-3, max=1000.0,
+                              doc="wheel inertia referred to the coil (velocity feedforward)")
+    spring_n_m = Param(3.76, unit="N/m", min=-1e3, max=1e3,
+                       doc="knife-edge stiffness referred to the coil (velocity feedforward)")
     kappa_f_m = Param(4.735e-10, unit="F/m", min=1e-15, max=1e-6, doc="EFB kappa = dC/dz / 2")
     surface_potential_v = Param(0.0, unit="V", min=-10.0, max=10.0, doc="EFB surface potential estimate")
     aux_kappa_f_m = Param(1.0e-10, unit="F/m", min=1e-15, max=1e-6,

@@ -321,7 +321,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         async with BusClient(self.broker_url, self.instrument) as bus:
             pattern = f"kb/{self.instrument}/+/status"
-            async for topic, payload in _with_deadline(bus.subscribe(pattern), deadline):
+            async for _, payload in _with_deadline(bus.subscribe(pattern), deadline):
                 try:
                     status = decode(payload, Status)
                 except DecodeError:

@@ -159,7 +159,7 @@ def targets_of(nodes: Iterable[BusNode]) -> list[Target]:
         for name, entries in subs.items():
             exact = [e for e in entries if e[0] == topic]
             wild = [e for e in entries if e[0] != topic and topic_matches(e[0], topic)]
-            for p, msg_type, conflated in exact or wild[:1]:
+            for _, msg_type, conflated in exact or wild[:1]:
                 found.append(Subscriber(name, msg_type, conflated))
         targets.append(Target(topic, pattern, tuple(found)))
     return targets

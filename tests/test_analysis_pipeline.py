@@ -78,8 +78,9 @@ def _weighing_events(t0: float, kappa: float, mass: float, g: float, drift_n_s: 
 
 
 def test_run_documents_give_the_events_of_a_stream_in_order():
-    docs = an.RunDocuments(_documents("efb_weighing", {"weighing": _weighing_events(0.0, 4.7e-10, 1e-6, 9.8, 0.0),
-                                                      "gradient": _gradient_events(100.0, 0.947e-9, np.random.default_rng(0))}))
+    events = {"weighing": _weighing_events(0.0, 4.7e-10, 1e-6, 9.8, 0.0),
+              "gradient": _gradient_events(100.0, 0.947e-9, np.random.default_rng(0))}
+    docs = an.RunDocuments(_documents("efb_weighing", events))
     weighing = docs.events("weighing")
     assert [e["info"]["polarity"] + str(e["info"]["index"]) for e in weighing] == ["+0", "+1", "+2", "-0", "-1", "-2"]
     assert len(docs.events("gradient")) == 22 and docs.events("sweep") == []

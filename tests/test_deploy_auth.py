@@ -233,7 +233,7 @@ async def test_mqtts_fast_path_daemon_and_status(tmp_path):
     try:
         # no CA: the self-signed chain is refused, said so
         with pytest.raises(BusError, match="(?i)certificate"):
-            async with BusClient(f"mqtts://127.0.0.1:{port}", "nist4",) as bus:
+            async with BusClient(f"mqtts://127.0.0.1:{port}", "nist4"):
                 pass
         # QoS 0 through publish_now (corked and not) arrives whole and in order over TLS,
         # received by deliver_directly (paho reads the SSLSocket)

@@ -303,7 +303,8 @@ class Bench:
         return f"kb/{self.instrument}/fuzz-tool/reply"
 
 
-async def start_bench(model: str, broker_url: str, run_dir: Path, measurement: bool) -> tuple[Bench, contextlib.AsyncExitStack]:
+async def start_bench(model: str, broker_url: str, run_dir: Path,
+                      measurement: bool) -> tuple[Bench, contextlib.AsyncExitStack]:
     t0 = time.monotonic()
     instrument = f"fz-{model}-{uuid.uuid4().hex[:6]}"
     exits = contextlib.AsyncExitStack()
@@ -808,7 +809,7 @@ async def test_a_frame_stamped_in_the_far_past_leaves_the_status_decodable(tmp_p
         svc = service_class(name)(load_config(name, stack_config("nist4"), instrument="fz-unit",
                                               state_dir=tmp_path, restore=False, clock="lockstep"))
         out: list[tuple[str, bytes]] = []
-        svc.attach_local(lambda topic, payload, qos, retain: out.append((topic, payload)))
+        svc.attach_local(lambda topic, payload, qos, retain, out=out: out.append((topic, payload)))
         svc.subscriptions()
         for stamp in (-sys.float_info.max, sys.float_info.max):
             svc.batch_begin()

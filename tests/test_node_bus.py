@@ -117,7 +117,7 @@ async def test_reply_to_outside_the_instruments_reply_topics_is_refused(kind, br
         assert reply.ok, reply.error
         assert not task.done()
     refusals = {r.id: r for r in rec.replies(own)}
-    for i, reply_to in enumerate(bad):
+    for i in range(len(bad)):
         r = refusals[f"bad-{i}"]
         assert not r.ok and "reply_to" in r.error and "not a reply topic" in r.error, r.error
     status_topic = topics.status(node.name)  # the node's own heartbeat, never a reply

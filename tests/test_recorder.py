@@ -1,7 +1,7 @@
 """The recorder (issue 6, item 2): the run file (round trip, torn tails, flush policy, run
 documents), the daemon over a real broker (bytes and order as published, hw/ filtering, run-id
-rules, a broker restart recorded as a gap: issue 17, item 11), a SIGKILL mid-run (the file is a readable prefix missing at most the last second), and
-the HDF5 export (values, units, configuration, parameters)."""
+rules, a broker restart recorded as a gap: issue 17, item 11), a SIGKILL mid-run (the file is a
+readable prefix missing at most the last second), and the HDF5 export (values, units, configuration, parameters)."""
 
 from __future__ import annotations
 

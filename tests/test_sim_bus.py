@@ -187,7 +187,7 @@ def test_lockstep_gate_answers_misses_and_drop():
 def test_realtime_schedule_is_drift_free():
     s = RealtimeSchedule(0.001, max_lag_s=0.05)
     s.start(10.0)
-    for k in range(1000):                    # every frame starts 0.4 ms late: no accumulation
+    for _ in range(1000):                    # every frame starts 0.4 ms late: no accumulation
         s.frame_started(s.deadline_s + 0.0004)
     assert s.deadline_s == pytest.approx(11.0, abs=1e-9) and s.late == 0 and s.slips == 0
     s.frame_started(s.deadline_s + 0.2)      # far behind: restart the schedule, count a slip
@@ -315,7 +315,6 @@ async def test_bad_actuator_commands_are_rejected_and_the_last_good_is_held(brok
     good = lambda k: ([5, 6, 7, 8, 9, 10], [True])  # noqa: E731
     # frames 10..14: the echo sends only the bad command for damping (it still answers k)
     answers["damping"] = lambda k: good(k) if k not in bad or k in (13, 14) else ([0] * 6, [True])
-    before = lambda k: [bad[k]] if k in bad else []  # noqa: E731
 
     sim = SimServer("nist4", "lockstep", rate_hz=1000, seed=1, broker_url=broker.url,
                     instrument="bad", expect=tuple(NIST4_ECHO), lockstep_timeout_s=0.5)

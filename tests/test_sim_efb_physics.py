@@ -40,10 +40,10 @@ def test_ringdown_matches_linearization():
     p.act = p.decode(act)
     p.set_state(z=2e-7, v_amp=p.act[0])
     sys = p.linearize(act)
-    lam = [l for l in np.linalg.eigvals(sys.A[:2, :2]) if l.imag > 0][0]
+    lam = [e for e in np.linalg.eigvals(sys.A[:2, :2]) if e.imag > 0][0]
     b = p.run(act, 400_000)  # 400 s, ~3 periods
     X = np.column_stack([b.col("z"), b.col("vz")])[::500]
-    sim = [l for l in dmd_eigs(X, 0.5) if l.imag > 0][0]
+    sim = [e for e in dmd_eigs(X, 0.5) if e.imag > 0][0]
     for l_ in (lam, sim):
         assert l_.imag > 0
     assert abs(sim) == pytest.approx(abs(lam), rel=0.01)

@@ -86,7 +86,8 @@ def _bl_independent(params, z, i, temp):
     u = z / zs
     prof = 1 + sum(a[n] * u ** (n + 1) for n in range(6))
     ima = i * 1e3
-    return (params["coil.bl0_T_m"] * prof * (1 + params["coil.alpha_per_mA"] * ima + params["coil.beta_per_mA2"] * ima ** 2)
+    return (params["coil.bl0_T_m"] * prof
+            * (1 + params["coil.alpha_per_mA"] * ima + params["coil.beta_per_mA2"] * ima ** 2)
             * (1 + params["coil.temp_coeff_per_K"] * (temp - params["coil.temp_ref_C"])))
 
 
