@@ -129,7 +129,7 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, nz, nzu, n_frames, n_
     nh = hyk.shape[0]
     for fr in range(n_frames):
         dvm_acc = 0.0
-        for sub in range(n_sub):
+        for _ in range(n_sub):
             if env[E_TICK] <= 0.0:
                 if iz + 5 > nzn:
                     nzu[0] = -1

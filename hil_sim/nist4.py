@@ -1112,7 +1112,8 @@ class Nist4Plant:
             lsb = p[f"{src}.full_scale_A"] / 2 ** (cb - 1)
             self._dac[src] = (cb, fb, lsb, lsb * p[f"{src}.fine_span_lsb"] / 2 ** fb)
         self._dbits = p["damping_coils.dac_bits"]
-        self._damp_A_per_code = p["damping_coils.dac_full_scale_V"] / 2 ** (self._dbits - 1) * p["damping_coils.driver_A_per_V"]
+        self._damp_A_per_code = (p["damping_coils.dac_full_scale_V"] / 2 ** (self._dbits - 1)
+                                 * p["damping_coils.driver_A_per_V"])
         self._hbits = p["theta_z.dac_bits"]
         self._hv_V_per_code = p["theta_z.full_scale_V"] / 2 ** (self._hbits - 1)
         self._quantize_dac = p["noise.dac_quantization"]
@@ -1462,7 +1463,8 @@ class Nist4Plant:
         z = r * th
         im, ic = _flowing(x, env, self.act, P)
         # Phi_z(z) = int_0^z Bl dz (polynomial)
-        s = P[P_BL0] * (1 + P[P_ALPHA] * im * 1e3 + P[P_BETA] * (im * 1e3) ** 2) * (1 + P[P_TC] * (env[E_TEMP] - P[P_TREF]))
+        s = (P[P_BL0] * (1 + P[P_ALPHA] * im * 1e3 + P[P_BETA] * (im * 1e3) ** 2)
+             * (1 + P[P_TC] * (env[E_TEMP] - P[P_TREF])))
         a = P[P_A1:P_A6 + 1]
         u = z / P[P_ZS]
         phi_z = s * (z + P[P_ZS] * sum(a[n] * u ** (n + 2) / (n + 2) for n in range(6)))

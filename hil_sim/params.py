@@ -82,7 +82,8 @@ class Params:
             if name not in specs:
                 raise ParamError(f"{self.model}: unknown parameter {name!r} in overrides")
             old = specs[name]
-            specs[name] = _checked(self.model, ParamSpec(name, value, old.unit, old.min, old.max, old.source + " [overridden]", old.doc), old.value)
+            spec = ParamSpec(name, value, old.unit, old.min, old.max, old.source + " [overridden]", old.doc)
+            specs[name] = _checked(self.model, spec, old.value)
         return Params(self.model, specs)
 
 
