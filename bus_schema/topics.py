@@ -18,6 +18,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kibble.bus_schema.messages import (
+    Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, LoopFrame, Message, ParamList,
+    Reply, Setpoint, SimTruth, Status,
+)
+
 ROOT = "kb"
 SERVICE_LEAVES = ("frame", "setpoint", "status", "params", "cmd", "reply", "event")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -114,6 +119,27 @@ class Topics:
         if len(parts) != 4 or parts[0] != ROOT or parts[1] != self.instrument:
             raise ValueError(f"topic {topic!r} is not under {self.prefix}/<x>/<y>")
         return parts[2], parts[3]
+
+
+_LEAF_TYPES: dict[str, type[Message]] = {
+    "status": Status, "params": ParamList, "cmd": Command, "reply": Reply, "event": Event,
+    "setpoint": Setpoint, "frame": LoopFrame}
+
+
+def message_type_for(topic: str) -> type[Message] | None:
+    """The message type published on ``kb/<instrument>/<a>/<b>`` (None: not a typed message):
+    the tree above, in one place (the recorder's export, ``kibble watch``)."""
+    parts = topic.split("/")
+    if len(parts) != 4:
+        return None
+    a, b = parts[2], parts[3]
+    if a == "hw":
+        return HwSensorFrame if b == "sensors" else HwActuatorCommand
+    if a == "daq" and b == "frame":
+        return DaqFrame
+    if a == "sim":
+        return SimTruth if b == "truth" else Command if b in ("cmd", "control") else None
+    return _LEAF_TYPES.get(b)
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -24,10 +24,8 @@ import msgspec
 
 from kibble.bus_schema import realtime
 from kibble.bus_schema.codec import DecodeError, decode
-from kibble.bus_schema.messages import (
-    Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, ParamList, Reply, Setpoint, Status,
-)
-from kibble.bus_schema.topics import Topics
+from kibble.bus_schema.messages import Reply, Status
+from kibble.bus_schema.topics import Topics, message_type_for
 from kibble.bus_schema.transport import redact_url, with_options
 from kibble.services.bus import DEFAULT_BROKER, BusClient, BusError, follow
 
@@ -75,20 +73,9 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- decoding for display
 
-_LEAF_TYPES = {"status": Status, "params": ParamList, "cmd": Command, "reply": Reply,
-               "event": Event, "setpoint": Setpoint}
-
-
 def decode_for_display(topic: str, payload: bytes) -> tuple[str, Any]:
     """Best-effort typed decode of any bus message from its topic; (type name, builtins)."""
-    parts = topic.split("/")
-    msg_type = None
-    if len(parts) >= 4 and parts[2] == "hw":
-        msg_type = HwSensorFrame if parts[3] == "sensors" else HwActuatorCommand
-    elif len(parts) >= 4 and parts[3] == "frame" and parts[2] == "daq":
-        msg_type = DaqFrame
-    elif len(parts) >= 4:
-        msg_type = _LEAF_TYPES.get(parts[3])
+    msg_type = message_type_for(topic)
     if msg_type is not None:
         try:
             return msg_type.__name__, msgspec.to_builtins(decode(payload, msg_type))

@@ -40,31 +40,10 @@ import msgspec
 import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode
-from kibble.bus_schema.messages import (
-    Command, DaqFrame, Event, HwActuatorCommand, HwSensorFrame, LoopFrame, Message, ParamList,
-    Reply, Setpoint, SimTruth, Status,
-)
+from kibble.bus_schema.messages import ParamList
+from kibble.bus_schema.topics import message_type_for
 from kibble.bus_schema.units import unit_of
 from kibble.services.recordfile import RUN_DOCUMENT_LEAF, RunFileError, decode_document, read_run
-
-_LEAF_TYPES: dict[str, type[Message]] = {
-    "status": Status, "params": ParamList, "cmd": Command, "reply": Reply, "event": Event,
-    "setpoint": Setpoint, "frame": LoopFrame}
-
-
-def message_type_for(topic: str) -> type[Message] | None:
-    """The message type of a topic ``kb/<instrument>/<a>/<b>`` (None: not a typed message)."""
-    parts = topic.split("/")
-    if len(parts) != 4:
-        return None
-    a, b = parts[2], parts[3]
-    if a == "hw":
-        return HwSensorFrame if b == "sensors" else HwActuatorCommand
-    if a == "daq" and b == "frame":
-        return DaqFrame
-    if a == "sim":
-        return SimTruth if b == "truth" else Command if b in ("cmd", "control") else None
-    return _LEAF_TYPES.get(b)
 
 
 def _key(k: Any) -> str:

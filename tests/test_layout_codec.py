@@ -112,3 +112,21 @@ def test_random_bytes_only_raise_decode_error(data):
             decode(data, t)
         except DecodeError:
             pass
+
+
+def test_one_topic_to_type_map_for_the_export_and_kibble_watch():
+    """``kibble watch`` decoded the servo's loop frame and the simulator's truth as bare
+    MessagePack (its own map lacked them); it and the export now read the one in bus_schema."""
+    from kibble.bus_schema.codec import encode
+    from kibble.bus_schema.messages import LoopFrame, SimTruth
+    from kibble.bus_schema.topics import Topics, message_type_for
+    from kibble.services.cli import decode_for_display
+
+    t = Topics("nist4")
+    assert decode_for_display(t.frame("servo"), encode(LoopFrame(frame=3, mode="force")))[0] == "LoopFrame"
+    assert decode_for_display(t.sim("truth"), encode(SimTruth(frame=3, model="nist4")))[0] == "SimTruth"
+    kinds = {t.frame("daq"): "DaqFrame", t.frame("servo"): "LoopFrame", t.hw("sensors"): "HwSensorFrame",
+             t.hw("main_source"): "HwActuatorCommand", t.setpoint("servo"): "Setpoint",
+             t.status("servo"): "Status", t.params("servo"): "ParamList", t.cmd("servo"): "Command",
+             t.reply("servo"): "Reply", t.event("servo"): "Event", t.sim("truth"): "SimTruth"}
+    assert {topic: message_type_for(topic).__name__ for topic in kinds} == kinds

@@ -11,9 +11,9 @@ import pytest
 
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.messages import MESSAGE_TYPES, field_limits
+from kibble.bus_schema.topics import message_type_for
 from kibble.bus_schema.units import UNITS, unit_of
 from kibble.hil_sim.bus import adapter_for
-from kibble.services.export import message_type_for
 from kibble.services.inprocess import PLANTS, InProcessStack
 from kibble.services.up import STACKS
 
