@@ -477,13 +477,20 @@ def end_states(statuses: Sequence[tuple], services: Sequence[str],
     return last
 
 
+def _proc_text(pid: int | None, name: str) -> str | None:
+    """``/proc/<pid>/<name>``, None if there is no such process (or no pid)."""
+    if pid is None:
+        return None
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return None
+
+
 def proc_cpu_s(pid: int | None) -> float:
     """utime + stime (s) of process ``pid`` from ``/proc/<pid>/stat``; NaN if unreadable."""
-    if pid is None:
-        return math.nan
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    text = _proc_text(pid, "stat")
+    if text is None:
         return math.nan
     fields = text[text.rindex(")") + 2:].split()
     # after the comm: state(3) ppid(4) ... utime(14) stime(15), 1-based in proc(5)
@@ -718,11 +725,8 @@ RSS_WARMUP = 0.1
 
 def proc_rss_mb(pid: int | None) -> float:
     """Resident set size (MB) of process ``pid`` from ``/proc/<pid>/status``; NaN if unreadable."""
-    if pid is None:
-        return math.nan
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+    text = _proc_text(pid, "status")
+    if text is None:
         return math.nan
     for line in text.splitlines():
         if line.startswith("VmRSS:"):
