@@ -3,10 +3,10 @@
 Whoever stores or shows a value (``kibble export``'s HDF5 ``unit`` attributes, an operator's
 view) reads its unit here; it is never guessed from the name's suffix, which cannot tell
 ``bl_t_m`` (T m) from ``dcdz_f_m`` (F/m) or a torque ``tau_hyst_n_m`` (N m) from a stiffness.
-The table covers the fields of the message types, the keys of their ``values`` and ``detail``
+The table covers the fields of the message types (those of the frames from their plausibility
+limits, :func:`~kibble.bus_schema.messages.field_limits`), the keys of their ``values`` and ``detail``
 maps as the daemons and the simulator publish them, and the simulator's truth (a test ties it
-to what the in-process stacks really publish, and to the units of the plausibility limits,
-:func:`~kibble.bus_schema.messages.field_limits`). ``""`` is dimensionless (a count, a tag, a
+to what the in-process stacks really publish). ``""`` is dimensionless (a count, a tag, a
 code, a flag, a ratio); a name that is not declared has no unit (:func:`unit_of` is None),
 never a guessed one. A ``counters`` map holds counts: :data:`COUNT_MAPS`.
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 from typing import Mapping
+
+from kibble.bus_schema.messages import MESSAGE_TYPES, field_limits
 
 _DIMENSIONLESS = (
     # header, tags, codes and flags
@@ -39,14 +41,6 @@ _UNITS.update({
     "cpu_us_p50": "us", "cpu_us_p99": "us",
     "rate_hz": "Hz", "steps_per_s": "1/s",
     "bytes": "B", "pending_bytes": "B", "rx_backlog_bytes": "B",
-    # DaqFrame and HwSensorFrame
-    "coil_x_m": "m", "coil_y_m": "m", "coil_z_m": "m", "counter_mass_z_m": "m",
-    "coil_theta_x_rad": "rad", "coil_theta_y_rad": "rad", "coil_theta_z_rad": "rad",
-    "coil_vx_m_s": "m/s", "coil_vy_m_s": "m/s", "coil_vz_m_s": "m/s",
-    "coil_wx_rad_s": "rad/s", "coil_wy_rad_s": "rad/s", "coil_wz_rad_s": "rad/s",
-    "coil_voltage_v": "V", "main_coil_current_a": "A", "counter_mass_current_a": "A",
-    "capacitance_f": "F", "temperature_k": "K", "pressure_pa": "Pa",
-    "fringe_count": "fringes", "fringe_phase_rad": "rad", "psd_v": "V", "dvm_v": "V", "current_monitor_v": "V",
     # setpoints, loop frames and the actuators' status details
     "hv_voltage_v": "V", "z_ref_m": "m", "v_ref_m_s": "m/s", "z_m": "m", "error_m": "m",
     "error_rms_m": "m", "force_n": "N", "feedforward_n": "N",
@@ -63,6 +57,10 @@ _UNITS.update({
     "v_amp_v": "V", "v_out_v": "V", "f_main_n": "N", "f_aux_n": "N", "dcdz_f_m": "F/m",
     "m_load_kg": "kg", "f_hyst_n": "N",
 })
+
+# the fields of the hardware and DAQ frames carry their unit with their plausibility limits
+for _type in MESSAGE_TYPES:
+    _UNITS.update({name: lim.unit for name, lim in field_limits(_type).items()})
 
 UNITS: Mapping[str, str] = MappingProxyType(_UNITS)
 """Name -> unit of every numeric name on the bus (``""``: dimensionless)."""
