@@ -39,7 +39,7 @@ from scipy.linalg import expm
 from .errors import ActuatorError
 from .nist4 import NormalDraws, advance_in_chunks
 from .noise import ground_filter, ground_tick, white_std
-from .params import Params, load_params
+from .params import DEFAULT_NOISE, Params, load_params
 
 __all__ = ["EfbActuators", "EfbSensors", "EfbTruth", "EfbBlock", "EfbPlant", "linearize",
            "SENSOR_FIELDS", "TRUTH_FIELDS"]
@@ -314,14 +314,14 @@ class EfbBlock:
 
 
 class EfbPlant:
-    """In-process EFB plant. ``EfbPlant(params=None, seed=0, overrides=None)``."""
+    """In-process EFB plant. ``EfbPlant(params=None, seed=0, overrides=None, noise="published")``."""
 
     model = "efb"
 
     def __init__(self, params: Params | Mapping[str, Any] | None = None, seed: int = 0,
-                 overrides: Mapping[str, Any] | None = None):
+                 overrides: Mapping[str, Any] | None = None, noise: str = DEFAULT_NOISE):
         if params is None or isinstance(params, Mapping):
-            params = load_params("efb", dict(params or {}) | dict(overrides or {}))
+            params = load_params("efb", dict(params or {}) | dict(overrides or {}), noise=noise)
         elif overrides:
             params = params.with_overrides(overrides)
         self.params = p = params

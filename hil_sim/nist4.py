@@ -64,7 +64,7 @@ from scipy.linalg import expm
 
 from .errors import ActuatorError, PlantError
 from .noise import ground_filter, ground_tick, white_std
-from .params import Params, load_params
+from .params import DEFAULT_NOISE, Params, load_params
 
 __all__ = ["Nist4Actuators", "Nist4Sensors", "Nist4Truth", "Nist4Block", "Nist4Plant",
            "SENSOR_FIELDS", "TRUTH_FIELDS", "DOF_NAMES", "linearize"]
@@ -913,19 +913,20 @@ def _deg(v):
 
 
 class Nist4Plant:
-    """In-process NIST-4 plant. ``Nist4Plant(params=None, seed=0, overrides=None)``.
+    """In-process NIST-4 plant. ``Nist4Plant(params=None, seed=0, overrides=None, noise="published")``.
 
     ``params``: a :class:`Params` (``load_params("nist4", overrides)``), a dict of overrides,
-    or None for the defaults. The same seed and the same call sequence give bit-identical
+    or None for the defaults, taken from the noise profile ``noise`` (``params.NOISE_PROFILES``;
+    a :class:`Params` carries its own). The same seed and the same call sequence give bit-identical
     outputs (frame-by-frame and block runs consume the random streams identically).
     """
 
     model = "nist4"
 
     def __init__(self, params: Params | Mapping[str, Any] | None = None, seed: int = 0,
-                 overrides: Mapping[str, Any] | None = None):
+                 overrides: Mapping[str, Any] | None = None, noise: str = DEFAULT_NOISE):
         if params is None or isinstance(params, Mapping):
-            params = load_params("nist4", dict(params or {}) | dict(overrides or {}))
+            params = load_params("nist4", dict(params or {}) | dict(overrides or {}), noise=noise)
         elif overrides:
             params = params.with_overrides(overrides)
         self.params = params

@@ -11,6 +11,17 @@ and ``doc`` are optional. A value is a bool, an int, a float, a string or a list
 (``"wheel.radius_m"``). Overrides come as a dict ``{dotted_name: value}`` (tests) or as
 ``"name=value"`` strings (command line, the value parsed as TOML). Unknown names, wrong types,
 non-finite numbers and out-of-range values raise :class:`ParamError` naming the parameter.
+
+Noise profiles (:data:`NOISE_PROFILES`): the base values of the file are the ``quiet`` profile.
+A table ``[profiles.<name>]`` holds a profile's values over the base, each with the reason for
+its value::
+
+    [profiles.published]
+    "interferometer.flicker_asd_m" = { value = 3e-11, source = "seed 001 Fig. 12: ..." }
+
+``published`` applies ``[profiles.published]``; ``off`` sets every ``noise.*`` switch false and
+then applies ``[profiles.off]`` (amplitudes no switch covers). Overrides are applied last, so a
+user's value always wins over the profile's.
 """
 
 from __future__ import annotations
@@ -21,9 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["ParamError", "ParamSpec", "Params", "load_params", "parse_override"]
+__all__ = ["NOISE_PROFILES", "DEFAULT_NOISE", "ParamError", "ParamSpec", "Params", "load_params",
+           "parse_override"]
 
 _HERE = Path(__file__).resolve().parent
+
+NOISE_PROFILES: tuple[str, ...] = ("published", "quiet", "off")
+"""``published``: as noisy as the seeds' instruments (the default wherever a user runs the
+simulator); ``quiet``: the file's base values (tests that need small, known noise); ``off``: every
+noise switch off (exactness tests)."""
+
+DEFAULT_NOISE = "published"
 
 
 class ParamError(ValueError):
@@ -48,8 +67,10 @@ def _is_num(v: Any) -> bool:
 class Params:
     """Validated, flat (dotted-name) view of one model's parameters. Read-only mapping."""
 
-    def __init__(self, model: str, specs: dict[str, ParamSpec]):
+    def __init__(self, model: str, specs: dict[str, ParamSpec], noise: str = "quiet"):
         self.model = model
+        self.noise = noise
+        """The noise profile the values started from (:data:`NOISE_PROFILES`)."""
         self._specs = specs
 
     def __getitem__(self, name: str) -> Any:
@@ -72,7 +93,8 @@ class Params:
     def as_dict(self) -> dict[str, Any]:
         return {k: s.value for k, s in self._specs.items()}
 
-    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None) -> "Params":
+    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None,
+                       _why: str = "overrides") -> "Params":
         if not overrides:
             return self
         if not isinstance(overrides, Mapping):
@@ -80,11 +102,11 @@ class Params:
         specs = dict(self._specs)
         for name, value in overrides.items():
             if name not in specs:
-                raise ParamError(f"{self.model}: unknown parameter {name!r} in overrides")
+                raise ParamError(f"{self.model}: unknown parameter {name!r} in {_why}")
             old = specs[name]
             spec = ParamSpec(name, value, old.unit, old.min, old.max, old.source + " [overridden]", old.doc)
             specs[name] = _checked(self.model, spec, old.value)
-        return Params(self.model, specs)
+        return Params(self.model, specs, self.noise)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -156,12 +178,43 @@ def _walk(model: str, table: dict, prefix: str, out: dict[str, ParamSpec]) -> No
             raise ParamError(f"{model}: {name} is neither a parameter table nor a section")
 
 
+def _profile(model: str, base: Params, name: str, table: Any) -> Params:
+    """``base`` with the values of ``[profiles.<name>]``, each source replaced by the profile's."""
+    if not isinstance(table, dict):
+        raise ParamError(f"{model}: [profiles.{name}] is not a table")
+    specs = dict(base._specs)
+    for key, val in table.items():
+        where = f"[profiles.{name}] {key!r}"
+        if key not in specs:
+            raise ParamError(f"{model}: {where} names no parameter")
+        if not isinstance(val, dict) or set(val) != {"value", "source"}:
+            raise ParamError(f"{model}: {where} must be {{ value = ..., source = \"why\" }}")
+        old = specs[key]
+        spec = ParamSpec(key, val["value"], old.unit, old.min, old.max,
+                         f"{val['source']} [profile {name}; quiet: {old.value!r}, {old.source}]", old.doc)
+        specs[key] = _checked(model, spec, old.value)
+    return Params(model, specs, name)
+
+
 def load_params(model: str, overrides: Mapping[str, Any] | Iterable[str] | None = None,
-                path: str | Path | None = None) -> Params:
-    """Load ``hil_sim/<model>.toml`` (or ``path``) and apply ``overrides``."""
+                path: str | Path | None = None, noise: str = DEFAULT_NOISE) -> Params:
+    """Load ``hil_sim/<model>.toml`` (or ``path``), take the noise profile ``noise``
+    (:data:`NOISE_PROFILES`), then apply ``overrides``."""
+    if noise not in NOISE_PROFILES:
+        raise ParamError(f"{model}: unknown noise profile {noise!r}; one of {', '.join(NOISE_PROFILES)}")
     p = Path(path) if path is not None else _HERE / f"{model}.toml"
     with open(p, "rb") as fh:
         raw = tomllib.load(fh)
+    profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict) or set(profiles) - {"published", "off"}:
+        raise ParamError(f"{model}: [profiles] may hold only the tables published and off "
+                         "(quiet is the file's base values)")
     specs: dict[str, ParamSpec] = {}
     _walk(model, raw, "", specs)
-    return Params(model, specs).with_overrides(overrides)
+    params = Params(model, specs)
+    if noise == "off":
+        switches = {n: False for n, s in specs.items() if n.startswith("noise.") and isinstance(s.value, bool)}
+        params = Params(model, params.with_overrides(switches)._specs, "off")
+    if noise != "quiet":
+        params = _profile(model, params, noise, profiles.get(noise, {}))
+    return params.with_overrides(overrides)

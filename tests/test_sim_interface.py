@@ -165,3 +165,54 @@ def test_hv_interlocked_by_pressure():
     p.set_pressure(1.0)
     off = p.derivative()[13]
     assert abs(on) > 0 and off == 0.0
+
+
+_PROFILED = """
+[noise]
+ground = { value = true, source = "s" }
+flicker = { value = true, source = "s" }
+[interferometer]
+noise_asd_m = { value = 2e-11, unit = "m/sqrt(Hz)", min = 0.0, max = 1e-6, source = "base" }
+drift_m_s = { value = 0.0, unit = "m/s", min = 0.0, max = 1e-6, source = "base" }
+[profiles.published]
+"interferometer.noise_asd_m" = { value = 6e-11, source = "seed: why" }
+[profiles.off]
+"interferometer.drift_m_s" = { value = 0.0, source = "no drift" }
+"""
+
+
+def test_noise_profiles_take_the_profile_table_and_overrides_win(tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text(_PROFILED)
+    quiet = load_params("m", path=f, noise="quiet")
+    assert quiet.noise == "quiet" and quiet["interferometer.noise_asd_m"] == 2e-11
+    pub = load_params("m", path=f, noise="published")
+    assert pub.noise == "published" and pub["interferometer.noise_asd_m"] == 6e-11
+    assert pub.spec("interferometer.noise_asd_m").source.startswith("seed: why [profile published; quiet: 2e-11")
+    assert pub["noise.ground"] is True
+    off = load_params("m", path=f, noise="off")
+    assert off.noise == "off" and off["noise.ground"] is False and off["noise.flicker"] is False
+    assert off["interferometer.noise_asd_m"] == 2e-11
+    mine = load_params("m", {"interferometer.noise_asd_m": 1e-12, "noise.ground": True}, path=f, noise="off")
+    assert mine["interferometer.noise_asd_m"] == 1e-12 and mine["noise.ground"] is True and mine.noise == "off"
+    assert load_params("m", path=f).noise == "published"
+
+
+@pytest.mark.parametrize("table, match", [
+    ('[profiles.published]\n"interferometer.nope" = { value = 1.0, source = "s" }', "names no parameter"),
+    ('[profiles.published]\n"interferometer.noise_asd_m" = { value = 1.0 }', "must be"),
+    ('[profiles.published]\n"interferometer.noise_asd_m" = { value = 5.0, source = "s" }', "above maximum"),
+    ('[profiles.quiet]\n"interferometer.noise_asd_m" = { value = 1e-11, source = "s" }', "base values"),
+])
+def test_a_bad_profile_table_is_refused_with_its_name(tmp_path, table, match):
+    f = tmp_path / "m.toml"
+    f.write_text(_PROFILED.split("[profiles.published]")[0] + table)
+    with pytest.raises(ParamError, match=match):
+        load_params("m", path=f, noise="published")
+
+
+def test_an_unknown_noise_profile_is_refused():
+    with pytest.raises(ParamError, match="unknown noise profile 'loud'; one of published, quiet, off"):
+        load_params("nist4", noise="loud")
+    assert Nist4Plant(noise="quiet").params.noise == "quiet"
+    assert load_params("efb", noise="off")["noise.ground"] is False
