@@ -61,7 +61,8 @@ class TomlDocument:
         try:
             self.data = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as exc:
-            line = getattr(exc, "lineno", 0) or 0
+            at = re.search(r"at line (\d+)", str(exc))
+            line = getattr(exc, "lineno", None) or (int(at.group(1)) if at else 0)
             raise InputFileError(self.path, line, "-", f"not valid TOML: {exc}") from None
         self.lines: dict[tuple, int] = {(): 1}
         self._scan()
