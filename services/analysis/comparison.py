@@ -28,7 +28,9 @@ fixed, so the mass a Kibble balance measures is m = m_assumed Bl_V / Bl_F
 (:mod:`~kibble.services.analysis.nist4`, seed 001 eq. 22): its ``mass_kg`` is the realized
 mass of its standard with h fixed, and Delta m = (mass_kg - m_ref) with m_ref the mass the
 reference (the BIPM) attributes to that standard. Before 2019 the same numbers gave h / h_SI - 1
-= -(Delta m / m) to first order.
+= -(Delta m / m) to first order. With the simulator's true mass as m_ref (an offline run) the
+difference is against the exact SI kilogram, not against the pilot's as-maintained unit the
+other participants' differences are taken against (the two differ by the deviation of eqs. 7-8).
 """
 
 from __future__ import annotations
