@@ -23,7 +23,8 @@ MC_DRAWS = 200_000
 
 
 def _sig(value: float, u: float, digits: int = 2) -> str:
-    """value(u) with u to ``digits`` significant digits, like the papers' tables."""
+    """value(u) with u to ``digits`` significant digits, like the papers' tables (Table 14 gives
+    N_A's u three digits when its first is 1)."""
     if not (u > 0 and math.isfinite(u)):
         return f"{value:.12g}"
     places = max(0, digits - 1 - math.floor(math.log10(u)))
@@ -59,7 +60,8 @@ def cli_xrcd(path: str, json_out: str | None, mc_draws: int = MC_DRAWS) -> int:
         print(f"  m_deficit= {_sig(d['mass_deficit_kg'] * 1e9, d['u_mass_deficit_kg'] * 1e9)} ug (eq. 16)")
         print(f"  m        = {_sig(d['mass_kg'] * 1e3, d['u_mass_kg'] * 1e3)} g")
         print(f"  rho      = {_sig(d['density_kg_m3'], d['u_density_kg_m3'])} kg/m^3")
-        print(f"  N_A      = {_sig(d['avogadro_per_mol'] / 1e23, d['u_avogadro_per_mol'] / 1e23)} "
+        u_na = d['u_avogadro_per_mol'] / 1e23
+        print(f"  N_A      = {_sig(d['avogadro_per_mol'] / 1e23, u_na, 3 if f'{u_na:e}'[0] == '1' else 2)} "
               f"x 1e23 /mol (u_rel {d['u_avogadro_rel']:.3g}; Monte Carlo {mc_u_rel:.3g}, {mc['n']} draws)")
         print(f"  with N_A fixed: m_sphere realized = {_sig(d['realized_mass_kg'], d['u_realized_mass_kg'])} kg, "
               f"{(d['realized_mass_kg'] - inv.sphere_mass.value) * 1e6:+.4f} mg from the weighing")
