@@ -30,8 +30,8 @@ Pure numpy: no bus, no simulator. SI units inside (kg, m, m^3, kg/mol, 1/m^3).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -197,7 +197,6 @@ class XrcdResult:
     y: np.ndarray
     cov_y: np.ndarray
     jacobian: np.ndarray
-    mc: dict[str, Any] = field(default_factory=dict)
 
     def _slot(self, k: int, name: str) -> int:
         return k * len(OUTPUTS) + OUTPUTS.index(name)
