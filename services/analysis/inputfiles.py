@@ -136,12 +136,10 @@ class Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def sub(self, key: str, *, required: bool = True) -> "Table | None":
+    def sub(self, key: str) -> "Table":
         """A sub-table (``[a.key]``)."""
         if key not in self.data:
-            if required:
-                raise self.error(key, "missing table")
-            return None
+            raise self.error(key, "missing table")
         if not isinstance(self.data[key], dict):
             raise self.error(key, "must be a table")
         return Table(self.doc, self.where + (key,), self.data[key])
