@@ -372,6 +372,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return cli_analyze(args.run, args.json, args.plots, args.budget)
 
 
+def cmd_realization(args: argparse.Namespace) -> int:
+    from kibble.services.realization import cli_compare, cli_xrcd
+
+    if args.command == "xrcd":
+        return cli_xrcd(args.file, args.json)
+    return cli_compare(args.file, args.with_results, args.plots, args.json, args.consistent_subset,
+                       args.reference_kg)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from kibble.services.export import cli_export
 
@@ -576,6 +585,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=("table3", "table1"), default=None,
                    help="add the paper's type B budget (NIST-4 Table III, EFB Table 1)")
     p.set_defaults(func=cmd_analyze, is_async=False)
+
+    p = sub.add_parser("xrcd", help="a 28Si sphere's density, N_A and mass with N_A fixed (XRCD, seed 003)")
+    p.add_argument("file", help="sphere file (TOML; examples/si28kg01a.toml)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.set_defaults(func=cmd_realization, is_async=False)
+    p = sub.add_parser("compare", help="a key comparison of realizations: KCRV, degrees of equivalence (seed 002)")
+    p.add_argument("file", help="comparison file (TOML; examples/ccm-m-k8-2019.toml)")
+    p.add_argument("--with", dest="with_results", action="append", default=[], metavar="RESULT.json",
+                   help="add a kibble analyze / measure result as a participant outside the KCRV (repeatable)")
+    p.add_argument("--reference-kg", type=float, default=None, metavar="KG",
+                   help="the reference's mass of a --with result's standard, if the result has no mass_true_kg")
+    p.add_argument("--consistent-subset", action="store_true",
+                   help="KCRV of the largest consistent subset (95 %% chi-squared cut-off)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write figures 2-4 of seed 002 (PNG)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
+    p.set_defaults(func=cmd_realization, is_async=False)
 
     p = sub.add_parser("export", help="write a recorded run (.kbrun) to HDF5 with units and parameters")
     p.add_argument("run", help="run file written by the recorder (<data_dir>/<run_id>.kbrun)")

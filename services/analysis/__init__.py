@@ -19,14 +19,25 @@ module per concept, in SI units with the unit in every name, shapes in the docst
 - :mod:`.pipeline`: the documents of a run to its result, the analysis chosen by the plan;
 - :mod:`.plots`: the figures of a result.
 
+From a realization to the key comparison (issue 15):
+
+- :mod:`.xrcd`: the XRCD route, a 28Si sphere's density, N_A and the mass realized with N_A
+  fixed (seed 003);
+- :mod:`.comparison`: a key comparison of realizations, KCRV and degrees of equivalence (seed 002);
+- :mod:`.inputfiles`: their TOML input files, errors naming file, line and field;
+- :mod:`.comparisonplots`: seed 002's figures 2-4.
+
 Every public name is also here, as ``kibble.services.analysis.NAME``.
 """
 
+from kibble.services.analysis.comparison import *  # noqa: F401,F403
+from kibble.services.analysis.comparisonplots import *  # noqa: F401,F403
 from kibble.services.analysis.constants import *  # noqa: F401,F403
 from kibble.services.analysis.documents import *  # noqa: F401,F403
 from kibble.services.analysis.efb import *  # noqa: F401,F403
 from kibble.services.analysis.force import *  # noqa: F401,F403
 from kibble.services.analysis.gradient import *  # noqa: F401,F403
+from kibble.services.analysis.inputfiles import *  # noqa: F401,F403
 from kibble.services.analysis.nist4 import *  # noqa: F401,F403
 from kibble.services.analysis.pipeline import *  # noqa: F401,F403
 from kibble.services.analysis.plots import *  # noqa: F401,F403
@@ -34,3 +45,4 @@ from kibble.services.analysis.triplet import *  # noqa: F401,F403
 from kibble.services.analysis.uncertainty import *  # noqa: F401,F403
 from kibble.services.analysis.velocity import *  # noqa: F401,F403
 from kibble.services.analysis.weighing import *  # noqa: F401,F403
+from kibble.services.analysis.xrcd import *  # noqa: F401,F403

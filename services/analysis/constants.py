@@ -10,7 +10,8 @@ conventional units.
 
 from __future__ import annotations
 
-__all__ = ["H_J_S", "E_C", "K_J90_HZ_V", "R_K90_OHM", "H90_J_S", "K_J_HZ_V", "R_K_OHM"]
+__all__ = ["H_J_S", "E_C", "K_J90_HZ_V", "R_K90_OHM", "H90_J_S", "K_J_HZ_V", "R_K_OHM", "N_A_PER_MOL",
+           "ATOMIC_MASS_CONSTANT_KG"]
 
 H_J_S = 6.62607015e-34
 """Planck constant, J s (exact in the SI since 2019)."""
@@ -26,3 +27,8 @@ K_J_HZ_V = 2.0 * E_C / H_J_S
 """SI Josephson constant 2e/h, Hz/V."""
 R_K_OHM = H_J_S / E_C**2
 """SI von Klitzing constant h/e^2, ohm."""
+N_A_PER_MOL = 6.02214076e23
+"""Avogadro constant, 1/mol (exact in the SI since 2019; the XRCD route realizes the kilogram with it)."""
+ATOMIC_MASS_CONSTANT_KG = 1.66053906660e-27
+"""Atomic mass constant m_u, kg (CODATA 2018; u(m_u) / m_u = 3e-10, far below the XRCD route's
+uses of it: the masses of point defects, eq. 16 of seed 003)."""
