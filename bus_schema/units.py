@@ -23,8 +23,10 @@ from kibble.bus_schema.messages import MESSAGE_TYPES, field_limits
 _DIMENSIONLESS = (
     # header, tags, codes and flags
     "schema", "seq", "frame", "session", "heartbeat", "loop_overruns", "codes", "relays",
-    "hold_frames", "decimation", "main_coil_connected", "hv_to_main",
-    "test_mass_on", "aux_on", "stale", "relays_closed", "paused", "seed", "step",
+    "hold_frames", "decimation", "test_mass_on", "aux_on", "stale", "relays_closed", "paused",
+    "seed", "step",
+    # the setpoints' switches (Setpoint.switches, booleans) and their state in the status detail
+    "main_coil_connected", "hv_to_main",
     "latency_n", "records", "record_hw",
     # Status.timing
     "frames", "skipped", "batch_max", "cpu_load",
