@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from kibble.bus_schema.units import renamed_to
+
 __all__ = ["ParamError", "ParamSpec", "Params", "load_params", "parse_override"]
 
 _HERE = Path(__file__).resolve().parent
@@ -80,6 +82,9 @@ class Params:
         specs = dict(self._specs)
         for name, value in overrides.items():
             if name not in specs:
+                new = renamed_to(name)
+                if new in specs:
+                    raise ParamError(f"{self.model}: parameter {name!r} in overrides is called {new!r} now")
                 raise ParamError(f"{self.model}: unknown parameter {name!r} in overrides")
             old = specs[name]
             spec = ParamSpec(name, value, old.unit, old.min, old.max, old.source + " [overridden]", old.doc)
@@ -141,6 +146,9 @@ def _checked(model: str, spec: ParamSpec, template: Any) -> ParamSpec:
 def _walk(model: str, table: dict, prefix: str, out: dict[str, ParamSpec]) -> None:
     for key, val in table.items():
         name = f"{prefix}{key}"
+        new = renamed_to(name)
+        if new is not None:
+            raise ParamError(f"{model}: parameter {name} is called {new} now: rename it in the file")
         if isinstance(val, dict) and "value" in val:
             if "source" not in val:
                 raise ParamError(f"{model}: parameter {name} has no source")
