@@ -259,7 +259,8 @@ def test_kibble_analyze_writes_both_instruments_plots_without_the_simulator_or_t
     campaign that drives it) is imported."""
     efb = tmp_path / "efb.kbrun"
     weighs = [e for j in range(3) for e in _weighing_events(100.0 * j, 4.735e-10, 1e-6, 9.80101, 0.0)]
-    _write_run(efb, _documents("efb_weighing", {"weighing": weighs}), {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
+    _write_run(efb, _documents("efb_weighing", {"weighing": weighs}),
+               {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
     nist4 = tmp_path / "nist4.kbrun"
     _write_run(nist4, _nist4_run_documents(np.random.default_rng(8), 1.0, 9.8),
                {"g_m_s2": 9.8, "test_mass_kg": 1.0})
