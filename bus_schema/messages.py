@@ -236,11 +236,14 @@ class Setpoint(Message, kw_only=True, array_like=True):
     """Commands flowing down the loop, topic ``<service>/setpoint``.
 
     ``values`` maps a physical quantity, unit in its name, to its value, e.g.
-    ``{"main_coil_current_a": 1.2e-2}``.
+    ``{"main_coil_current_a": 1.2e-2}``; ``switches`` maps a relay or switchbox to the state
+    asked for (True = closed / connected), e.g. ``{"main_coil_connected": True}``: a boolean on
+    the wire, so a number there (``1.0``) fails decoding. A switch that is absent keeps its state.
     """
 
     frame: Frame
     values: dict[Name, Finite]
+    switches: dict[Name, bool] = {}
 
 
 # --------------------------------------------------------------------------- runtime

@@ -11,6 +11,9 @@ code, a flag, a ratio); a name that is not declared has no unit (:func:`unit_of`
 never a guessed one. A ``counters`` map holds counts: :data:`COUNT_MAPS`.
 
 Service parameters declare their units themselves (``ParamSpec.unit``).
+
+A name whose unit divides says so (``kp_n_per_m``, N/m; ``bl_t_m`` is T m); names renamed to
+say so are in :data:`RENAMED`, so that what was saved under an old name still finds its new one.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from kibble.bus_schema.messages import MESSAGE_TYPES, field_limits
 _DIMENSIONLESS = (
     # header, tags, codes and flags
     "schema", "seq", "frame", "session", "heartbeat", "loop_overruns", "codes", "relays",
-    "hold_frames", "decimation", "main_coil_connected", "hv_to_main",
-    "test_mass_on", "aux_on", "stale", "relays_closed", "paused", "seed", "step",
+    "hold_frames", "decimation", "test_mass_on", "aux_on", "stale", "relays_closed", "paused",
+    "seed", "step",
+    # the setpoints' switches (Setpoint.switches, booleans) and their state in the status detail
+    "main_coil_connected", "hv_to_main",
     "latency_n", "records", "record_hw",
     # Status.timing
     "frames", "skipped", "batch_max", "cpu_load",
@@ -75,3 +80,21 @@ def unit_of(name: str, within: str = "") -> str | None:
     if within in COUNT_MAPS:
         return ""
     return UNITS.get(name)
+
+
+RENAMED: Mapping[str, str] = MappingProxyType({
+    # renamed: begin (old name -> new name; written by the renames script, do not edit by hand)
+    # renamed: end
+})
+"""Names renamed since files were saved under them, old -> new (issue 14: a unit that divides
+says so, ``kp_n_m`` -> ``kp_n_per_m``). A service's state file that names an old parameter is
+restored under the new name with a notice; an old name in a configuration, an override or a
+command is refused with a message naming the new one (:func:`renamed_to`)."""
+
+
+def renamed_to(name: str) -> str | None:
+    """The new name of a renamed ``name`` (of a dotted name, ``linkage.stiffness``, by its last
+    part), None if it was not renamed."""
+    head, dot, leaf = name.rpartition(".")
+    new = RENAMED.get(leaf)
+    return None if new is None else f"{head}{dot}{new}"

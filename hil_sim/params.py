@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from kibble.bus_schema.units import renamed_to
+
 __all__ = ["NOISE_PROFILES", "DEFAULT_NOISE", "ParamError", "ParamSpec", "Params", "load_params",
            "parse_override"]
 
@@ -93,8 +95,7 @@ class Params:
     def as_dict(self) -> dict[str, Any]:
         return {k: s.value for k, s in self._specs.items()}
 
-    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None,
-                       _why: str = "overrides") -> "Params":
+    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None) -> "Params":
         if not overrides:
             return self
         if not isinstance(overrides, Mapping):
@@ -102,7 +103,10 @@ class Params:
         specs = dict(self._specs)
         for name, value in overrides.items():
             if name not in specs:
-                raise ParamError(f"{self.model}: unknown parameter {name!r} in {_why}")
+                new = renamed_to(name)
+                if new in specs:
+                    raise ParamError(f"{self.model}: parameter {name!r} in overrides is called {new!r} now")
+                raise ParamError(f"{self.model}: unknown parameter {name!r} in overrides")
             old = specs[name]
             spec = ParamSpec(name, value, old.unit, old.min, old.max, old.source + " [overridden]", old.doc)
             specs[name] = _checked(self.model, spec, old.value)
@@ -163,6 +167,9 @@ def _checked(model: str, spec: ParamSpec, template: Any) -> ParamSpec:
 def _walk(model: str, table: dict, prefix: str, out: dict[str, ParamSpec]) -> None:
     for key, val in table.items():
         name = f"{prefix}{key}"
+        new = renamed_to(name)
+        if new is not None:
+            raise ParamError(f"{model}: parameter {name} is called {new} now: rename it in the file")
         if isinstance(val, dict) and "value" in val:
             if "source" not in val:
                 raise ParamError(f"{model}: parameter {name} has no source")

@@ -41,6 +41,7 @@ import numpy as np
 
 from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, HwSensorFrame
 from kibble.bus_schema.realtime import SLACK_FRAMES, FrameClock
+from kibble.bus_schema.units import renamed_to
 from kibble.services.runtime import Service, ServiceConfig, command
 from kibble.services.safety import ActuatorGuard, GuardConfig
 
@@ -87,7 +88,13 @@ class BusDriver:
 
 
 def typed_settings(settings: dict[str, Any], kind: type[msgspec.Struct], service: str) -> Any:
-    """Validate a service's ``[settings]`` table into ``kind``; ``ValueError`` saying what is wrong."""
+    """Validate a service's ``[settings]`` table into ``kind``; ``ValueError`` saying what is wrong
+    (a setting under a name since renamed: its new name)."""
+    fields = {f.name for f in msgspec.structs.fields(kind)}
+    for name in settings:
+        new = renamed_to(name)
+        if name not in fields and new in fields:
+            raise ValueError(f"{service} settings: {name!r} is called {new!r} now")
     try:
         return msgspec.convert(settings, kind)
     except msgspec.ValidationError as exc:

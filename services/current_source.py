@@ -1,13 +1,15 @@
 """``current_source``: servo setpoints (A) to the coarse + fine DAC codes of the two sources.
 
-Input ``servo/setpoint`` (:class:`~kibble.bus_schema.messages.Setpoint`), values:
+Input ``servo/setpoint`` (:class:`~kibble.bus_schema.messages.Setpoint`):
 
-==========================  =====  ===========================================================
-``main_coil_current_a``     A      main-coil source current (force mode)
-``counter_mass_current_a``  A      counter-mass motor source current (velocity mode, parking)
-``main_coil_connected``     0/1    switchbox: 1 = source drives the main coil (force mode),
-                                   0 = coil open, the DVM reads its voltage (velocity mode)
-==========================  =====  ===========================================================
+==========================  ========  ========================================================
+``main_coil_current_a``     A         value: main-coil source current (force mode)
+``counter_mass_current_a``  A         value: counter-mass motor source current (velocity mode,
+                                      parking)
+``main_coil_connected``     switch    switchbox: True = source drives the main coil (force
+                                      mode), False = coil open, the DVM reads its voltage
+                                      (velocity mode)
+==========================  ========  ========================================================
 
 Both currents are required in every setpoint; the switchbox keeps its last state when absent.
 
@@ -110,11 +112,11 @@ class CurrentSource(ActuatorService):
         if missing:
             self.reject(topic, f"setpoint lacks {', '.join(missing)}")
             return
-        connected = sp.values.get("main_coil_connected")
-        if connected is not None and connected not in (0.0, 1.0):
-            self.reject(topic, f"main_coil_connected must be 0 or 1, got {connected}")
+        if "main_coil_connected" in sp.values:
+            self.reject(topic, "main_coil_connected is a switch: send it in the setpoint's "
+                               "switches as true or false, not as a value")
             return
-        want = self.main_connect_wanted if connected is None else connected == 1.0
+        want = sp.switches.get("main_coil_connected", self.main_connect_wanted)
         request = [sp.values[k] for k in CURRENTS]
         if not want and request[0] != 0.0:
             self._refuse_relay(sp.frame, request[0])

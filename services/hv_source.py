@@ -1,16 +1,17 @@
 """``hv_source``: the EFB's high voltage, servo setpoint (V) to a 24-bit DAC into a +-1000 V amplifier.
 
-Input ``servo/setpoint`` values:
+Input ``servo/setpoint``:
 
-=================  =====  ======================================================================
-``hv_voltage_v``   V      electrode voltage (sign = polarity; F = kappa (V - V_s)^2 either way)
-``hv_to_main``     0/1    optional: 1 = amplifier on the main electrodes (weighing), 0 = on the
-                          auxiliary electrode (gradient mode); keeps its last state when absent;
-                          switched only at zero output (below)
-``z_ref_m``        m      optional: where the servo holds the link (the watchdog's centre);
-                          keeps its last value (0 at boot: the weighing position) when absent;
-                          a setpoint with ``|z_ref_m| > travel_limit_m`` is rejected
-=================  =====  ======================================================================
+=================  ======  =====================================================================
+``hv_voltage_v``   V       value: electrode voltage (sign = polarity; F = kappa (V - V_s)^2
+                           either way)
+``hv_to_main``     switch  optional: True = amplifier on the main electrodes (weighing), False =
+                           on the auxiliary electrode (gradient mode); keeps its last state when
+                           absent; switched only at zero output (below)
+``z_ref_m``        m       optional value: where the servo holds the link (the watchdog's
+                           centre); keeps its last value (0 at boot: the weighing position) when
+                           absent; a setpoint with ``|z_ref_m| > travel_limit_m`` is rejected
+=================  ======  =====================================================================
 
 Output device ``hw/hv``: codes ``[code]``, relays ``[to_main, enable]``. ``enable`` is closed only
 while armed (and open once the output has ramped to zero when safe or tripped).
@@ -94,16 +95,16 @@ class HvSource(ActuatorService):
         if "hv_voltage_v" not in sp.values:
             self.reject(topic, "setpoint lacks hv_voltage_v")
             return
-        to_main = sp.values.get("hv_to_main")
-        if to_main is not None and to_main not in (0.0, 1.0):
-            self.reject(topic, f"hv_to_main must be 0 or 1, got {to_main}")
+        if "hv_to_main" in sp.values:
+            self.reject(topic, "hv_to_main is a switch: send it in the setpoint's switches as "
+                               "true or false, not as a value")
             return
         z_ref = sp.values.get("z_ref_m")
         if z_ref is not None and not abs(z_ref) <= self.settings.travel_limit_m:
             self.reject(topic, f"z_ref_m {z_ref:.6g} m is beyond the travel limit "
                                f"+-{self.settings.travel_limit_m:.6g} m")
             return
-        want = self.to_main_wanted if to_main is None else to_main == 1.0
+        want = sp.switches.get("hv_to_main", self.to_main_wanted)
         request = sp.values["hv_voltage_v"]
         if want != self.to_main:
             request = 0.0  # the relay switches only once the output has ramped to zero

@@ -19,11 +19,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import msgspec
 
 from kibble.bus_schema.messages import ParamSpec, Scalar
+from kibble.bus_schema.units import renamed_to
 
 _TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
 
@@ -151,6 +152,9 @@ class ParamRegistry:
     """Current values of a service's parameters, with validation, undo and persistence.
 
     ``state_path`` (optional) is a JSON file written atomically after every change.
+    ``renamed`` gives the new name of a renamed parameter (None if it was not renamed): an old
+    name in the state file is restored under the new one with a notice, anywhere else it is
+    refused with a message naming the new one.
     """
 
     specs: dict[str, Param]
@@ -161,6 +165,7 @@ class ParamRegistry:
     session: int = 0
     operating: dict[str, Scalar] = field(default_factory=dict)
     """The service's operating state (:attr:`StateFile.operating`), persisted by :meth:`save`."""
+    renamed: Callable[[str], str | None] = renamed_to
 
     def __post_init__(self) -> None:
         self.values = {name: spec.default for name, spec in self.specs.items()}
@@ -169,6 +174,9 @@ class ParamRegistry:
         try:
             return self.specs[name]
         except KeyError:
+            new = self.renamed(name)
+            if new in self.specs:
+                raise ParamError(f"no parameter {name!r}: it is called {new!r} now") from None
             known = ", ".join(sorted(self.specs)) or "none"
             raise ParamError(f"no parameter {name!r} (known: {known})") from None
 
@@ -208,7 +216,8 @@ class ParamRegistry:
         """Read the state file: the session number and (``restore_values``) the tuned values,
         each validated again, and the operating state.
 
-        Returns one warning per value that was not restored (unknown name, now out of range).
+        Returns one warning per value that was not restored (unknown name, now out of range)
+        and one notice per value restored under its new name (a file saved before a rename).
         A missing file is a first start. An unreadable one raises :class:`ParamError` when
         values are to be restored, else it is a warning (the session count starts again).
         """
@@ -227,6 +236,10 @@ class ParamRegistry:
         self.operating = dict(state.operating)
         warnings = []
         for name, value in state.params.items():
+            new = self.renamed(name)
+            if name not in self.specs and new in self.specs and new not in state.params:
+                warnings.append(f"{self.state_path.name}: {name} is called {new} now: restored as {new}")
+                name = new
             try:
                 spec = self.spec(name)
                 if not spec.read_only:

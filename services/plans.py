@@ -48,8 +48,9 @@ def daq_arrays(frames: list[DaqFrame]) -> dict[str, np.ndarray]:
 
 
 class Loop(Protocol):
-    """What the engine drives (:class:`~kibble.services.inprocess.InProcessStack`,
-    :class:`~kibble.services.busloop.BusLoop`)."""
+    """What the engine drives: one implementation per transport, in process
+    (:class:`~kibble.services.inprocess.InProcessStack`) and over the bus
+    (:class:`~kibble.services.busloop.BusLoop`, the harness's and the sequencer's)."""
 
     rate_hz: float
 

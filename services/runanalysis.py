@@ -5,7 +5,8 @@ on ``sequencer/run``) and, first, the parameters of every daemon as the run star
 recorder writes the latest ``params`` of each service when it opens a run). The documents and
 the servo's parameters go to the analysis the offline campaign uses,
 :func:`kibble.services.analysis.analyze_run` (the plan in the start document picks it); this
-module imports neither the simulator nor the in-process stack.
+module imports neither the simulator nor the in-process stack. A run recorded before names
+were renamed (:data:`kibble.bus_schema.units.RENAMED`) reads under the new names.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import ParamList
+from kibble.bus_schema.units import renamed_to
 from kibble.services import analysis as an
 from kibble.services.recordfile import RUN_DOCUMENT_LEAF, RunFileError, decode_document, read_run
 
@@ -35,6 +37,11 @@ class RecordedRun(an.RunDocuments):
         self.torn = torn
 
 
+def _current(name: str) -> str:
+    """A name as it is called now (a recording made before a rename holds the old one)."""
+    return renamed_to(name) or name
+
+
 def load_run(path: str | Path) -> RecordedRun:
     """Read a run file's documents and parameters; ``ValueError`` if it is not a run file."""
     path = Path(path)
@@ -46,13 +53,16 @@ def load_run(path: str | Path) -> RecordedRun:
         for record in reader:
             leaf = record.topic.split("/")[-2:]
             if tuple(leaf) == RUN_DOCUMENT_LEAF:
-                run.append(*decode_document(record.payload))
+                name, doc = decode_document(record.payload)
+                if name == "event" and isinstance(doc.get("data"), dict):
+                    doc["data"] = {_current(k): v for k, v in doc["data"].items()}
+                run.append(name, doc)
             elif leaf[-1] == "params":
                 try:
                     plist = decode(record.payload, ParamList)
                 except DecodeError:
                     continue
-                run.params[plist.service] = {p.name: p.value for p in plist.params}
+                run.params[plist.service] = {_current(p.name): p.value for p in plist.params}
     except RunFileError as exc:
         raise ValueError(f"{path}: {exc}") from None
     if reader.tail is not None:

@@ -1,6 +1,7 @@
 """``sequencer``: runs measurement plans (:mod:`kibble.services.plans`) on the live stack.
 
-The run engine drives the other daemons exactly as an operator would, over the bus: commands
+The run engine drives the other daemons exactly as an operator would, over the bus, on the
+harness's :class:`~kibble.services.busloop.BusLoop` riding on this daemon's connection: commands
 with request/reply, time counted in DAQ frames (``daq/frame``: simulated time in lockstep, real
 time on hardware), measurements as the DAQ frames of a window. The run's documents (start,
 descriptor, event, stop) go out on ``kb/<instrument>/sequencer/run`` (QoS 1, format of
@@ -27,15 +28,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from kibble.bus_schema.messages import Command, DaqFrame, Reply
 from kibble.services import plans as P
-from kibble.services.bus import result_of
+from kibble.services.busloop import BusLoop
 from kibble.services.recordfile import encode_document, run_document_topic
 from kibble.services.actuator import typed_settings
 from kibble.services.runtime import Service, command
@@ -52,57 +51,25 @@ class SequencerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Wall-time period of the ``progress`` event."""
 
 
-class _BusLoop:
-    """The :class:`plans.Loop` of the sequencer: requests over the bus, DAQ frames as the clock."""
-
-    def __init__(self, svc: "Sequencer") -> None:
-        self.svc = svc
-        self.rate_hz = svc.settings.frame_rate_hz
-
-    async def command(self, service: str, command_name: str, **args: Any) -> dict[str, Any]:
-        return result_of(await self.svc.request(service, command_name, args), service, command_name)
-
-    async def sim(self, command_name: str, **args: Any) -> dict[str, Any]:
-        return await self.command("sim", command_name, **args)
-
-    async def run_seconds(self, seconds: float, record: bool = True) -> dict[str, np.ndarray]:
-        await self.svc.frames(int(np.ceil(seconds * self.rate_hz - 1e-9)))
-        return {}
-
-    async def measure(self, seconds: float) -> dict[str, np.ndarray]:
-        frames = await self.svc.frames(int(np.ceil(seconds * self.rate_hz - 1e-9)), keep=True)
-        return P.daq_arrays(frames)
-
-
 class Sequencer(Service):
     name = "sequencer"
 
     def setup(self) -> None:
         self.settings = typed_settings(self.config.settings, SequencerSettings, self.name)
-        self.subscribe(self.topics.frame("daq"), DaqFrame, self.on_daq_frame, newest_only=False)
+        self.loop = BusLoop.on_node(self.request, self.settings.frame_rate_hz,
+                                    self.settings.frame_timeout_s)
+        self.subscribe(self.topics.frame("daq"), DaqFrame, self.loop.take_daq_frame, newest_only=False)
         self.subscribe(self.topics.reply(self.name), Reply, self.on_reply, is_frame=False)
-        self.engine = P.RunEngine(_BusLoop(self), emit=self.emit_document, progress=self.on_progress)
+        self.engine = P.RunEngine(self.loop, emit=self.emit_document, progress=self.on_progress)
         self.run_task: asyncio.Task | None = None
         self.plan_name = ""
         self.run_id = ""
         self.progress = P.Progress(0, 0.0, 0.0, None)
         self.last_stop: dict[str, Any] = {}
         self._pending: dict[str, asyncio.Future] = {}
-        self._frame_count = 0
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
-        self._kept: list[DaqFrame] | None = None
         self._last_progress_event = 0.0
 
     # ---------------------------------------------------------------- bus plumbing
-
-    def on_daq_frame(self, frame: DaqFrame) -> None:
-        self._frame_count += 1
-        if self._kept is not None:
-            self._kept.append(frame)
-        while self._waiters and self._waiters[0][0] <= self._frame_count:
-            _, fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
 
     def on_reply(self, reply: Reply) -> None:
         fut = self._pending.pop(reply.id, None)
@@ -123,28 +90,6 @@ class Sequencer(Service):
                              f"{self.settings.command_timeout_s} s") from None
         finally:
             self._pending.pop(cid, None)
-
-    async def frames(self, n: int, keep: bool = False) -> list[DaqFrame]:
-        """Wait for the next ``n`` DAQ frames (the returned list is empty unless ``keep``)."""
-        kept: list[DaqFrame] = []
-        if keep:
-            self._kept = kept
-        try:
-            target = self._frame_count + n
-            while self._frame_count < target:
-                fut = asyncio.get_running_loop().create_future()
-                self._waiters.append((target, fut))
-                seen = self._frame_count
-                try:
-                    await asyncio.wait_for(fut, self.settings.frame_timeout_s)
-                except asyncio.TimeoutError:
-                    if self._frame_count == seen:
-                        raise ValueError(f"no DAQ frame for {self.settings.frame_timeout_s} s: "
-                                         "is the stack running?") from None
-        finally:
-            if keep:
-                self._kept = None
-        return kept
 
     def emit_document(self, name: str, doc: dict[str, Any]) -> None:
         self.publish_bytes(run_document_topic(self.topics.instrument), encode_document(name, doc), qos=1)

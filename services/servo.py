@@ -28,7 +28,7 @@ actuators produce now, as the last setpoint asked for it):
 ``erase``     the force loop tracks a damped sinusoid about ``z_ref`` (command ``erase``), then
               returns to ``force`` by itself.
 ``gradient``  EFB only (seed 000 section 3.1, capacitance-gradient mode): the same force loop holds
-              the floating link with the auxiliary electrode (``hv_to_main = 0``: the amplifier
+              the floating link with the auxiliary electrode (``hv_to_main`` off: the amplifier
               on the auxiliary electrode, the main cylinders on the capacitance bridge) at a
               reference that command ``move`` slews (trapezoid of ``gradient_speed_m_s`` and
               ``gradient_accel_m_s2``, never a step) within ``gradient_travel_m`` of ``z_ref``.
@@ -339,8 +339,8 @@ class Servo(Service):
             elif mode == "idle":
                 self.main_a = self.cm_a = 0.0
                 self.coil_connected = True
-            sp = {"main_coil_current_a": self.main_a, "counter_mass_current_a": self.cm_a,
-                  "main_coil_connected": 1.0 if self.coil_connected else 0.0}
+            sp = {"main_coil_current_a": self.main_a, "counter_mass_current_a": self.cm_a}
+            switches = {"main_coil_connected": self.coil_connected}
         else:
             if mode == "idle":
                 self.v_out = 0.0
@@ -354,9 +354,9 @@ class Servo(Service):
                 efb_force_to_voltage(self._v, kappa, v_s, sign, self.settings.hv_limit_v, self.v_out,
                                      self._v_out)
                 self.v_out = float(self._v_out[0])
-            sp = {"hv_voltage_v": self.v_out, "hv_to_main": 1.0 if self.to_main else 0.0,
-                  "z_ref_m": float(self.ref[0, 0])}
-        self.publish(t_setpoint, Setpoint(frame=frame, values=sp))
+            sp = {"hv_voltage_v": self.v_out, "z_ref_m": float(self.ref[0, 0])}
+            switches = {"hv_to_main": self.to_main}
+        self.publish(t_setpoint, Setpoint(frame=frame, values=sp, switches=switches))
         self.counters["frames_out"] += 1
         if frame % values["frame_decimation"] == 0:
             ref = self.ref[0].tolist()

@@ -591,14 +591,15 @@ class Campaign:
     # ------------------------------------------------------------------ setpoints, devices
 
     def refused_setpoints(self, target: Target) -> list[tuple[bytes, str]]:
-        """Well-formed setpoints every subscriber must refuse unchanged: a current or voltage
-        missing, far beyond its limit, or a switch value that is neither 0 nor 1 (the switch
-        itself left as it is: 1, the force-mode state)."""
+        """Setpoints every subscriber must refuse unchanged: a current or voltage missing or far
+        beyond its limit, a switch carried as a number among the values, or a switch that is
+        not a boolean (fails decoding; the switch itself left as it is: on, the force-mode
+        state)."""
         out = []
         for node_name in sorted({s.node for s in target.subscribers if s.msg_type is not None}):
-            for values in _refused_setpoint_values(self.nodes[node_name]):
-                sp = Setpoint(frame=-1, values=values)
-                out.append((encode_raw(msgspec.to_builtins(sp)), f"{values}"[:80]))
+            for values, switches in _refused_setpoint_values(self.nodes[node_name]):
+                sp = Setpoint(frame=-1, values=values, switches=switches)
+                out.append((encode_raw(msgspec.to_builtins(sp)), f"{values} {switches}"[:80]))
         return out
 
     def refused_devices(self, target: Target) -> list[tuple[bytes, str]]:
@@ -660,19 +661,16 @@ class Campaign:
 
     def relays(self, latest: dict[str, bytes], frame: int) -> list[Payload]:
         """Copies of the newest real setpoint with the switch flipped (``main_coil_connected``
-        or ``hv_to_main`` = 0), the rest as the servo sent it, and with the currents or voltage
+        or ``hv_to_main`` off), the rest as the servo sent it, and with the currents or voltage
         far beyond the limits as well (a refused setpoint must not flip the switch either;
         issue 17 finding 7)."""
         def change(msg: Message, i: int) -> dict[str, Any]:
             values = dict(msg.values)
-            for key in ("main_coil_connected", "hv_to_main"):
-                if key in values:
-                    values[key] = 0.0
             if i % 2:
                 for key in ("main_coil_current_a", "counter_mass_current_a", "hv_voltage_v"):
                     if key in values:
                         values[key] = 1e308
-            return {"values": values}
+            return {"values": values, "switches": {key: False for key in msg.switches}}
         return self._live({k: v for k, v in latest.items() if k.endswith("/setpoint")}, change, 2,
                           "relays", repeat=10)
 
@@ -710,25 +708,32 @@ def _refused_values(spec: Any) -> list[Any]:
     return values
 
 
-def _refused_setpoint_values(node: BusNode) -> list[dict[str, float]]:
+NOT_A_SWITCH: tuple[Any, ...] = (0.5, 2.0, -1.0, 1e308, 5e-324, 0, 1, 0.0, 1.0, "true", None)
+"""Switch states that are not booleans: a setpoint carrying one fails decoding."""
+
+
+def _refused_setpoint_values(node: BusNode) -> list[tuple[dict[str, float], dict[str, Any]]]:
+    """(values, switches) of setpoints ``node`` must refuse."""
     s = getattr(node, "settings", None)
     if hasattr(s, "main_limit_a") and hasattr(node, "main_dac"):      # current_source
         far = [1e308, -1e308, FMAX, 10 * s.main_limit_a]
-        out = [{"counter_mass_current_a": 0.0}, {"main_coil_current_a": 0.0}, {}]
-        out += [{"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0, "main_coil_connected": v}
-                for v in (0.5, 2.0, -1.0, 1e308, 5e-324)]
-        out += [{"main_coil_current_a": v, "counter_mass_current_a": 0.0, "main_coil_connected": 1.0}
+        zero = {"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0}
+        out = [({"counter_mass_current_a": 0.0}, {}), ({"main_coil_current_a": 0.0}, {}), ({}, {})]
+        out += [(zero, {"main_coil_connected": v}) for v in NOT_A_SWITCH]
+        out += [(zero | {"main_coil_connected": v}, {}) for v in (0.0, 1.0)]
+        out += [({"main_coil_current_a": v, "counter_mass_current_a": 0.0}, {"main_coil_connected": True})
                 for v in far]
-        out += [{"main_coil_current_a": 0.0, "counter_mass_current_a": v} for v in far]
-        out += [{f"k{i:04d}": 0.0 for i in range(5000)} | {"main_coil_current_a": 1e308,
-                                                            "counter_mass_current_a": 0.0}]
+        out += [({"main_coil_current_a": 0.0, "counter_mass_current_a": v}, {}) for v in far]
+        out += [({f"k{i:04d}": 0.0 for i in range(5000)} | {"main_coil_current_a": 1e308,
+                                                             "counter_mass_current_a": 0.0}, {})]
         return out
     if hasattr(s, "travel_limit_m"):                                   # hv_source
         far = [1e308, -1e308, FMAX, 10 * s.limit_v]
-        out = [{"z_ref_m": 0.0}, {}, {"hv_to_main": 1.0}]
-        out += [{"hv_voltage_v": 0.0, "hv_to_main": v} for v in (0.5, 2.0, -1.0, 1e308)]
-        out += [{"hv_voltage_v": 0.0, "z_ref_m": v} for v in (1.0, -1.0, 1e308, 2 * s.travel_limit_m)]
-        out += [{"hv_voltage_v": v, "hv_to_main": 1.0} for v in far]
+        out = [({"z_ref_m": 0.0}, {}), ({}, {}), ({}, {"hv_to_main": True})]
+        out += [({"hv_voltage_v": 0.0}, {"hv_to_main": v}) for v in NOT_A_SWITCH]
+        out += [({"hv_voltage_v": 0.0, "hv_to_main": v}, {}) for v in (0.0, 1.0)]
+        out += [({"hv_voltage_v": 0.0, "z_ref_m": v}, {}) for v in (1.0, -1.0, 1e308, 2 * s.travel_limit_m)]
+        out += [({"hv_voltage_v": v}, {"hv_to_main": True}) for v in far]
         return out
     raise AssertionError(f"{node.name}: no refused setpoints known: add them to tests/fuzz.py")
 
@@ -741,22 +746,20 @@ def _setpoint_refused(node: BusNode, sp: Setpoint) -> bool:
         currents = ("main_coil_current_a", "counter_mass_current_a")
         if any(k not in v for k in currents):
             return True
-        connected = v.get("main_coil_connected")
-        if connected is not None and connected not in (0.0, 1.0):
-            return True
-        if connected == 0.0:
+        if "main_coil_connected" in v:
+            return True                                                 # a switch as a value
+        if sp.switches.get("main_coil_connected") is False:
             return False                                                # flips the switch
         return abs(v[currents[0]]) > s.main_limit_a or abs(v[currents[1]]) > s.cm_limit_a
     if hasattr(s, "travel_limit_m"):                                   # hv_source
         if "hv_voltage_v" not in v:
             return True
-        to_main = v.get("hv_to_main")
-        if to_main is not None and to_main not in (0.0, 1.0):
-            return True
+        if "hv_to_main" in v:
+            return True                                                 # a switch as a value
         z_ref = v.get("z_ref_m")
         if z_ref is not None and not abs(z_ref) <= s.travel_limit_m:
             return True
-        if to_main == 0.0 or z_ref is not None:
+        if sp.switches.get("hv_to_main") is False or z_ref is not None:
             return False
         return abs(v["hv_voltage_v"]) > s.limit_v
     return False

@@ -15,6 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from kibble.bus_schema import units
 from kibble.bus_schema.codec import encode
 from kibble.bus_schema.messages import ParamList, ParamSpec
 from kibble.services import analysis as an
@@ -259,7 +260,8 @@ def test_kibble_analyze_writes_both_instruments_plots_without_the_simulator_or_t
     campaign that drives it) is imported."""
     efb = tmp_path / "efb.kbrun"
     weighs = [e for j in range(3) for e in _weighing_events(100.0 * j, 4.735e-10, 1e-6, 9.80101, 0.0)]
-    _write_run(efb, _documents("efb_weighing", {"weighing": weighs}), {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
+    _write_run(efb, _documents("efb_weighing", {"weighing": weighs}),
+               {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
     nist4 = tmp_path / "nist4.kbrun"
     _write_run(nist4, _nist4_run_documents(np.random.default_rng(8), 1.0, 9.8),
                {"g_m_s2": 9.8, "test_mass_kg": 1.0})
@@ -279,3 +281,21 @@ def test_kibble_analyze_writes_both_instruments_plots_without_the_simulator_or_t
     assert [p.name for p in (tmp_path / "efb").iterdir()] == ["efb_mass.png"]
     assert sorted(p.name for p in (tmp_path / "nist4").iterdir()) == [
         "nist4_bl_profile.png", "nist4_bl_time_0.png", "nist4_h.png"]
+
+
+def test_a_run_recorded_before_a_rename_reads_under_the_new_names(tmp_path, monkeypatch):
+    """A run file recorded before names were renamed to say their unit divides: the servo's
+    parameters and the events' data are read under the new names, and the run analyses as the
+    same run recorded after."""
+    monkeypatch.setattr(units, "RENAMED", {"g_before": "g_m_s2", "voltage_before": "coil_voltage_v"})
+    weighs = [e for j in range(3) for e in _weighing_events(100.0 * j, 4.735e-10, 1e-6, 9.80101, 0.0)]
+    old = [dict(e, data={("voltage_before" if k == "coil_voltage_v" else k): v for k, v in e["data"].items()})
+           for e in weighs]
+    _write_run(tmp_path / "old.kbrun", _documents("efb_weighing", {"weighing": old}),
+               {"g_before": 9.80101, "kappa_f_m": 4.735e-10})
+    _write_run(tmp_path / "new.kbrun", _documents("efb_weighing", {"weighing": weighs}),
+               {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
+    before, after = load_run(tmp_path / "old.kbrun"), load_run(tmp_path / "new.kbrun")
+    assert before.params == after.params == {"servo": {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10}}
+    assert before.events("weighing") == after.events("weighing")
+    assert analyze(before).summary() == analyze(after).summary()

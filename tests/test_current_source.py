@@ -26,9 +26,8 @@ def tick(svc, k, main_a=None, cm_a=0.0, vz=0.0, connected=None):
     svc.on_daq_frame(DaqFrame(frame=k, coil_vz_m_s=vz))
     if main_a is not None:
         values = {"main_coil_current_a": main_a, "counter_mass_current_a": cm_a}
-        if connected is not None:
-            values["main_coil_connected"] = connected
-        svc.on_setpoint(Setpoint(frame=k, values=values))
+        switches = {} if connected is None else {"main_coil_connected": connected}
+        svc.on_setpoint(Setpoint(frame=k, values=values, switches=switches))
 
 
 def main_current(svc, i=-1):
@@ -140,14 +139,29 @@ def test_watchdog_trips_ramps_down_and_needs_reset(cs):
 
 def test_switchbox_follows_setpoint(cs):
     arm(cs)
-    tick(cs, 0, main_a=0.0, connected=0.0)
+    tick(cs, 0, main_a=0.0, connected=False)
     assert cs.main_driver.writes[-1][2] == (False,)
     tick(cs, 1, main_a=0.0)
     assert cs.main_driver.writes[-1][2] == (False,)
-    tick(cs, 2, main_a=0.0, connected=1.0)
+    tick(cs, 2, main_a=0.0, connected=True)
     assert cs.main_driver.writes[-1][2] == (True,)
-    tick(cs, 3, main_a=0.0, connected=0.5)
+
+
+@pytest.mark.parametrize("carried", [0.0, 1.0])
+def test_a_switch_sent_as_a_number_is_rejected_naming_where_it_belongs(cs, carried):
+    """The switchbox travels typed, in the setpoint's ``switches``: the old 0.0/1.0 among the
+    values is an out-of-date producer, dropped whole with a reason, the switchbox unchanged."""
+    reasons = []
+    cs.event = lambda kind, text, **kw: kind == "rejected" and reasons.append(kw["data"]["reason"])
+    arm(cs)
+    tick(cs, 0, main_a=0.0, connected=True)
+    cs.on_clock(HwSensorFrame(frame=1))
+    cs.on_setpoint(Setpoint(frame=1, values={"main_coil_current_a": 0.0, "counter_mass_current_a": 0.0,
+                                             "main_coil_connected": carried}))
     assert cs.counters["rejected"] == 1
+    assert reasons == ["main_coil_connected is a switch: send it in the setpoint's switches as "
+                       "true or false, not as a value"]
+    assert cs.main_connect_wanted and cs.main_connected
 
 
 def test_switchbox_opens_only_once_the_current_has_ramped_to_zero(cs):
@@ -158,10 +172,10 @@ def test_switchbox_opens_only_once_the_current_has_ramped_to_zero(cs):
     the next frame."""
     arm(cs)
     for k in range(100):
-        tick(cs, k, main_a=0.005, connected=1.0)
+        tick(cs, k, main_a=0.005, connected=True)
     n = len(cs.main_driver.writes)
     for k in range(100, 200):
-        tick(cs, k, main_a=0.0, connected=0.0)
+        tick(cs, k, main_a=0.0, connected=False)
     ramp = cs.main_driver.writes[n:]
     current = [cs.main_dac.to_value(*codes) for _, codes, _ in ramp]
     opened = [relays == (False,) for _, _, relays in ramp]
@@ -171,9 +185,9 @@ def test_switchbox_opens_only_once_the_current_has_ramped_to_zero(cs):
     assert first_open - zero_at in (0, 1) and not any(current[first_open:])
     assert np.max(np.abs(np.diff(current))) <= 1e-4 + 2 * cs.main_dac.fine_lsb
     assert cs.counters["relay_refused"] == 0
-    tick(cs, 200, main_a=0.002, connected=1.0)
+    tick(cs, 200, main_a=0.002, connected=True)
     assert cs.main_driver.writes[-1] == (200, cs.main_dac.to_codes(0.0), (True,))
-    tick(cs, 201, main_a=0.002, connected=1.0)
+    tick(cs, 201, main_a=0.002, connected=True)
     assert main_current(cs) == pytest.approx(1e-4, abs=cs.main_dac.fine_lsb)
 
 
@@ -185,14 +199,14 @@ def test_opening_the_coil_under_current_is_refused_with_one_event(cs):
     cs.event = lambda kind, text, **kw: events.append(kind)
     arm(cs)
     for k in range(100):
-        tick(cs, k, main_a=0.0069, connected=1.0)
+        tick(cs, k, main_a=0.0069, connected=True)
     for k in range(100, 150):
-        tick(cs, k, main_a=0.0069, connected=0.0)
+        tick(cs, k, main_a=0.0069, connected=False)
     assert all(relays == (True,) for _, _, relays in cs.main_driver.writes)
     assert main_current(cs) == pytest.approx(0.0069, abs=cs.main_dac.fine_lsb)
     assert cs.counters["relay_refused"] == 50 and cs.counters["rejected"] == 50
     assert events.count("relay_refused") == 1
-    tick(cs, 150, main_a=0.0069, connected=1.0)     # the servo's own setpoint: accepted again
+    tick(cs, 150, main_a=0.0069, connected=True)     # the servo's own setpoint: accepted again
     assert cs.counters["rejected"] == 50 and cs.guard.state == "armed"
 
 
@@ -202,10 +216,11 @@ def test_a_refused_setpoint_does_not_move_the_switchbox(cs):
     reaches zero (the spoofed tag alone would have changed the relay)."""
     arm(cs)
     for k in range(1, 50):
-        tick(cs, k, main_a=0.0, connected=1.0)
+        tick(cs, k, main_a=0.0, connected=True)
     rejected = cs.counters["rejected"]
     cs.on_setpoint(Setpoint(frame=49 + 10**6, values={
-        "main_coil_current_a": 0.0, "counter_mass_current_a": 0.0, "main_coil_connected": 0.0}))
+        "main_coil_current_a": 0.0, "counter_mass_current_a": 0.0},
+        switches={"main_coil_connected": False}))
     assert cs.counters["rejected"] == rejected + 1
     for k in range(50, 60):
         tick(cs, k, main_a=0.0)              # the servo's own setpoints leave the field out

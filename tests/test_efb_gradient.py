@@ -24,10 +24,11 @@ def hv(tmp_path):
     return svc
 
 
-def tick(svc, k, z_m, **values):
+def tick(svc, k, z_m, to_main=None, **values):
     svc.on_clock(HwSensorFrame(frame=k))
     svc.on_daq_frame(DaqFrame(frame=k, pressure_pa=1e-3, coil_z_m=z_m))
-    svc.on_setpoint(Setpoint(frame=k, values={"hv_voltage_v": 200.0, **values}))
+    switches = {} if to_main is None else {"hv_to_main": to_main}
+    svc.on_setpoint(Setpoint(frame=k, values={"hv_voltage_v": 200.0, **values}, switches=switches))
 
 
 def test_watchdog_watches_the_link_about_the_servos_reference(hv):
@@ -35,7 +36,7 @@ def test_watchdog_watches_the_link_about_the_servos_reference(hv):
     hv.cmd_arm(Command(id="1", command="arm"))
     # held at 1 mm where the servo holds it (a gradient point): 2 s, no trip
     for k in range(1, 2001):
-        tick(hv, k, 1.0e-3, z_ref_m=1.0e-3, hv_to_main=0.0)
+        tick(hv, k, 1.0e-3, z_ref_m=1.0e-3, to_main=False)
     assert hv.guard.state == "armed" and not hv.to_main
     # the same position with the reference back at the weighing position: the loop has lost it
     for k in range(2001, 2100):
@@ -58,7 +59,7 @@ def test_link_beyond_the_travel_limit_trips_whatever_the_reference(hv):
 
 def test_reference_beyond_the_travel_limit_is_rejected_whole(hv):
     tick(hv, 0, 0.0, z_ref_m=0.0)
-    tick(hv, 1, 0.0, z_ref_m=2e-3, hv_to_main=0.0)
+    tick(hv, 1, 0.0, z_ref_m=2e-3, to_main=False)
     assert hv.counters["rejected"] == 1
     assert hv.z_ref_m == 0.0 and hv.to_main          # neither the reference nor the relay moved
 
@@ -69,7 +70,7 @@ def test_reference_beyond_the_travel_limit_is_rejected_whole(hv):
 def _force(sp: Setpoint, servo) -> float:
     """The force the servo asks for, from its setpoint voltage and its own electrode constants."""
     v = sp.values["hv_voltage_v"]
-    if sp.values["hv_to_main"] == 1.0:
+    if sp.switches["hv_to_main"]:
         return servo.kappa_f_m * (v - servo.surface_potential_v) ** 2
     return servo.aux_kappa_f_m * (v - servo.aux_surface_potential_v) ** 2
 
@@ -112,8 +113,8 @@ async def test_gradient_mode_hands_over_bumplessly_moves_slewed_and_refuses_bad_
             await stack.command("servo", "mode", mode=mode)
             after = await stack.run_seconds(1.0)
             last, first = decode(sp[n - 1], Setpoint), decode(sp[n], Setpoint)
-            assert last.values["hv_to_main"] == (0.0 if to_main else 1.0)
-            assert first.values["hv_to_main"] == (1.0 if to_main else 0.0)
+            assert last.switches["hv_to_main"] is not to_main
+            assert first.switches["hv_to_main"] is to_main
             f_last, f_first = _force(last, servo), _force(first, servo)
             steps = np.diff([_force(decode(p, Setpoint), servo) for p in sp[n - 400:n]])
             assert abs(f_first - f_last) <= 3.0 * np.std(steps), (f_last, f_first, np.std(steps))

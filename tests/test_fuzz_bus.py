@@ -782,8 +782,8 @@ async def test_a_refused_newest_frame_falls_back_to_the_one_before_it(tmp_path):
         restore=False, clock="lockstep"))
     cs.subscriptions()                         # as on connecting: the conflated frame topics
     topic = cs.topics.setpoint("servo")
-    good = Setpoint(frame=7, values={"main_coil_current_a": 1e-3, "counter_mass_current_a": 0.0,
-                                     "main_coil_connected": 1.0})
+    good = Setpoint(frame=7, values={"main_coil_current_a": 1e-3, "counter_mass_current_a": 0.0},
+                    switches={"main_coil_connected": True})
     for refused in ({"main_coil_current_a": 1e-3}, {"main_coil_current_a": 1.0, "counter_mass_current_a": 0.0}):
         cs.last_input_frame = -1
         rejected = cs.counters["rejected"]

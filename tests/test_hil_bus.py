@@ -161,7 +161,7 @@ async def test_theta_z_hv_refused_above_the_pressure_limit(nist4):
 async def test_spoofed_setpoints_cannot_open_the_coil_under_current(nist4):
     """Issue 17 finding 7: 50 setpoints on ``servo/setpoint`` from an outsider, one per frame,
     copying the current the coil carries (the auxiliary mass off: -3.5 mA) but with
-    ``main_coil_connected = 0``, used to open the switchbox under current (the coil lost its
+    ``main_coil_connected`` false, used to open the switchbox under current (the coil lost its
     force for those frames; with 13.8 mA it went to its stops and tripped). The switchbox
     changes only with no current through it, and no servo mode opens the coil while asking for
     current: every such setpoint is dropped and counted, with one event, and the coil stays
@@ -181,8 +181,8 @@ async def test_spoofed_setpoints_cannot_open_the_coil_under_current(nist4):
         truth = []
         for _ in range(50):
             await loop.bus.publish(topic, Setpoint(frame=loop.frame, values={
-                "main_coil_current_a": i_main, "counter_mass_current_a": 0.0,
-                "main_coil_connected": 0.0}), qos=0)
+                "main_coil_current_a": i_main, "counter_mass_current_a": 0.0},
+                switches={"main_coil_connected": False}), qos=0)
             truth.append(await loop.run_seconds(1.0 / RATE_HZ))
         truth.append(await loop.run_seconds(2.0))
         commands, seen = drained(hw, HwActuatorCommand), drained(events, Event)

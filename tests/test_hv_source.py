@@ -71,9 +71,23 @@ def test_a_refused_setpoint_changes_neither_relay_nor_reference(hv):
     for k in range(1, 50):
         tick(hv, k, 0.0)
     hv.on_setpoint(Setpoint(frame=49 + 10**6, values={
-        "hv_voltage_v": 0.0, "hv_to_main": 0.0, "z_ref_m": 1e-3}))
+        "hv_voltage_v": 0.0, "z_ref_m": 1e-3}, switches={"hv_to_main": False}))
     assert hv.counters["rejected"] >= 1
     for k in range(50, 60):
         tick(hv, k, 0.0)
     assert hv.to_main and hv.to_main_wanted and hv.z_ref_m == 0.0
     assert hv.driver.writes[-1][2] == (True, True)
+
+
+def test_a_relay_sent_as_a_number_is_rejected_naming_where_it_belongs(hv):
+    """The relay travels typed, in the setpoint's ``switches``: ``hv_to_main`` = 0.0 among the
+    values (an out-of-date producer) is dropped whole with a reason, the relay unchanged."""
+    reasons = []
+    hv.event = lambda kind, text, **kw: kind == "rejected" and reasons.append(kw["data"]["reason"])
+    tick(hv, 0, 0.0)
+    hv.on_setpoint(Setpoint(frame=0, values={"hv_voltage_v": 0.0, "hv_to_main": 0.0}))
+    assert hv.counters["rejected"] == 1 and hv.to_main_wanted
+    assert reasons == ["hv_to_main is a switch: send it in the setpoint's switches as true or "
+                       "false, not as a value"]
+    hv.on_setpoint(Setpoint(frame=0, values={"hv_voltage_v": 0.0}, switches={"hv_to_main": False}))
+    assert hv.counters["rejected"] == 1 and not hv.to_main_wanted

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import (
-    COUNTER_MAX, FRAME_MAX, MESSAGE_TYPES, DaqFrame, HwSensorFrame, Status, field_limits,
+    COUNTER_MAX, FRAME_MAX, MESSAGE_TYPES, DaqFrame, HwSensorFrame, Setpoint, Status, field_limits,
     frame_fields,
 )
 from kibble.hil_sim.params import load_params
@@ -31,6 +31,19 @@ def test_daq_frame_round_trip_and_msgpack_compat():
     assert decode(encode(f), DaqFrame) == f
     raw = msgpack.unpackb(encode(f))
     assert raw[frame_fields(DaqFrame).index("coil_z_m")] == 1.5e-9
+
+
+def test_setpoint_switches_are_booleans_on_the_wire():
+    """A switch travels as a MessagePack boolean; a number where a switch belongs (the 0.0/1.0
+    floats the switches were carried as) fails decoding, naming the field."""
+    sp = Setpoint(frame=3, values={"main_coil_current_a": 1e-3}, switches={"main_coil_connected": False})
+    assert decode(encode(sp), Setpoint) == sp
+    raw = msgpack.unpackb(encode(sp))
+    assert raw[frame_fields(Setpoint).index("switches")] == {"main_coil_connected": False}
+    for number in (0.0, 1.0, 0, 1, 0.5, "true", None):
+        wire = [1, 0, 0.0, 0.0, 3, {}, {"main_coil_connected": number}]
+        with pytest.raises(DecodeError, match=r"switches"):
+            decode(msgpack.packb(wire), Setpoint)
 
 
 def test_status_map_compat():

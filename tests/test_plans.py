@@ -357,3 +357,42 @@ async def test_abort_in_gradient_mode_hands_the_link_back_at_the_weighing_positi
         assert tr["f_aux_n"][2:].max() < 1e-13
     finally:
         stack.close()
+
+
+async def test_the_bus_loop_on_a_daemon_counts_the_daq_frames_that_arrive_after_it_starts():
+    """The sequencer's loop (the bus one, on the daemon's connection): a wait or a measurement
+    counts the DAQ frames handed to it from its start on (those before are not time of this
+    step), a measurement returns exactly those frames, a refused request raises with its
+    reason, and a stack without frames fails after ``frame_timeout_s``."""
+    from kibble.bus_schema.messages import DaqFrame, Reply
+    from kibble.services.bus import BusError, Refused
+    from kibble.services.busloop import BusLoop
+
+    sent = []
+
+    async def request(service: str, command: str, args: dict) -> Reply:
+        sent.append((service, command, args))
+        return Reply(id="1", ok=command != "explode", result={"echo": args}, error="no such thing")
+
+    loop = BusLoop.on_node(request, rate_hz=100.0, frame_timeout_s=0.2)
+    for k in range(5):
+        loop.take_daq_frame(DaqFrame(frame=k))             # before: nobody waits for them
+    measuring = asyncio.create_task(loop.measure(0.03))    # 3 frames at 100 Hz
+    await asyncio.sleep(0)
+    for k in range(5, 10):
+        loop.take_daq_frame(DaqFrame(frame=k, coil_z_m=k * 1e-9))
+    data = await measuring
+    assert data["frame"].tolist() == [5, 6, 7] and data["coil_z_m"][0] == 5e-9
+    waiting = asyncio.create_task(loop.run_seconds(0.02))
+    await asyncio.sleep(0)
+    loop.take_daq_frame(DaqFrame(frame=10))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    loop.take_daq_frame(DaqFrame(frame=11))
+    assert await waiting == {}
+    assert await loop.command("servo", "mode", mode="force") == {"echo": {"mode": "force"}}
+    with pytest.raises(Refused, match="servo refused explode: no such thing"):
+        await loop.command("servo", "explode")
+    assert sent[0] == ("servo", "mode", {"mode": "force"})
+    with pytest.raises(BusError, match="no DAQ frame for 0.2 s"):
+        await loop.run_seconds(0.01)

@@ -123,8 +123,8 @@ def test_a_restarted_servo_holds_the_readback_until_it_is_safe_to_resume(tmp_pat
     servo.on_frame(DaqFrame(frame=501, coil_z_m=-2e-3, main_coil_current_a=3.0e-3))
     assert servo.mode == "hold"
     assert [sp.values for sp in setpoints] == 2 * [{"main_coil_current_a": 3.45e-3,
-                                                    "counter_mass_current_a": 1e-3,
-                                                    "main_coil_connected": 1.0}]
+                                                    "counter_mass_current_a": 1e-3}]
+    assert [sp.switches for sp in setpoints] == 2 * [{"main_coil_connected": True}]
     reply = servo.cmd_mode(Command(id="3", command="mode", args={"mode": "force"}))
     assert reply["trajectory"] == "approach"
     servo.on_frame(DaqFrame(frame=502, coil_z_m=-2e-3, main_coil_current_a=3.45e-3))
@@ -140,7 +140,8 @@ def test_a_restarted_servo_holds_the_readback_until_it_is_safe_to_resume(tmp_pat
     velocity, setpoints = _servo(tmp_path, restore=True)
     velocity.on_frame(DaqFrame(frame=800, main_coil_current_a=2e-9, counter_mass_current_a=4e-3))
     assert velocity.mode == "hold" and setpoints[-1].values == {
-        "main_coil_current_a": 0.0, "counter_mass_current_a": 4e-3, "main_coil_connected": 0.0}
+        "main_coil_current_a": 0.0, "counter_mass_current_a": 4e-3}
+    assert setpoints[-1].switches == {"main_coil_connected": False}
 
     fresh, setpoints = _servo(tmp_path, restore=True)
     fresh.on_frame(DaqFrame(frame=3, main_coil_current_a=1e-3))

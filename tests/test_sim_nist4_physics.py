@@ -51,7 +51,8 @@ def test_wheel_ringdown_matches_linearization():
     sys = p.linearize(Nist4Actuators())
     (fl, zl), = _modes(np.linalg.eigvals(sys.A[0:2, 0:2]))
     # independent check of the linearization: k / J
-    assert 2 * np.pi * fl == pytest.approx(math.sqrt(p.params["wheel.knife_stiffness_N_m_rad"] / p.inertia), rel=1e-6)
+    k = p.params["wheel.knife_stiffness_N_m_rad"]
+    assert 2 * np.pi * fl == pytest.approx(math.sqrt(k / p.inertia), rel=1e-6)
     b = p.run(Nist4Actuators(), 150_000, record_truth=True)  # 150 s, ~5 periods
     t, th = b.col("t")[::50], b.col("theta")[::50]
     fs, zs = fit_damped_sine(t, th, fl, zl)

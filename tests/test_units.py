@@ -1,19 +1,29 @@
 """Units as data (kibble.bus_schema.units): every numeric name the daemons and the simulator
 publish has a declared unit (the frames' fields from their plausibility limits), and names a
-suffix would misread have their own (in process, a few seconds)."""
+suffix would misread have their own (in process, a few seconds). Names renamed to say their unit
+divides (``units.RENAMED``): what was saved under an old name is restored under the new one, an
+old name anywhere else is refused naming the new one."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import msgspec
 import pytest
 
+from kibble.bus_schema import units
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.topics import message_type_for
 from kibble.bus_schema.units import unit_of
 from kibble.hil_sim.bus import adapter_for
+from kibble.hil_sim.params import ParamError as SimParamError, load_params
+from kibble.services.current_source import CurrentSource
 from kibble.services.inprocess import PLANTS, InProcessStack
+from kibble.services.params import ParamError, declared_params
+from kibble.services.registry import SERVICES, service_class
+from kibble.services.runtime import ServiceConfig
+from kibble.services.servo import Servo
 from kibble.services.up import STACKS
 
 LEAVES = ("setpoint", "frame", "status", "event")
@@ -68,3 +78,102 @@ def test_the_simulators_truth_and_sensors_have_declared_units(model):
     assert unit_of("bl_t_m") == "T m" and unit_of("dcdz_f_m") == "F/m"   # "m" by their suffixes
     assert unit_of("tau_hyst_n_m") == "N m"
 
+
+
+# ---------------------------------------------------------------- names renamed to say they divide
+
+OLD = "gain_saved_before_a_rename"
+"""A name standing for one saved before a rename (the tests below rename it to a real one)."""
+
+
+@pytest.fixture
+def renamed_kp(monkeypatch):
+    """The servo's proportional gain renamed from :data:`OLD` (the table as the renames script
+    writes it, with this one entry)."""
+    monkeypatch.setattr(units, "RENAMED", {OLD: "kp_n_m"})
+    return "kp_n_m"
+
+
+def _servo(state_dir, restore=True, **config):
+    return Servo(ServiceConfig(instrument="nist4", state_dir=state_dir, restore=restore, **config))
+
+
+def test_a_state_file_saved_under_an_old_name_is_restored_under_the_new_one_with_a_notice(
+        tmp_path, renamed_kp):
+    """A servo tuned and saved before the rename: its tuned gain is restored, the notice names
+    both, and the file is written again under the new name."""
+    path = tmp_path / "nist4" / "servo.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(msgspec.json.encode(
+        {"service": "servo", "session": 4, "params": {OLD: 6.1e4, "derivative_filter_s": 4e-3}}))
+    servo = _servo(tmp_path)
+    assert servo.params.values[renamed_kp] == 6.1e4
+    assert servo.params.values["derivative_filter_s"] == 4e-3
+    assert servo._restore_warnings == [f"servo.json: {OLD} is called {renamed_kp} now: "
+                                       f"restored as {renamed_kp}"]
+    saved = msgspec.json.decode(path.read_bytes())["params"]
+    assert saved[renamed_kp] == 6.1e4 and OLD not in saved
+
+
+def test_an_old_name_in_an_override_a_command_or_the_settings_is_refused_naming_the_new_one(
+        tmp_path, renamed_kp, monkeypatch):
+    with pytest.raises(ParamError, match=f"no parameter '{OLD}': it is called '{renamed_kp}' now"):
+        _servo(tmp_path, param_overrides={OLD: 6.1e4})
+    servo = _servo(tmp_path)
+    with pytest.raises(ParamError, match=f"it is called '{renamed_kp}' now"):
+        servo.params.set(OLD, 6.1e4, "operator", 0.0)
+    with pytest.raises(ParamError, match=r"no parameter 'kp_unknown' \(known: "):
+        servo.params.set("kp_unknown", 6.1e4, "operator", 0.0)
+    monkeypatch.setattr(units, "RENAMED", {"limit_before": "main_limit_a"})
+    with pytest.raises(ValueError, match="current_source settings: 'limit_before' is called "
+                                         "'main_limit_a' now"):
+        CurrentSource(ServiceConfig(instrument="nist4", state_dir=tmp_path, restore=False,
+                                    settings={"limit_before": 0.01}))
+
+
+def test_an_old_name_in_a_simulator_file_or_override_is_refused_naming_the_new_one(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(units, "RENAMED", {"q_before": "q"})
+    with pytest.raises(SimParamError, match=r"'wheel.q_before' in overrides is called 'wheel.q' now"):
+        load_params("nist4", {"wheel.q_before": 300})
+    toml = tmp_path / "old.toml"
+    toml.write_text('[wheel]\nq_before = { value = 300, source = "a file saved before" }\n')
+    with pytest.raises(SimParamError, match=r"wheel.q_before is called wheel.q now: rename it"):
+        load_params("nist4", path=toml)
+
+
+def _declared_names() -> set[str]:
+    """Every name of the unit table, every daemon's parameters and settings fields, and every
+    simulator parameter (its last part)."""
+    names = set(units.UNITS)
+    for service in SERVICES:
+        cls = service_class(service)
+        names |= set(declared_params(cls))
+        for value in vars(sys.modules[cls.__module__]).values():
+            if isinstance(value, type) and issubclass(value, msgspec.Struct) and value.__name__.endswith("Settings"):
+                names |= {f.name for f in msgspec.structs.fields(value)}
+    for model in ("nist4", "efb"):
+        names |= {n.rpartition(".")[2] for n in load_params(model).names()}
+    return names
+
+
+def test_no_renamed_name_is_declared_any_more_and_every_new_one_says_it_divides():
+    """The table the renames script writes: none of its old names is a unit-table name, a
+    parameter, a setting or a simulator parameter any more, and every new name says ``per``."""
+    declared = _declared_names()
+    assert {"kp_n_m", "main_limit_a", "q"} <= declared
+    assert not sorted(set(units.RENAMED) & declared)
+    assert all("_per_" in new.lower() for new in units.RENAMED.values())
+
+
+def test_a_servo_state_file_naming_every_renamed_parameter_restores_them(tmp_path):
+    """Every renamed parameter of the servo, saved under its old name at its default: each is
+    restored under its new name with one notice."""
+    old_names = {old: new for old, new in units.RENAMED.items() if new in declared_params(Servo)}
+    path = tmp_path / "nist4" / "servo.json"
+    path.parent.mkdir(parents=True)
+    saved = {old: declared_params(Servo)[new].default for old, new in old_names.items()}
+    path.write_bytes(msgspec.json.encode({"service": "servo", "params": saved}))
+    servo = _servo(tmp_path)
+    assert len(servo._restore_warnings) == len(old_names)
+    assert all(f"restored as {new}" in w for new, w in zip(old_names.values(), servo._restore_warnings))
