@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import json
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ PUSH_S = 0.25
 """Period of the pushes to every browser (s)."""
 CLIENT_QUEUE = 4
 """Pushes queued per browser at most; more are dropped (and counted)."""
+SEND_BUFFER_B = 16384
+"""The kernel's and aiohttp's send buffers per browser (bytes): a browser that stops reading
+holds that much and :data:`CLIENT_QUEUE` pushes, no more."""
 MAX_POINTS = 1000
 """Points per trace sent to a browser at most, whatever the window."""
 WINDOWS_S = (10.0, 60.0, 600.0, 3600.0)
@@ -185,7 +189,10 @@ class Dashboard:
     # ---------------------------------------------------------------- the live page
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=20.0)
+        ws = web.WebSocketResponse(heartbeat=20.0, writer_limit=SEND_BUFFER_B)
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_B)
         await ws.prepare(request)
         client = Client(ws)
         self.clients.add(client)
@@ -237,6 +244,7 @@ class Dashboard:
         out: dict[str, Any] = {
             "full": full, "now_utc_s": now, "window_s": client.window_s, "k": k, "bin_hz": BIN_HZ,
             "instrument": view.instrument, "connection": view.connection, "dropped": client.dropped,
+            "dropped_total": self.dropped,
             "counters": dict(view.counters), "traces": traces,
             "statuses": [status_row(view, s, now) for s in sorted(view.statuses)],
             "stale_after_s": STALE_AFTER_S}

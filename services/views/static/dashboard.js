@@ -150,6 +150,9 @@ function drawCommands() {
   const present = new Set(state.statuses.filter(s => s.online).map(s => s.service));
   const groups = {};
   state.commands.forEach((c, i) => { if (present.has(c.service)) (groups[c.service] = groups[c.service] || []).push([c, i]); });
+  const key = Object.keys(groups).join(",");
+  if (key === state.commandsKey) return;  // redrawn only when the daemons change: a click must find its button
+  state.commandsKey = key;
   document.getElementById("commands").innerHTML = Object.entries(groups).map(([svc, cs]) =>
     `<div class="cmd-group"><b>${esc(svc)}</b>${cs.map(([c, i]) => `<button class="small" data-cmd="${i}">${esc(c.label)}</button>`).join("")}</div>`).join("");
 }
