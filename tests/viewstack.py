@@ -18,9 +18,10 @@ from kibble.services.up import Stack
 RATE_HZ = 200.0
 
 
-def make_stack(broker, tmp: Path) -> Stack:
+def make_stack(broker, tmp: Path, settings: dict | None = None) -> Stack:
     return Stack("nist4", clock="lockstep", rate_hz=RATE_HZ, broker_url=broker.url,
-                 instrument=f"v{uuid.uuid4().hex[:8]}", seed=5, run_dir=tmp, progress=lambda line: None)
+                 instrument=f"v{uuid.uuid4().hex[:8]}", seed=5, run_dir=tmp, settings=settings or {},
+                 progress=lambda line: None)
 
 
 async def request(stack: Stack, service: str, command: str, **args: Any) -> dict[str, Any]:
