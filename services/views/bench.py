@@ -94,7 +94,7 @@ async def _with_views(loop: BusLoop, seconds: float, url: str, dash_pid: int, ep
     from caproto.threading.client import Context
 
     ctx = Context()
-    (z,) = ctx.get_pvs(f"KB:{instrument}:daq:coil_z_m", timeout=10.0)
+    (z,) = ctx.get_pvs(f"KB:{instrument}:daq:frame:coil_z_m", timeout=10.0)
     updates = []
     sub = z.subscribe(data_type="time")
     sub.add_callback(lambda sub, response: updates.append(response.metadata.timestamp))

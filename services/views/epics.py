@@ -13,8 +13,9 @@ PV names are ``<prefix><instrument>:<service>:<name>`` (prefix ``KB:`` by defaul
   tripped, MINOR when its heartbeats stopped (stale), INVALID when offline), ``ONLINE``,
   ``SESSION``, ``HEARTBEAT_AGE`` (s), ``CPU_US`` and ``FRAME_AGE_MS`` (p99 of the last
   interval), ``TRIP_REASON``, and every counter in upper case (``FRAMES_IN``, ``REJECTED``, ...);
-- the chosen frame fields (``daq:coil_z_m``, ``servo:error_m``, ...) at ``rate_hz``, each
-  stamped with its frame's UTC time;
+- the chosen frame fields as ``<prefix><instrument>:<service>:frame:<field>``
+  (``daq:frame:coil_z_m``, ``servo:frame:error_m``, ...; a field may share a parameter's name,
+  as the servo's ``z_ref_m`` does) at ``rate_hz``, each stamped with its frame's UTC time;
 - commands: ``servo:MODE`` (an enum: a put asks the servo for that mode; it reads back the
   servo's mode) and, for every actuator daemon, ``ARM``, ``DISARM`` and ``RESET`` (a put of 1
   sends the command); a refusal is a put error with the reason.
@@ -123,11 +124,14 @@ class EpicsMirror:
         self._status: dict[str, dict[str, Any]] = {}
         self._status_t = 0.0
         for service, name in self.fields:
-            self.pvdb[self.name(service, name)] = ChannelDouble(value=0.0, units=unit_of(name) or "",
-                                                                precision=6)
+            self.pvdb[self.frame_name(service, name)] = ChannelDouble(value=0.0, units=unit_of(name) or "",
+                                                                      precision=6)
 
     def name(self, service: str, leaf: str) -> str:
         return f"{self.base}{service}:{leaf}"
+
+    def frame_name(self, service: str, field: str) -> str:
+        return f"{self.base}{service}:frame:{field}"
 
     # ---------------------------------------------------------------- puts
 
@@ -256,7 +260,7 @@ class EpicsMirror:
             if value is None:
                 continue
             self._frame_t[f"{service}.{name}"] = msg.t_utc_s
-            await self.pvdb[self.name(service, name)].write(float(value), verify_value=False,
+            await self.pvdb[self.frame_name(service, name)].write(float(value), verify_value=False,
                                                             timestamp=msg.t_utc_s)
 
     async def updater(self) -> None:
