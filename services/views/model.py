@@ -221,7 +221,7 @@ class BusView:
     def _on_event(self, service: str, topic: str, msg: Event) -> None:
         self.events.append({"i": self.events_seen, "t_utc_s": msg.t_utc_s, "service": msg.service,
                             "kind": msg.kind, "severity": msg.severity, "text": msg.text,
-                            "data": msgspec.to_builtins(msg.data)})
+                            "data": finite_only(msgspec.to_builtins(msg.data))})
         self.events_seen += 1
 
     def _on_frame(self, service: str, topic: str, msg: Any) -> None:
@@ -272,6 +272,18 @@ class BusView:
         except (BusError, ValueError) as exc:
             return {"ok": False, "result": {}, "error": str(exc)}
         return {"ok": reply.ok, "result": msgspec.to_builtins(reply.result), "error": reply.error}
+
+
+def finite_only(value: Any) -> Any:
+    """``value`` (builtins) with every non-finite float replaced by None: an event's ``data`` is
+    free-form, and JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_only(v) for v in value]
+    return value
 
 
 def trace_units() -> dict[str, str]:
