@@ -629,8 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the offline campaigns at the paper's counts, ~30 min), robust (20 "
                         "NIST-4 plants drawn inside their tolerances, closed loop), realtime (the "
                         "whole stack in real time seen from outside, ~22 min), soak (an hour in "
-                        "real time with a broker restart); repeatable; default all but hil, "
-                        "campaign, robust, realtime and soak")
+                        "real time with a broker restart), views (what the dashboard and the EPICS "
+                        "server cost a 1 kHz stack); repeatable; default all but hil, "
+                        "campaign, robust, realtime, soak and views")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
