@@ -20,12 +20,13 @@ const PREFIXES = [[1e-15, "f"], [1e-12, "p"], [1e-9, "n"], [1e-6, "µ"], [1e-3, 
 
 function si(v, unit) {
   if (v === null || v === undefined || !isFinite(v)) return "–";
-  if (unit === "K" || unit === "" || unit === undefined) return `${+v.toPrecision(6)} ${unit || ""}`.trim();
+  if (unit === "K") return `${v.toFixed(4)} K`;  // a thermometer's mK, not a prefix
+  if (unit === "" || unit === undefined) return `${+v.toPrecision(6)}`;
   const a = Math.abs(v);
   let p = PREFIXES[5];
   for (const q of PREFIXES) if (a >= q[0] * 0.9995) p = q;
   if (a === 0) p = PREFIXES[5];
-  return `${+(v / p[0]).toPrecision(4)} ${p[1]}${unit}`;
+  return `${+(v / p[0]).toPrecision(5)} ${p[1]}${unit}`;
 }
 function esc(s) { return String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c])); }
 function ago(s) { return s === null || s === undefined ? "–" : s < 100 ? `${s.toFixed(1)} s` : `${(s / 60).toFixed(0)} min`; }
@@ -47,7 +48,7 @@ function buildCharts() {
       width: Math.max(300, div.clientWidth - 12), height: 150,
       scales: {x: {time: true}},
       axes: [{stroke: "#7d8b99", grid: {stroke: "#1f2935"}, ticks: {stroke: "#263241"}},
-             {stroke: "#7d8b99", grid: {stroke: "#1f2935"}, ticks: {stroke: "#263241"}, size: 72,
+             {stroke: "#7d8b99", grid: {stroke: "#1f2935"}, ticks: {stroke: "#263241"}, size: 84,
               values: (u, vals) => vals.map(v => si(v, unit))}],
       series: [{}, ...c.names.map((n, j) => ({label: n, stroke: COLORS[j], width: j === 1 && c.cols[1].endsWith("0p1hz_m") ? 2 : 1.2,
                                                value: (u, v) => si(v, unit)}))],
@@ -211,7 +212,7 @@ document.addEventListener("keydown", ev => {
 let windows = [10, 60, 600, 3600];
 function drawWindows() {
   const label = s => s < 60 ? `${s} s` : s < 3600 ? `${s / 60} min` : `${s / 3600} h`;
-  document.getElementById("windows").innerHTML = windows.map(w => `<button class="small ${w === state.window_s ? "tabs active" : ""}" data-window="${w}">${label(w)}</button>`).join("");
+  document.getElementById("windows").innerHTML = windows.map(w => `<button class="small ${w === state.window_s ? "active" : ""}" data-window="${w}">${label(w)}</button>`).join("");
 }
 
 let ws;
