@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import aiomqtt
 import msgspec
 import numpy as np
 
@@ -28,7 +29,8 @@ from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Event, ParamList, Status
 from kibble.bus_schema.topics import Topics, message_type_for
 from kibble.bus_schema.units import unit_of
-from kibble.services.bus import BusClient, BusError, follow
+from kibble.bus_schema.transport import connect_error_text, deliver_directly, make_client
+from kibble.services.bus import BusClient, BusError, follow, new_client_id
 
 STALE_AFTER_S = 3.0
 """A daemon whose last status (heartbeat) is older than this is shown stale, as ``kibble
@@ -177,10 +179,10 @@ class BusView:
     async def __aenter__(self) -> "BusView":
         self._requests = await self._exits.enter_async_context(
             BusClient(self.url, self.instrument, client_id=self.client_id))
-        leaves = {"status": self._on_status, "params": self._on_params, "event": self._on_event,
-                  "frame": self._on_frame}
+        leaves = {"status": self._on_status, "params": self._on_params, "event": self._on_event}
         self._tasks = [asyncio.create_task(self._follow(self.topics.all_of(leaf), handler))
                        for leaf, handler in leaves.items()]
+        self._tasks.append(asyncio.create_task(self._follow_frames(self.topics.all_of("frame"))))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -191,23 +193,46 @@ class BusView:
                 await task
         await self._exits.aclose()
 
-    async def _follow(self, pattern: str, handler: Callable[[str, str, bytes], None]) -> None:
-        def lost(text: str) -> None:
-            self.connection = f"lost: {text}"
-            self.counters["lost"] += 1
+    def _lost(self, text: str) -> None:
+        self.connection = f"lost: {text}"
+        self.counters["lost"] += 1
 
-        async for topic, payload in follow(self.url, self.instrument, pattern, on_lost=lost):
-            self.connection = "connected"
-            self.counters["messages"] += 1
-            service = topic.split("/")[2]
-            msg_type = message_type_for(topic)
+    def _deliver(self, topic: str, payload: bytes, handler: Callable[[str, str, Any], None]) -> None:
+        self.connection = "connected"
+        self.counters["messages"] += 1
+        msg_type = message_type_for(topic)
+        try:
+            msg = decode(payload, msg_type) if msg_type is not None else None
+        except DecodeError:
+            self.counters["undecodable"] += 1
+            return
+        if msg is not None:
+            handler(topic.split("/")[2], topic, msg)
+
+    async def _follow(self, pattern: str, handler: Callable[[str, str, Any], None]) -> None:
+        async for topic, payload in follow(self.url, self.instrument, pattern, on_lost=self._lost):
+            self._deliver(topic, payload, handler)
+
+    async def _follow_frames(self, pattern: str, retry_s: float = 0.5) -> None:
+        """The frames (QoS 0, up to two per hardware frame) on the transport's direct receive
+        path (:func:`~kibble.bus_schema.transport.deliver_directly`: parsed in the socket's
+        callback, no queue or task per message, a third of the CPU of a ``follow``), across
+        lost connections."""
+        up = True
+        while True:
+            client = make_client(self.url, new_client_id("view"))
+            deliver_directly(client, lambda topic, payload: self._deliver(topic, payload, self._on_frame))
             try:
-                msg = decode(payload, msg_type) if msg_type is not None else None
-            except DecodeError:
-                self.counters["undecodable"] += 1
-                continue
-            if msg is not None:
-                handler(service, topic, msg)
+                async with client:
+                    await client.subscribe(pattern, qos=0)
+                    up = True
+                    async for _ in client.messages:  # stays empty; raises when the connection drops
+                        pass
+            except aiomqtt.MqttError as exc:
+                if up:
+                    self._lost(connect_error_text(self.url, exc))
+                up = False
+            await asyncio.sleep(retry_s)
 
     # ---------------------------------------------------------------- what arrives
 
