@@ -273,9 +273,8 @@ async def serve(url: str, instrument: str, host: str = "127.0.0.1", port: int = 
         await site.start()
         pusher = asyncio.create_task(dash.pusher())
         try:
-            bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             if ready is not None:
-                ready(bound)
+                ready(runner.addresses[0][1])
             await asyncio.Event().wait()
         finally:
             pusher.cancel()
