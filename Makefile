@@ -1,5 +1,5 @@
 PY := .venv/bin/python
-.PHONY: run test lint bench setup
+.PHONY: run test lint bench setup browser
 setup: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -13,7 +13,12 @@ lint: setup
 	.venv/bin/ruff check .
 # The whole suite on mosquitto, then the @pytest.mark.amqtt subset again with every directory
 # holding a mosquitto executable dropped from PATH, so the broker fixture falls back to amqtt.
-test: lint
+# The dashboard's browser tests drive Debian's chromium (never `playwright install`: it downloads
+# a browser); installed here when it is missing and we are root, else those tests say why they skip.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; fi
+test: lint browser
 	$(PY) -m pytest
 	PATH="$$(printf '%s\n' "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/mosquitto" ] || printf '%s\n' "$$d"; done | paste -sd: -)" \
 		$(PY) -m pytest -m amqtt

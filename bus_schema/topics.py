@@ -137,9 +137,9 @@ def message_type_for(topic: str) -> type[Message] | None:
         return HwSensorFrame if b == "sensors" else HwActuatorCommand
     if a == "daq" and b == "frame":
         return DaqFrame
-    if a == "sim":
-        return SimTruth if b == "truth" else Command if b in ("cmd", "control") else None
-    return _LEAF_TYPES.get(b)
+    if a == "sim" and b in ("truth", "control"):
+        return SimTruth if b == "truth" else Command
+    return _LEAF_TYPES.get(b)  # the simulator's node too: sim/status, sim/params, sim/event, ...
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

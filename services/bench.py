@@ -191,6 +191,7 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "robust": _external("kibble.services.robustness:run"),
     "realtime": _external("kibble.services.rtbench:run"),
     "soak": _external("kibble.services.rtbench:run_soak"),
+    "views": _external("kibble.services.views.bench:run"),
 }
 DEFAULT_GROUPS = ("bus", "control", "sim", "loop")
 """What ``kibble bench`` runs without ``--only`` (``hil`` is the over-the-bus part of ``loop``;

@@ -387,6 +387,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return cli_export(args.run, args.hdf5_path)
 
 
+async def cmd_dashboard(args: argparse.Namespace) -> int:
+    from kibble.services.views.dashboard import read_auth, serve
+
+    auth = read_auth(args.user, args.password_file, args.token_file)
+    await serve(args.broker, args.instrument, args.host, args.port, auth,
+                ready=lambda port: print(f"dashboard: http://{args.host}:{port}/ (instrument "
+                                         f"{args.instrument} on {redact_url(args.broker)})", flush=True))
+    return 0
+
+
+async def cmd_epics(args: argparse.Namespace) -> int:
+    from kibble.services.views.epics import serve, split_fields
+
+    await serve(args.broker, args.instrument, args.prefix, split_fields(args.fields), args.rate,
+                ready=lambda base: print(f"epics: PVs {base}<service>:<name> of instrument "
+                                         f"{args.instrument} on {redact_url(args.broker)}", flush=True))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kibble.services.bench import run_benchmarks
 
@@ -499,6 +518,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
     bus_args(p)
     p.set_defaults(func=cmd_watch, is_async=True)
+
+    from kibble.services.views import DEFAULT_FIELDS, DEFAULT_RATE_HZ
+    p = sub.add_parser("dashboard", help="serve the instrument's live web page (traces, daemons, "
+                                         "parameters, commands, events)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port, 0 for a free one (default %(default)s)")
+    p.add_argument("--user", default=None, help="HTTP basic auth: user name (with --password-file)")
+    p.add_argument("--password-file", default=None, metavar="PATH", help="HTTP basic auth: password, first line")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="require this token (first line): open the page as /?token=TOKEN")
+    bus_args_no_timeout(p)
+    p.set_defaults(func=cmd_dashboard, is_async=True)
+
+    p = sub.add_parser("epics", help="serve the bus as EPICS Channel Access PVs (parameters, status, "
+                                     "frame fields, commands)")
+    p.add_argument("--prefix", default="KB:", help="PV name prefix (default %(default)s)")
+    p.add_argument("--fields", default=",".join(DEFAULT_FIELDS), metavar="SERVICE.FIELD,...",
+                   help="frame fields published as PVs (default %(default)s)")
+    p.add_argument("--rate", type=float, default=DEFAULT_RATE_HZ,
+                   help="update rate of the frame-field PVs in Hz (default %(default)s)")
+    bus_args_no_timeout(p)
+    p.set_defaults(func=cmd_epics, is_async=True)
 
     p = sub.add_parser("sim", help="run the HIL simulator on the bus (speaks hw/ and sim/ topics)")
     p.add_argument("--model", choices=("nist4", "efb"), default="nist4")
@@ -613,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the offline campaigns at the paper's counts, ~30 min), robust (20 "
                         "NIST-4 plants drawn inside their tolerances, closed loop), realtime (the "
                         "whole stack in real time seen from outside, ~22 min), soak (an hour in "
-                        "real time with a broker restart); repeatable; default all but hil, "
-                        "campaign, robust, realtime and soak")
+                        "real time with a broker restart), views (what the dashboard and the EPICS "
+                        "server cost a 1 kHz stack); repeatable; default all but hil, "
+                        "campaign, robust, realtime, soak and views")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
