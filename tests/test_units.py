@@ -12,7 +12,7 @@ import pytest
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.topics import message_type_for
 from kibble.bus_schema.units import unit_of
-from kibble.hil_sim.bus import adapter_for
+from kibble.hil_sim.adapter import adapter_for
 from kibble.services.inprocess import PLANTS, InProcessStack
 from kibble.services.up import STACKS
 
