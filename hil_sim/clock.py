@@ -1,4 +1,4 @@
-"""Clock bookkeeping of the HIL simulator on the bus (pure logic, no I/O; see ``bus.py``).
+"""Clock bookkeeping of the HIL simulator on the bus (pure logic, no I/O; see ``server.py``).
 
 - :class:`RealtimeSchedule`: the drift-free frame schedule of ``--clock realtime``: deadline k is
   ``t0 + k * period`` on the monotonic clock, never "now + period", so late wake-ups do not

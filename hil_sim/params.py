@@ -34,10 +34,13 @@ from typing import Any, Iterable, Mapping
 
 from kibble.bus_schema.units import renamed_to
 
-__all__ = ["NOISE_PROFILES", "DEFAULT_NOISE", "ParamError", "ParamSpec", "Params", "load_params",
-           "parse_override"]
+__all__ = ["NOISE_PROFILES", "DEFAULT_NOISE", "ParamError", "ParamSpec", "Params", "MODELS", "load_params",
+           "parse_override", "load_overrides_file", "frame_overrides"]
 
 _HERE = Path(__file__).resolve().parent
+
+MODELS = ("nist4", "efb")
+"""The plant models, each with its parameter file ``hil_sim/<model>.toml``."""
 
 NOISE_PROFILES: tuple[str, ...] = ("published", "quiet", "off")
 """``published``: as noisy as the seeds' instruments (the default wherever a user runs the
@@ -225,3 +228,49 @@ def load_params(model: str, overrides: Mapping[str, Any] | Iterable[str] | None 
     if noise != "quiet":
         params = _profile(model, params, noise, profiles.get(noise, {}))
     return params.with_overrides(overrides)
+
+
+def load_overrides_file(path: str | Path) -> dict[str, Any]:
+    """Plant parameter overrides from a TOML file, as ``{dotted.name: value}``.
+
+    Accepts nested tables (``[wheel]`` / ``q = 300``), dotted keys (``"wheel.q" = 300``) and
+    the full parameter format (``q = { value = 300, ... }``: the value is taken), so a copy of
+    ``hil_sim/nist4.toml`` with edited values works too.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read simulator parameters {path}: {exc}") from None
+    out: dict[str, Any] = {}
+
+    def walk(table: Mapping[str, Any], prefix: str) -> None:
+        for key, value in table.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and "value" in value:
+                out[name] = value["value"]
+            elif isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                out[name] = value
+
+    walk(data, "")
+    return out
+
+
+def frame_overrides(model: str, rate_hz: float, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``overrides`` plus ``sim.frame_rate_hz = rate_hz``, checked: a frame must be a whole
+    number of integration steps (``sim.rate_hz``, 10 kHz by default)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+    merged = dict(overrides or {})
+    merged["sim.frame_rate_hz"] = float(rate_hz)
+    step_hz = float(merged.get("sim.rate_hz", load_params(model)["sim.rate_hz"]))
+    if not (math.isfinite(rate_hz) and 0 < rate_hz <= step_hz):
+        raise ValueError(f"frame rate {rate_hz!r} Hz must be > 0 and <= the {step_hz:g} Hz "
+                         "integration rate")
+    n_sub = step_hz / rate_hz
+    if abs(n_sub - round(n_sub)) > 1e-9:
+        raise ValueError(f"frame rate {rate_hz:g} Hz is not a whole number of {step_hz:g} Hz "
+                         f"integration steps (use e.g. 1000, 500, 250, 200 or 100 Hz)")
+    return merged

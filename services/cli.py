@@ -249,7 +249,8 @@ async def cmd_broker(args: argparse.Namespace) -> int:
 
 
 async def cmd_sim(args: argparse.Namespace) -> int:
-    from kibble.hil_sim.bus import SimServer, load_overrides_file
+    from kibble.hil_sim.params import load_overrides_file
+    from kibble.hil_sim.server import SimServer
     from kibble.hil_sim.params import parse_override
 
     overrides = load_overrides_file(args.params) if args.params else {}

@@ -32,9 +32,10 @@ import numpy as np
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, Reply
 from kibble.bus_schema.topics import Topics
-from kibble.hil_sim.bus import adapter_for, frame_overrides, plant_control
+from kibble.hil_sim.adapter import adapter_for, plant_control
 from kibble.hil_sim.efb import EfbPlant
 from kibble.hil_sim.nist4 import Nist4Plant
+from kibble.hil_sim.params import frame_overrides
 from kibble.services.bus import result_of
 from kibble.services.plans import daq_arrays
 from kibble.services.registry import service_class

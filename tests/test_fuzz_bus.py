@@ -54,7 +54,7 @@ from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import HwActuatorCommand, Reply, SimTruth, Status
 from kibble.bus_schema.node import BusNode
 from kibble.bus_schema.transport import make_client
-from kibble.hil_sim.bus import SimServer
+from kibble.hil_sim.server import SimServer
 from kibble.services.busloop import BusLoop
 from kibble.services.recordfile import read_run
 from kibble.services.registry import service_class

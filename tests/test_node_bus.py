@@ -19,7 +19,7 @@ from kibble.bus_schema.messages import Command, Reply, Status
 from kibble.bus_schema.node import BusNode
 from kibble.bus_schema.topics import Topics
 from kibble.bus_schema.transport import make_client
-from kibble.hil_sim.bus import SimServer
+from kibble.hil_sim.server import SimServer
 from kibble.services.bus import BusClient
 from kibble.services.runtime import ServiceConfig
 from tests.svc_example import ExampleService

@@ -1,6 +1,7 @@
-"""The HIL simulator on the bus (hil_sim/bus.py, hil_sim/clock.py): lockstep determinism over a
-real broker (in-process and through ``kibble sim``), rejection of bad actuator commands,
-simulator control commands, the realtime clock's rate, zero-order hold and latency statistics."""
+"""The HIL simulator on the bus (hil_sim/server.py, adapter.py, devices.py, clock.py): lockstep
+determinism over a real broker (in-process and through ``kibble sim``), rejection of bad actuator
+commands, simulator control commands, the realtime clock's rate, zero-order hold and latency
+statistics."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from kibble.bus_schema.codec import decode, encode
 from kibble.bus_schema.messages import Event, HwActuatorCommand, HwSensorFrame, SimTruth, Status
 from kibble.bus_schema.topics import Topics
 from kibble.bus_schema.transport import make_client, publish_now
-from kibble.hil_sim.bus import (
-    EFB_DEVICES, NIST4_DEVICES, SimServer, TRUTH_NAMES, frame_overrides, load_overrides_file,
-)
+from kibble.hil_sim.devices import EFB_DEVICES, NIST4_DEVICES, TRUTH_NAMES
+from kibble.hil_sim.params import frame_overrides, load_overrides_file
+from kibble.hil_sim.server import SimServer
 from kibble.hil_sim.clock import LatencyTracker, LockstepGate, RealtimeSchedule
 from kibble.hil_sim.testing import QUIET_EFB
 from kibble.services.bus import BusClient

@@ -16,7 +16,7 @@ from kibble.bus_schema import units
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.topics import message_type_for
 from kibble.bus_schema.units import unit_of
-from kibble.hil_sim.bus import adapter_for
+from kibble.hil_sim.adapter import adapter_for
 from kibble.hil_sim.params import ParamError as SimParamError, load_params
 from kibble.services.current_source import CurrentSource
 from kibble.services.inprocess import PLANTS, InProcessStack

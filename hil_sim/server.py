@@ -6,7 +6,8 @@ control topic ``sim/cmd``; it publishes only raw sensor frames on ``hw/sensors``
 (:class:`~kibble.bus_schema.messages.HwSensorFrame`), the ground truth on ``sim/truth``
 (:class:`~kibble.bus_schema.messages.SimTruth`), events on ``sim/event``, replies, and a retained
 status on ``sim/status`` (last will: offline). The device and channel tables are in
-``hil_sim/README.md`` and in :data:`NIST4_DEVICES` / :data:`EFB_DEVICES`.
+``hil_sim/README.md`` and in :mod:`kibble.hil_sim.devices`; the mapping of each plant to them in
+:mod:`kibble.hil_sim.adapter`.
 
 Clocks (``clock``):
 
@@ -39,19 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-import math
 import os
 import time
-import tomllib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Coroutine, Mapping, Sequence
 
 import aiomqtt
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import (
-    Command, HwActuatorCommand, HwSensorFrame, Message, Reply, SimTruth, Status, Timing,
+    Command, HwActuatorCommand, Message, Reply, SimTruth, Status, Timing,
 )
 from kibble.bus_schema.node import BusNode
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
@@ -59,464 +55,20 @@ from kibble.bus_schema.transport import DEFAULT_BROKER, corked, publish_now
 
 from . import efb as efb_model
 from . import nist4 as nist4_model
+from .adapter import PLANT_COMMANDS, CommandArgs, adapter_for
 from .clock import LatencyTracker, LockstepGate, RealtimeSchedule
+from .devices import DeviceSpec
 from .errors import ActuatorError, PlantError
-from .params import load_params
+from .params import frame_overrides
 
-__all__ = ["SimServer", "DeviceSpec", "NIST4_DEVICES", "EFB_DEVICES", "SENSOR_CHANNELS",
-           "TRUTH_NAMES", "CLOCKS", "MODELS", "SERVICE_NAME", "PLANT_COMMANDS", "adapter_for",
-           "plant_control", "load_overrides_file", "frame_overrides"]
-
-log = logging.getLogger(__name__)
+__all__ = ["SimServer", "CLOCKS", "SERVICE_NAME", "REALTIME_TRUTH_HZ"]
 
 SERVICE_NAME = "sim"
 """The simulator's name on the bus: ``kb/<inst>/sim/{cmd,reply,event,status,truth}``."""
-MODELS = ("nist4", "efb")
 REALTIME_TRUTH_HZ = 100.0
 """Default rate of ``sim/truth`` on the realtime clock: enough for a 0.1 Hz null figure, and
 no daemon pays for it (the tests and benchmarks that read it do)."""
 CLOCKS = ("realtime", "lockstep")
-ZERO_C_K = 273.15
-
-
-# ============================================================================ devices
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """One ``hw/<name>`` actuator device: its DAC channels (name, bits) and relays, and whether
-    the lockstep clock waits for it every frame."""
-
-    name: str
-    codes: tuple[tuple[str, int], ...]
-    relays: tuple[str, ...]
-    lockstep: bool = True
-    doc: str = ""
-
-    def check(self, codes: Sequence[int], relays: Sequence[bool]) -> str | None:
-        """None if ``codes``/``relays`` fit this device, else the reason (names the channel)."""
-        if len(codes) != len(self.codes):
-            names = ", ".join(n for n, _ in self.codes) or "none"
-            return f"{self.name} takes {len(self.codes)} codes ({names}), got {len(codes)}"
-        if len(relays) != len(self.relays):
-            names = ", ".join(self.relays) or "none"
-            return f"{self.name} takes {len(self.relays)} relays ({names}), got {len(relays)}"
-        for (name, bits), code in zip(self.codes, codes):
-            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-            if not lo <= code <= hi:
-                return f"{self.name} code {name} = {code} outside its {bits}-bit range [{lo}, {hi}]"
-        return None
-
-
-def _nist4_devices(p) -> tuple[DeviceSpec, ...]:
-    mc, mf = p["main_source.coarse_bits"], p["main_source.fine_bits"]
-    cc, cf = p["cm_source.coarse_bits"], p["cm_source.fine_bits"]
-    db, hb = p["damping_coils.dac_bits"], p["theta_z.dac_bits"]
-    return (
-        DeviceSpec("main_source", (("coarse", mc), ("fine", mf)), ("force_mode",),
-                   doc="main-coil current source: I = FS/2^(cb-1) (coarse + fine span/2^fb); "
-                       "relay True = source drives the coil (force mode), False = coil open, DVM reads U"),
-        DeviceSpec("cm_source", (("coarse", cc), ("fine", cf)), ("enable",),
-                   doc="counter-mass motor current source; relay = output connected"),
-        DeviceSpec("damping", tuple((f"set{k // 2}_{'vh'[k % 2]}", db) for k in range(6)),
-                   ("enable",), doc="damping-coil DACs (set0 v, set0 h, set1 v, set1 h, set2 v, "
-                                    "set2 h); relay = coil relays closed"),
-        DeviceSpec("theta_z_hv", tuple((f"plate{k // 2}_{'ab'[k % 2]}", hb) for k in range(6)),
-                   ("enable",), doc="theta-z HV amplifier DACs (plate0 a, plate0 b, ... plate2 b); "
-                                    "relay = amplifiers enabled (output 0 above the pressure limit)"),
-        DeviceSpec("mass_lift", (), ("test_mass_on_pan", "aux_on_pan"), lockstep=False,
-                   doc="mass handler, event-driven: applied when the relay state changes"),
-    )
-
-
-def _efb_devices(p) -> tuple[DeviceSpec, ...]:
-    return (
-        DeviceSpec("hv", (("code", p["hv.dac_bits"]),), ("to_main", "enable"),
-                   doc="HV amplifier DAC (V = code FS/2^(bits-1)); relays: True = on the main "
-                       "electrodes (weighing) / False = auxiliary electrode; output enabled"),
-        DeviceSpec("mass_lift", (), ("small_on_holder", "large_on_holder"), lockstep=False,
-                   doc="mass handler, event-driven: load = small_kg x small + large_kg x large, "
-                       "ramped; applied when the relay state changes"),
-    )
-
-
-NIST4_DEVICES = _nist4_devices(load_params("nist4"))
-"""Device table of the NIST-4 model with the default DAC widths (the server uses its params)."""
-EFB_DEVICES = _efb_devices(load_params("efb"))
-"""Device table of the EFB model with the default DAC widths."""
-
-SENSOR_CHANNELS: dict[str, dict[str, str]] = {
-    "nist4": {
-        "fringe_count": "[ifo0, ifo1, ifo2 (main coil retroreflectors), ifo3 (counter-mass)] "
-                        "fringes of lambda/2, count up as the reflector rises",
-        "fringe_phase_rad": "same 4 interferometers, phase within the fringe [0, 2 pi)",
-        "psd_v": "[retro0 dx, retro0 dy, retro1 dx, retro1 dy, lever theta_x, lever theta_y] V",
-        "dvm_v": "[DVM] V: velocity mode U (coil open), force mode R_std I",
-        "current_monitor_v": "[main source monitor (500 V/A), counter-mass source monitor (200 V/A)] V",
-        "capacitance_f": "[] (none)",
-        "temperature_k": "magnet thermometer, K (plant degC + 273.15)",
-        "pressure_pa": "vacuum gauge, Pa",
-    },
-    "efb": {
-        "fringe_count": "[ifo] fringes of lambda/2, counts up as z rises",
-        "fringe_phase_rad": "[ifo] phase within the fringe [0, 2 pi)",
-        "psd_v": "[] (none)",
-        "dvm_v": "[DVM] V: frame-averaged applied high voltage",
-        "current_monitor_v": "[] (none)",
-        "capacitance_f": "[bridge] F: main capacitor, updated every bridge.period_s, 0 before "
-                         "the first reading",
-        "temperature_k": "balance thermometer, K (plant degC + 273.15)",
-        "pressure_pa": "vacuum gauge, Pa",
-    },
-}
-"""What each list of :class:`HwSensorFrame` holds, per model (channel order)."""
-
-# plant truth field -> (bus name, offset added); the plant's degC become K
-_TRUTH_MAP = {
-    "nist4": {
-        "theta": "theta_rad", "omega": "omega_rad_s", "z": "z_m", "vz": "vz_m_s",
-        "i_main": "i_main_a", "i_cm": "i_cm_a", "i_main_reg": "i_main_reg_a",
-        "i_cm_reg": "i_cm_reg_a", "x": "x_m", "y": "y_m", "theta_x": "theta_x_rad",
-        "theta_y": "theta_y_rad", "theta_z": "theta_z_rad", "vx": "vx_m_s", "vy": "vy_m_s",
-        "wx": "wx_rad_s", "wy": "wy_rad_s", "wz": "wz_rad_s", "bl": "bl_t_m", "emf": "emf_v",
-        "coil_voltage": "coil_voltage_v", "magnet_temperature": "magnet_temperature_k",
-        "agx": "agx_m_s2", "agy": "agy_m_s2", "agz": "agz_m_s2", "m_test": "m_test_kg",
-        "m_aux": "m_aux_kg", "tau_hyst": "tau_hyst_n_m"},
-    "efb": {
-        "z": "z_m", "vz": "vz_m_s", "v_amp": "v_amp_v", "v_out": "v_out_v", "f_main": "f_main_n",
-        "f_aux": "f_aux_n", "dcdz": "dcdz_f_m", "capacitance": "capacitance_f",
-        "temperature": "temperature_k", "agz": "agz_m_s2", "m_load": "m_load_kg",
-        "f_hyst": "f_hyst_n"},
-}
-_KELVIN_TRUTH = {"magnet_temperature_k", "temperature_k"}
-
-
-def _truth_columns(model: str, fields: Sequence[str]) -> tuple[tuple[str, int, float], ...]:
-    names = _TRUTH_MAP[model]
-    missing = [f for f in fields if f != "t" and f not in names]
-    if missing:
-        raise RuntimeError(f"{model}: plant truth fields {missing} have no bus name in hil_sim/bus.py")
-    return tuple((names[f], i, ZERO_C_K if names[f] in _KELVIN_TRUTH else 0.0)
-                 for i, f in enumerate(fields) if f != "t")
-
-
-_TRUTH_COLUMNS = {"nist4": _truth_columns("nist4", nist4_model.TRUTH_FIELDS),
-                  "efb": _truth_columns("efb", efb_model.TRUTH_FIELDS)}
-TRUTH_NAMES = {m: tuple(c[0] for c in cols) for m, cols in _TRUTH_COLUMNS.items()}
-"""Keys of :attr:`SimTruth.values` per model (SI units in the names)."""
-
-
-# ============================================================================ model adapters
-
-
-class _Adapter:
-    """What the two plant adapters share: the plant-level control commands."""
-
-    plant: Any
-
-    def set_temperature(self, args: "_Args") -> dict[str, Any]:
-        temperature_k = args.get("temperature_k", float)
-        immediate = args.get("immediate", bool, True)
-        if not 173.15 <= temperature_k <= 373.15:
-            raise ValueError(f"set_temperature: {temperature_k} K outside 173.15..373.15 K")
-        self.plant.set_temperature(temperature_k - ZERO_C_K, immediate=immediate)
-        return {"temperature_k": temperature_k, "immediate": immediate}
-
-    def set_pressure(self, args: "_Args") -> dict[str, Any]:
-        pressure_pa = args.get("pressure_pa", float)
-        self.plant.set_pressure(pressure_pa)
-        return {"pressure_pa": pressure_pa}
-
-
-class _Nist4Adapter(_Adapter):
-    """Maps the NIST-4 plant to bus devices, sensor frames and truth."""
-
-    model = "nist4"
-
-    def __init__(self, plant: nist4_model.Nist4Plant) -> None:
-        self.plant = plant
-        self.devices = {d.name: d for d in _nist4_devices(plant.params)}
-        self.held = nist4_model.Nist4Actuators()
-        p = plant.params
-        self.mass = (bool(p["initial.test_mass_on"]), bool(p["initial.aux_on"]))
-        self.truth_columns = _TRUTH_COLUMNS["nist4"]
-
-    def apply(self, device: str, codes: list[int], relays: list[bool]) -> None:
-        h = self.held
-        if device == "main_source":
-            h.main_coarse, h.main_fine = codes
-            h.main_force_mode = relays[0]
-        elif device == "cm_source":
-            h.cm_coarse, h.cm_fine = codes
-            h.cm_enable = relays[0]
-        elif device == "damping":
-            h.damping = tuple(codes)
-            h.damping_enable = relays[0]
-        elif device == "theta_z_hv":
-            h.hv = tuple(codes)
-            h.hv_enable = relays[0]
-        elif device == "mass_lift":
-            self.set_mass(relays[0], relays[1])
-        else:  # the server only passes devices of self.devices
-            raise KeyError(device)
-
-    def held_table(self) -> dict[str, dict[str, list]]:
-        h = self.held
-        return {
-            "main_source": {"codes": [h.main_coarse, h.main_fine], "relays": [h.main_force_mode]},
-            "cm_source": {"codes": [h.cm_coarse, h.cm_fine], "relays": [h.cm_enable]},
-            "damping": {"codes": list(h.damping), "relays": [h.damping_enable]},
-            "theta_z_hv": {"codes": list(h.hv), "relays": [h.hv_enable]},
-            "mass_lift": {"codes": [], "relays": list(self.mass)},
-        }
-
-    def set_mass(self, test_on: bool, aux_on: bool) -> None:
-        if test_on != self.mass[0]:
-            self.plant.place_mass(test_on)
-        if aux_on != self.mass[1]:
-            self.plant.lift_aux(on_pan=aux_on)
-        self.mass = (test_on, aux_on)
-
-    def sensor_frame(self, frame: int, row: list[float]) -> HwSensorFrame:
-        return HwSensorFrame(
-            frame=frame, sim_time_s=row[19],
-            fringe_count=[int(row[0]), int(row[1]), int(row[2]), int(row[3])],
-            fringe_phase_rad=row[4:8], psd_v=row[8:14], dvm_v=row[14:15],
-            current_monitor_v=row[15:17], temperature_k=row[17] + ZERO_C_K, pressure_pa=row[18])
-
-    # ---- control commands
-    def place_mass(self, args: "_Args") -> dict[str, Any]:
-        on = args.get("on", bool, True)
-        self.set_mass(on, self.mass[1])
-        return {"test_mass_on_pan": on}
-
-    def remove_mass(self, args: "_Args") -> dict[str, Any]:
-        self.set_mass(False, self.mass[1])
-        return {"test_mass_on_pan": False}
-
-    def lift_aux(self, args: "_Args") -> dict[str, Any]:
-        on_pan = args.get("on_pan", bool, False)
-        self.set_mass(self.mass[0], on_pan)
-        return {"aux_on_pan": on_pan}
-
-    def inject_force(self, args: "_Args") -> dict[str, Any]:
-        dof = args.get("dof", str, "z")
-        value = args.get("value", float)
-        duration_s = args.get("duration_s", float)
-        self.plant.inject_force(dof, value, duration_s)
-        return {"dof": dof, "value": value, "duration_s": duration_s}
-
-    def inject_impulse(self, args: "_Args") -> dict[str, Any]:
-        dof = args.get("dof", str, "z")
-        impulse = args.get("impulse", float)
-        self.plant.inject_impulse(dof, impulse)
-        return {"dof": dof, "impulse": impulse}
-
-
-class _EfbAdapter(_Adapter):
-    """Maps the EFB plant to bus devices, sensor frames and truth."""
-
-    model = "efb"
-
-    def __init__(self, plant: efb_model.EfbPlant) -> None:
-        self.plant = plant
-        self.devices = {d.name: d for d in _efb_devices(plant.params)}
-        self.held = efb_model.EfbActuators()
-        self.mass = (False, False)
-        self.load_kg = 0.0
-        self.truth_columns = _TRUTH_COLUMNS["efb"]
-
-    def apply(self, device: str, codes: list[int], relays: list[bool]) -> None:
-        if device == "hv":
-            self.held.hv_code = codes[0]
-            self.held.hv_to_main, self.held.hv_enable = relays
-        elif device == "mass_lift":
-            if (relays[0], relays[1]) != self.mass:
-                p = self.plant.params
-                self.mass = (relays[0], relays[1])
-                self._load(relays[0] * p["masses.small_kg"] + relays[1] * p["masses.large_kg"])
-        else:
-            raise KeyError(device)
-
-    def _load(self, kg: float) -> None:
-        # EfbPlant.place_mass sets the ramp rate from the distance to go: apply changes only
-        if kg != self.load_kg:
-            self.plant.place_mass(float(kg))
-            self.load_kg = kg
-
-    def held_table(self) -> dict[str, dict[str, list]]:
-        h = self.held
-        return {"hv": {"codes": [h.hv_code], "relays": [h.hv_to_main, h.hv_enable]},
-                "mass_lift": {"codes": [], "relays": list(self.mass)}}
-
-    def sensor_frame(self, frame: int, row: list[float]) -> HwSensorFrame:
-        return HwSensorFrame(
-            frame=frame, sim_time_s=row[6], fringe_count=[int(row[0])], fringe_phase_rad=row[1:2],
-            dvm_v=row[2:3], capacitance_f=[row[3] * 1e-12], temperature_k=row[4] + ZERO_C_K,
-            pressure_pa=row[5])
-
-    def place_mass(self, args: "_Args") -> dict[str, Any]:
-        mass = args.get("mass", (str, float), "small")
-        p = self.plant.params
-        if isinstance(mass, str):
-            if mass not in ("small", "large"):
-                raise ValueError(f"place_mass: mass must be 'small', 'large' or kg, got {mass!r}")
-            kg = p[f"masses.{mass}_kg"]
-        else:
-            kg = float(mass)
-            if not (math.isfinite(kg) and 0.0 <= kg <= 1e-3):
-                raise ValueError(f"place_mass: mass {kg!r} kg outside [0, 1e-3] kg")
-        self._load(kg)
-        return {"m_load_kg": kg}
-
-    def remove_mass(self, args: "_Args") -> dict[str, Any]:
-        self._load(0.0)
-        return {"m_load_kg": 0.0}
-
-    def lift_aux(self, args: "_Args") -> dict[str, Any]:
-        raise ValueError("lift_aux: the EFB model has no auxiliary mass")
-
-    def inject_force(self, args: "_Args") -> dict[str, Any]:
-        dof = args.get("dof", str, "z")
-        if dof != "z":
-            raise ValueError(f"inject_force: the EFB has one degree of freedom, 'z'; got {dof!r}")
-        value = args.get("value", float)
-        duration_s = args.get("duration_s", float)
-        self.plant.inject_force(value, duration_s)
-        return {"dof": dof, "value": value, "duration_s": duration_s}
-
-    def inject_impulse(self, args: "_Args") -> dict[str, Any]:
-        dof = args.get("dof", str, "z")
-        if dof != "z":
-            raise ValueError(f"inject_impulse: the EFB has one degree of freedom, 'z'; got {dof!r}")
-        impulse = args.get("impulse", float)
-        self.plant.inject_impulse(impulse)
-        return {"dof": dof, "impulse": impulse}
-
-
-PLANT_COMMANDS = ("place_mass", "remove_mass", "lift_aux", "set_temperature", "set_pressure",
-                  "inject_force", "inject_impulse")
-"""The control commands that act on the plant (the rest act on the simulator's clock)."""
-
-
-def adapter_for(plant: nist4_model.Nist4Plant | efb_model.EfbPlant) -> _Nist4Adapter | _EfbAdapter:
-    """The bus adapter of ``plant``: its device table, held commands, sensor-frame and truth
-    mapping and plant-level control commands. :class:`SimServer` uses it over MQTT; an
-    in-process loop uses it without a broker."""
-    if isinstance(plant, nist4_model.Nist4Plant):
-        return _Nist4Adapter(plant)
-    if isinstance(plant, efb_model.EfbPlant):
-        return _EfbAdapter(plant)
-    raise TypeError(f"no bus adapter for {type(plant).__name__}")
-
-
-def plant_control(adapter: _Nist4Adapter | _EfbAdapter, command: str,
-                  args: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one plant-level control command (:data:`PLANT_COMMANDS`) with ``args`` exactly as
-    ``sim/cmd`` would; ``ValueError`` saying what was wrong with the command or an argument."""
-    if command not in PLANT_COMMANDS:
-        raise ValueError(f"unknown plant command {command!r}; one of {', '.join(PLANT_COMMANDS)}")
-    parsed = _Args(command, args)
-    result = getattr(adapter, command)(parsed)
-    parsed.check_unused()
-    return result
-
-
-_REQUIRED = object()
-
-
-class _Args:
-    """Typed access to a :class:`Command`'s args; ``ValueError`` naming the argument."""
-
-    def __init__(self, command: str, args: Mapping[str, Any]) -> None:
-        self.command = command
-        self.args = args
-        self.used: set[str] = set()
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
-        self.used.add(name)
-        if name not in self.args:
-            if default is _REQUIRED:
-                raise ValueError(f"{self.command}: missing argument {name!r}")
-            return default
-        value = self.args[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise ValueError(f"{self.command}: argument {name!r} must be a {names}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{self.command}: argument {name!r} must be finite, got {value!r}")
-        return value
-
-    def names(self, name: str) -> list[str]:
-        """A str or a list of str argument as a list."""
-        self.used.add(name)
-        value = self.args.get(name, _REQUIRED)
-        if value is _REQUIRED:
-            raise ValueError(f"{self.command}: missing argument {name!r}")
-        items = value if isinstance(value, list) else [value]
-        if not items or not all(isinstance(v, str) for v in items):
-            raise ValueError(f"{self.command}: argument {name!r} must be a name or a list of names")
-        return [v for item in items for v in item.split(",") if v]
-
-    def check_unused(self) -> None:
-        extra = sorted(set(self.args) - self.used)
-        if extra:
-            raise ValueError(f"{self.command}: unknown argument(s) {extra}")
-
-
-# ============================================================================ parameters
-
-
-def load_overrides_file(path: str | Path) -> dict[str, Any]:
-    """Plant parameter overrides from a TOML file, as ``{dotted.name: value}``.
-
-    Accepts nested tables (``[wheel]`` / ``q = 300``), dotted keys (``"wheel.q" = 300``) and
-    the full parameter format (``q = { value = 300, ... }``: the value is taken), so a copy of
-    ``hil_sim/nist4.toml`` with edited values works too.
-    """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"cannot read simulator parameters {path}: {exc}") from None
-    out: dict[str, Any] = {}
-
-    def walk(table: Mapping[str, Any], prefix: str) -> None:
-        for key, value in table.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict) and "value" in value:
-                out[name] = value["value"]
-            elif isinstance(value, dict):
-                walk(value, name + ".")
-            else:
-                out[name] = value
-
-    walk(data, "")
-    return out
-
-
-def frame_overrides(model: str, rate_hz: float, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``overrides`` plus ``sim.frame_rate_hz = rate_hz``, checked: a frame must be a whole
-    number of integration steps (``sim.rate_hz``, 10 kHz by default)."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
-    merged = dict(overrides or {})
-    merged["sim.frame_rate_hz"] = float(rate_hz)
-    step_hz = float(merged.get("sim.rate_hz", load_params(model)["sim.rate_hz"]))
-    if not (math.isfinite(rate_hz) and 0 < rate_hz <= step_hz):
-        raise ValueError(f"frame rate {rate_hz!r} Hz must be > 0 and <= the {step_hz:g} Hz "
-                         "integration rate")
-    n_sub = step_hz / rate_hz
-    if abs(n_sub - round(n_sub)) > 1e-9:
-        raise ValueError(f"frame rate {rate_hz:g} Hz is not a whole number of {step_hz:g} Hz "
-                         f"integration steps (use e.g. 1000, 500, 250, 200 or 100 Hz)")
-    return merged
-
-
-# ============================================================================ the server
 
 
 class _SimReceiver:
@@ -685,8 +237,8 @@ class SimServer(BusNode):
     async def stopping(self) -> None:
         self._cancel_timer()
 
-    def call_command(self, handler: Callable[[_Args], dict[str, Any]], cmd: Command) -> dict[str, Any]:
-        args = _Args(cmd.command, cmd.args)
+    def call_command(self, handler: Callable[[CommandArgs], dict[str, Any]], cmd: Command) -> dict[str, Any]:
+        args = CommandArgs(cmd.command, cmd.args)
         result = handler(args)
         args.check_unused()
         return {"frame": self.frame, **result}
@@ -908,7 +460,7 @@ class SimServer(BusNode):
 
     # ------------------------------------------------------------------ control commands
 
-    def _lockstep_devices(self, args: _Args, name: str) -> list[str]:
+    def _lockstep_devices(self, args: CommandArgs, name: str) -> list[str]:
         devices = args.names(name)
         for device in devices:
             spec = self.devices.get(device)
@@ -918,14 +470,14 @@ class SimServer(BusNode):
                                  f"{self.model} model ({known})")
         return devices
 
-    def _cmd_register(self, args: _Args) -> dict[str, Any]:
+    def _cmd_register(self, args: CommandArgs) -> dict[str, Any]:
         devices = self._lockstep_devices(args, "devices")
         new = [d for d in devices if self.gate.register(d)]
         if self.clock == "lockstep" and new and (not self._started or not self._gate_open):
             self._lockstep_next()
         return {"registered": sorted(self.gate.registered), "new": new}
 
-    def _cmd_unregister(self, args: _Args) -> dict[str, Any]:
+    def _cmd_unregister(self, args: CommandArgs) -> dict[str, Any]:
         devices = self._lockstep_devices(args, "devices")
         gone = [d for d in devices if self.gate.unregister(d)]
         if self._gate_open and self.gate.complete:
@@ -940,17 +492,17 @@ class SimServer(BusNode):
         else:
             self._resume.set()
 
-    def _cmd_pause(self, args: _Args) -> dict[str, Any]:
+    def _cmd_pause(self, args: CommandArgs) -> dict[str, Any]:
         self._set_paused(True)
         return {"paused": True}
 
-    def _cmd_resume(self, args: _Args) -> dict[str, Any]:
+    def _cmd_resume(self, args: CommandArgs) -> dict[str, Any]:
         self._set_paused(False)
         if self.clock == "lockstep" and not self._gate_open:
             self._lockstep_next()
         return {"paused": False}
 
-    def _cmd_stats(self, args: _Args) -> dict[str, Any]:
+    def _cmd_stats(self, args: CommandArgs) -> dict[str, Any]:
         reset = args.get("reset", bool, False)
         lat = {d: self.latency.summary(d).as_dict() for d in self.latency.devices()}
         total = self.latency.summary()
