@@ -143,26 +143,35 @@ def test_the_default_loop_margins_against_python_control():
     fig = F.loop_figures(ours)
     assert fig.stable and fig.phase_margin_deg == pytest.approx(50.0, abs=1.0)
     assert fig.crossover_hz == pytest.approx(1.0, rel=0.01) and fig.bandwidth_hz == pytest.approx(1.67, rel=0.02)
+    # a PID on a nearly free mass is conditionally stable: the gain may fall 4.66x (phase
+    # crossover 0.32 Hz) before the loop rings up
+    assert fig.gain_margin == pytest.approx(1 / 4.66, rel=0.02)
+    assert fig.phase_crossover_hz == pytest.approx(0.319, rel=0.02)
     paper = F.loop_figures(F.loop_gains(F.PAPER_CROSSOVER_HZ))
     assert paper.stable and paper.phase_margin_deg == pytest.approx(50.0, abs=1.0)
     assert paper.crossover_hz == pytest.approx(0.1, rel=0.01)
 
 
 def test_published_null_with_the_paper_loop_and_ours_as_predicted():
-    """60 s records (the paper's loop's null scatters ~12 % between seeds there, ours ~8 %;
-    README): each within 1.5x of the python-control prediction for that window; the prediction
-    for the 600 s of the bench is within 1.5x of seed 000's 1 nm, ours <= 0.5 nm."""
+    """Shortened records (the paper's loop 100 s, ours 60 s, where the prediction's own scatter
+    between seeds is ~20 % and ~26 %): each within 1.5x of the python-control prediction for
+    that window; the prediction for the bench's 600 s is within 1.5x of seed 000's 1 nm with
+    the paper's loop and <= 0.5 nm (docs/architecture.md section 7) with ours."""
     paper = F.loop_gains(F.PAPER_CROSSOVER_HZ)
     ours = F.default_loop_gains()
 
     async def both():
-        a = await F.null_nm(paper, noise="published", seconds=60.0, seed=1, settle_s=20.0)
-        b = await F.null_nm(None, noise="published", seconds=60.0, seed=1, settle_s=20.0)
+        # 45 s to settle: the paper's loop takes up the 1 mg feedforward's error (the servo's
+        # V_s = 0 against the plant's 40 mV: ~3e-9 N) with its integral's ~8 s time constant
+        a = await F.null_nm(paper, noise="published", seconds=100.0, seed=1, settle_s=45.0)
+        b = await F.null_nm(None, noise="published", seconds=60.0, seed=1, settle_s=5.0)
         return a, b
 
     paper_nm, ours_nm = asyncio.run(both())
-    assert paper_nm == pytest.approx(F.predicted_null_nm(paper, 60.0)["total_nm"], rel=0.33)
-    assert ours_nm == pytest.approx(F.predicted_null_nm(ours, 60.0)["total_nm"], rel=0.33)
+    for got, gains, seconds in ((paper_nm, paper, 100.0), (ours_nm, ours, 60.0)):
+        expected = F.predicted_null_nm(gains, seconds)
+        assert expected["scatter_rel"] < 0.3
+        assert expected["total_nm"] / 1.5 <= got <= 1.5 * expected["total_nm"], (got, expected)
     long_paper = F.predicted_null_nm(paper, 600.0)["total_nm"]
     assert F.NULL_PUBLISHED_NM / 1.5 <= long_paper <= 1.5 * F.NULL_PUBLISHED_NM
     assert F.predicted_null_nm(ours, 600.0)["total_nm"] <= 0.5
