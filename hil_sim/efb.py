@@ -19,7 +19,12 @@ Parameters: ``hil_sim/efb.toml``. Physics (z up, m; positive z increases cylinde
   ``c = sqrt(k_nom m) / q`` and the Iwan elements' stiffnesses are stated at the nominal
   stiffness ``k_nom > 0``: they belong to the flexures, which the tuning does not change (as
   the NIST-4 knife edge's);
-* mass loading: 1 mg / 20 mg artifacts (or any mass) ramped on the mass holder.
+* mass loading: 1 mg / 20 mg artifacts (or any mass) ramped on the mass holder;
+* the ``published`` noise profile's mechanisms (:func:`published_tick`; each a ``noise.*``
+  switch, all off in ``quiet`` and ``off``, which then draw nothing of them): floor tilt through
+  the travel's misalignment, the residual gas's Brownian force, the surface potential's random
+  walk (in ``V_s`` above), the interferometer's 1/f flicker and its least significant bit, and
+  the thermal drift of the restoring force and of the interferometer's dead path.
 
 The linear mechanics (z, z') is stepped exactly (matrix exponential, zero-order hold of the
 other forces at the step start); the amplifier lag exactly. Capacitance bridge:
