@@ -19,7 +19,12 @@ Parameters: ``hil_sim/efb.toml``. Physics (z up, m; positive z increases cylinde
   ``c = sqrt(k_nom m) / q`` and the Iwan elements' stiffnesses are stated at the nominal
   stiffness ``k_nom > 0``: they belong to the flexures, which the tuning does not change (as
   the NIST-4 knife edge's);
-* mass loading: 1 mg / 20 mg artifacts (or any mass) ramped on the mass holder.
+* mass loading: 1 mg / 20 mg artifacts (or any mass) ramped on the mass holder;
+* the ``published`` noise profile's mechanisms (:func:`published_tick`; each a ``noise.*``
+  switch, all off in ``quiet`` and ``off``, which then draw nothing of them): floor tilt through
+  the travel's misalignment, the residual gas's Brownian force, the surface potential's random
+  walk (in ``V_s`` above), the interferometer's 1/f flicker and its least significant bit, and
+  the thermal drift of the restoring force and of the interferometer's dead path.
 
 The linear mechanics (z, z') is stepped exactly (matrix exponential, zero-order hold of the
 other forces at the step start); the amplifier lag exactly. Capacitance bridge:
@@ -41,21 +46,39 @@ from .nist4 import NormalDraws, advance_in_chunks
 from .noise import ground_filter, ground_tick, white_std
 from .params import DEFAULT_NOISE, Params, load_params
 
+BOLTZMANN_J_K = 1.380649e-23
+AVOGADRO_PER_MOL = 6.02214076e23
+FLICKER_POLES_PER_DECADE = 2
+FLICKER_LN_RATIO = math.log(10.0) / FLICKER_POLES_PER_DECADE
+"""Each flicker pole's variance is ``A^2 ln r`` (``r`` the poles' frequency ratio): the sum of
+first-order poles, log-spaced, has the one-sided PSD ``A^2 / f`` between the first and the last."""
+
+
+def flicker_poles(f_lo_hz: float, f_hi_hz: float) -> np.ndarray:
+    """Corner frequencies (Hz) of the interferometer flicker poles: ``f_lo`` times
+    ``10^(k / FLICKER_POLES_PER_DECADE)`` up to ``f_hi``."""
+    n = int(math.floor(FLICKER_POLES_PER_DECADE * math.log10(f_hi_hz / f_lo_hz) + 1e-9)) + 1
+    return f_lo_hz * 10.0 ** (np.arange(n) / FLICKER_POLES_PER_DECADE)
+
 __all__ = ["EfbActuators", "EfbSensors", "EfbTruth", "EfbBlock", "EfbPlant", "linearize",
            "SENSOR_FIELDS", "TRUTH_FIELDS"]
 
 Z, V, VA = 0, 1, 2
 NX = 3
 (E_T, E_M, E_MT, E_RATE, E_TEMP, E_TSET, E_P, E_AG, E_GS0, E_GS1, E_NHV, E_EXT, E_EXTN,
- E_TICK, E_BNEXT, E_BRIDGE, E_FH) = range(17)
-NE = 18
+ E_TICK, E_BNEXT, E_BRIDGE, E_FH, E_TILT, E_VSD, E_TL, E_FN, E_ZIFO) = range(22)
+NE = 23
 A_V, A_MAIN, A_EN = 0, 1, 2
 NA = 3
 (P_H, P_M, P_K, P_C, P_G, P_IMB, P_TARE, P_STOP, P_KSTOP, P_CSTOP, P_DC, P_ZS, P_A1, P_A2, P_A3,
  P_A4, P_A5, P_C0, P_TC, P_TREF, P_VS, P_DCA, P_VSA, P_TAUHV, P_TICKN, P_FLOOR, P_NHV, P_TA,
  P_TSTD, P_TDRIFT, P_LAM, P_PHSTD, P_DVMSTD, P_DVMRES, P_DVMRNG, P_BRP, P_BRSTD, P_BRRES,
- P_TSSTD, P_TSRES, P_PRSTD, P_ADCQ) = range(42)
-NP = 42
+ P_TSSTD, P_TSRES, P_PRSTD, P_ADCQ, P_NX, P_TILTA, P_TILTS, P_TILTK, P_GASS, P_VSW, P_THON, P_TLA,
+ P_TL0, P_TFK, P_TZK, P_IFOQ) = range(54)
+NP = 54
+NX_FIXED = 3
+"""Normals per noise tick of the published mechanisms besides the flicker poles (tilt, residual
+gas, surface potential), taken only when one of them is switched on."""
 
 SENSOR_FIELDS = ("ifo_fringes", "ifo_phase_rad", "dvm_V", "bridge_pF", "temperature_C",
                  "pressure_Pa", "time_s")
@@ -87,7 +110,7 @@ def _forces(x, slip, env, act, P, hyk):
     dc, _, _ = _dcdz(z, env[E_TEMP], P)
     vm = vout if act[A_MAIN] != 0.0 else 0.0
     va = vout if act[A_MAIN] == 0.0 else 0.0
-    fm = 0.5 * dc * (vm - P[P_VS]) ** 2
+    fm = 0.5 * dc * (vm - (P[P_VS] + env[E_VSD])) ** 2
     fa = 0.5 * P[P_DCA] * (va - P[P_VSA]) ** 2
     f = fm + fa - P[P_TARE] - env[E_M] * (P[P_G] + env[E_AG]) - P[P_IMB] * P[P_M] * env[E_AG]
     fh = 0.0
@@ -97,6 +120,8 @@ def _forces(x, slip, env, act, P, hyk):
     f += fh
     if env[E_EXTN] > 0.0:
         f += env[E_EXT]
+    if env[E_FN] != 0.0:
+        f += env[E_FN]
     if z > P[P_STOP]:
         f -= P[P_KSTOP] * (z - P[P_STOP]) + P[P_CSTOP] * x[V]
     elif z < -P[P_STOP]:
@@ -104,16 +129,58 @@ def _forces(x, slip, env, act, P, hyk):
     return f, fm, fa, vout, dc
 
 
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def published_tick(env, P, flk, fla, fls, nz, iz, nx):
+    """One noise tick of the published mechanisms (seed 000 in vacuum; hil_sim/efb.toml says
+    why each is there and its size), from the normals ``nz[iz:iz + nx]`` (none if ``nx`` is 0):
+
+    * floor tilt ``E_TILT`` (rad): first-order Gauss-Markov, per tick ``a th + s n``; it tips
+      the link's travel, misaligned from vertical by ``tilt.travel_angle_rad``, and its weight
+      has a component ``-m g phi th`` along the travel (``P_TILTK = m g phi``);
+    * residual-gas Brownian force: white, one-sided PSD ``4 k_B T beta`` with the
+      free-molecular damping ``beta`` proportional to the pressure ``E_P`` (``P_GASS`` the
+      per-tick std at 1 Pa, times ``sqrt(p)``);
+    * surface-potential drift ``E_VSD`` (V): a random walk added to the main electrodes' V_s;
+    * interferometer flicker: the sum of first-order poles ``flk`` (m), ``flk = fla flk + fls n``
+      (the poles' variances equal, two per decade: one-sided PSD ``A^2 / f`` between them);
+    * thermal: the link's temperature ``E_TL`` lags the balance thermometer's (``P_TLA``), its
+      change from the start moves the restoring force (``P_TFK`` N/K) and the interferometer's
+      dead path (``P_TZK`` m/K).
+
+    Writes the force on the link ``E_FN`` (N) and the interferometer's reading error ``E_ZIFO``
+    (m), both held over the tick."""
+    fn = 0.0
+    zifo = 0.0
+    if nx > 0:
+        env[E_TILT] = P[P_TILTA] * env[E_TILT] + P[P_TILTS] * nz[iz]
+        fn = -P[P_TILTK] * env[E_TILT] + P[P_GASS] * math.sqrt(env[E_P]) * nz[iz + 1]
+        env[E_VSD] += P[P_VSW] * nz[iz + 2]
+        for k in range(nx - NX_FIXED):
+            flk[k] = fla[k] * flk[k] + fls[k] * nz[iz + NX_FIXED + k]
+            zifo += flk[k]
+    if P[P_THON] != 0.0:
+        env[E_TL] = env[E_TEMP] + (env[E_TL] - env[E_TEMP]) * P[P_TLA]
+        dt = env[E_TL] - P[P_TL0]
+        fn += P[P_TFK] * dt
+        zifo += P[P_TZK] * dt
+    env[E_FN] = fn
+    env[E_ZIFO] = zifo
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, nz, nzu, n_frames, n_sub,
+def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, flk, fla, fls, nz, nzu, n_frames, n_sub,
          out, tr, rec):
     """Advance n_frames frames of n_sub steps with ``act`` held. ``nz``: standard normals of
     the plant's Generator (see :class:`~kibble.hil_sim.nist4.NormalDraws`); per frame the
-    kernel takes 5 per noise tick (ground 3, HV 1, temperature 1) then 5 at the frame end
-    (ifo, dvm, bridge, thermometer, gauge), and writes how many it took to ``nzu[0]`` (-1:
-    ``nz`` was too short). Returns frames done (< n_frames: non-finite, the state then put
-    back as it was at the call)."""
+    kernel takes 5 per noise tick (ground 3, HV 1, temperature 1), then ``P[P_NX]`` more if a
+    published mechanism is on (tilt, residual gas, surface potential, one per interferometer
+    flicker pole: :func:`published_tick`), then 5 at the frame end (ifo, dvm, bridge,
+    thermometer, gauge), and writes how many it took to ``nzu[0]`` (-1: ``nz`` was too short).
+    ``flk``: the flicker poles' states, ``fla``/``fls`` their per-tick decay and innovation std.
+    Returns frames done (< n_frames: non-finite, the state then put back as it was at the call)."""
     iz = 0
+    nx = int(P[P_NX])
+    flk0 = flk.copy()
     nzn = nz.shape[0]
     x0 = x.copy()
     slip0 = slip.copy()
@@ -131,11 +198,12 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, nz, nzu, n_frames, n_
         dvm_acc = 0.0
         for _ in range(n_sub):
             if env[E_TICK] <= 0.0:
-                if iz + 5 > nzn:
+                if iz + 5 + nx > nzn:
                     nzu[0] = -1
                     x[:] = x0
                     slip[:] = slip0
                     env[:] = env0
+                    flk[:] = flk0
                     return fr
                 for j in range(5):
                     nt[j] = nz[iz + j]
@@ -148,6 +216,9 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, nz, nzu, n_frames, n_
                 env[E_NHV] = P[P_NHV] * nt[3]
                 tset = env[E_TSET] + P[P_TDRIFT] * env[E_T]
                 env[E_TEMP] = tset + (env[E_TEMP] - tset) * ta + tsq * nt[4]
+                if nx > 0 or P[P_THON] != 0.0:
+                    published_tick(env, P, flk, fla, fls, nz, iz, nx)
+                    iz += nx
                 env[E_TICK] = tick_n
             env[E_TICK] -= 1.0
             dm = env[E_MT] - env[E_M]
@@ -182,11 +253,17 @@ def _run(x, slip, env, act, P, hyk, hyth, W, gphi, gL, gc, nz, nzu, n_frames, n_
             x[:] = x0
             slip[:] = slip0
             env[:] = env0
+            flk[:] = flk0
             return fr
         for j in range(5):
             nf[j] = nz[iz + j]
         iz += 5
-        ph = 4.0 * math.pi * x[Z] / P[P_LAM] + P[P_PHSTD] * nf[0]
+        zi = x[Z]
+        if env[E_ZIFO] != 0.0:
+            zi += env[E_ZIFO]
+        ph = 4.0 * math.pi * zi / P[P_LAM] + P[P_PHSTD] * nf[0]
+        if P[P_IFOQ] != 0.0:
+            ph = np.floor(ph / P[P_IFOQ] + 0.5) * P[P_IFOQ]
         nfr = math.floor(ph / (2.0 * math.pi))
         out[fr, S_FR] = nfr
         out[fr, S_PH] = ph - 2.0 * math.pi * nfr
@@ -384,6 +461,7 @@ class EfbPlant:
         P[P_TSRES] = p["temperature.sensor_resolution_K"]
         P[P_PRSTD] = p["pressure.gauge_rel_noise"]
         P[P_ADCQ] = sw("adc_quantization")
+        self._published_mechanisms(P, tick_s, f_frame, sw)
         self.P = P
         yl = np.asarray(p["hysteresis.yield_m"], dtype=float)
         self.hyth = yl.copy()
@@ -395,7 +473,8 @@ class EfbPlant:
         self.W = np.array([E[0, 0], E[0, 1], E[1, 0], E[1, 1], E[0, 2], E[1, 2]])
         self.x = np.zeros(NX)
         self.env = np.zeros(NE)
-        self.env[E_TEMP] = self.env[E_TSET] = p["temperature.initial_C"]
+        self.env[E_TEMP] = self.env[E_TSET] = self.env[E_TL] = p["temperature.initial_C"]
+        self._stationary_start()
         self.env[E_P] = p["pressure.initial_Pa"]
         self.env[E_RATE] = 1e-6
         self.act = np.zeros(NA)
@@ -407,6 +486,47 @@ class EfbPlant:
         self._out1 = np.zeros((1, NS))
         self._tr1 = np.zeros((1, NT))
         self._normals = NormalDraws()
+
+    def _published_mechanisms(self, P: np.ndarray, tick_s: float, f_frame: float, sw) -> None:
+        """The published profile's mechanisms (:func:`published_tick`) into ``P`` and the
+        flicker poles' arrays; every one off (``P[P_NX] = 0``, no normals taken) unless its
+        ``noise.*`` switch is on."""
+        p = self.params
+        flicker = p["noise.ifo_flicker"]
+        f_lo, f_hi = p["interferometer.flicker_band_hz"]
+        if not 0.0 < f_lo < f_hi:
+            raise ValueError("interferometer.flicker_band_hz must be [f_lo, f_hi] with 0 < f_lo < f_hi")
+        poles = flicker_poles(f_lo, f_hi) if flicker else np.zeros(0)
+        var = p["interferometer.flicker_asd_m"] ** 2 * FLICKER_LN_RATIO
+        self.fla = np.exp(-2.0 * math.pi * poles * tick_s)
+        self.fls = np.sqrt(var * (1.0 - self.fla ** 2))
+        self._flicker_std = math.sqrt(var)
+        self.flk = np.zeros(len(poles))
+        drawn = any(p[f"noise.{n}"] for n in ("tilt", "residual_gas", "surface_potential_drift", "ifo_flicker"))
+        P[P_NX] = NX_FIXED + len(poles) if drawn else 0
+        P[P_TILTA] = math.exp(-tick_s / p["tilt.tau_s"])
+        P[P_TILTS] = sw("tilt") * p["tilt.std_rad"] * math.sqrt(1.0 - P[P_TILTA] ** 2)
+        P[P_TILTK] = p["linkage.mass_kg"] * p["sim.g_m_s2"] * p["tilt.travel_angle_rad"]
+        kt = BOLTZMANN_J_K * (p["temperature.initial_C"] + 273.15)
+        m0 = p["gas.molar_mass_kg_mol"] / AVOGADRO_PER_MOL
+        beta_per_pa = p["gas.area_m2"] * math.sqrt(32.0 * m0 / (math.pi * kt))
+        P[P_GASS] = sw("residual_gas") * white_std(math.sqrt(4.0 * kt * beta_per_pa), 1.0 / tick_s)
+        P[P_VSW] = sw("surface_potential_drift") * p["capacitor.surface_potential_walk_V_sqrt_s"] * math.sqrt(tick_s)
+        P[P_THON] = sw("thermal_drift")
+        P[P_TLA] = math.exp(-tick_s / p["thermal.link_tau_s"])
+        P[P_TL0] = p["temperature.initial_C"]
+        P[P_TFK] = p["thermal.force_coeff_N_K"]
+        P[P_TZK] = p["thermal.ifo_path_m_K"]
+        P[P_IFOQ] = sw("ifo_quantization") * 4.0 * math.pi * p["interferometer.resolution_m"] / P[P_LAM]
+
+    def _stationary_start(self) -> None:
+        """The tilt and the flicker poles start in their stationary distributions, drawn from
+        a generator of their own (the plant's stream is the quiet profile's until a tick)."""
+        if self.P[P_NX] == 0:
+            return
+        init = np.random.default_rng([self.seed, 13])
+        self.env[E_TILT] = self.params["tilt.std_rad"] * (self.P[P_TILTS] != 0.0) * init.standard_normal()
+        self.flk[:] = self._flicker_std * (self.fls != 0.0) * init.standard_normal(len(self.flk))
 
     # -------------------------------------------------------------- commands
     def decode(self, a: EfbActuators) -> np.ndarray:
@@ -444,9 +564,11 @@ class EfbPlant:
     def _advance(self, act, n_frames, out, tr, rec):
         def kernel(nz, used, n, out_n, tr_n):
             return _run(self.x, self.slip, self.env, act, self.P, self.hyk, self.hyth, self.W,
-                        self._gphi, self._gL, self._gc, nz, used, n, self.n_sub, out_n, tr_n, rec)
+                        self._gphi, self._gL, self._gc, self.flk, self.fla, self.fls, nz, used, n,
+                        self.n_sub, out_n, tr_n, rec)
 
-        advance_in_chunks(self, n_frames, out, tr, rec, state=("x", "slip", "env"), per_tick=5,
+        advance_in_chunks(self, n_frames, out, tr, rec, state=("x", "slip", "env", "flk"),
+                          per_tick=5 + int(self.P[P_NX]),
                           per_frame=5, tick_n=int(self.P[P_TICKN]),
                           env_tick=lambda: float(self.env[E_TICK]), kernel=kernel)
 

@@ -14,7 +14,8 @@ QUIET_NIST4 = {f"noise.{k}": False for k in (
 #: every noise source and quantization off (EFB)
 QUIET_EFB = {f"noise.{k}": False for k in (
     "ground", "interferometer", "hv", "dvm", "bridge", "dac_quantization", "adc_quantization",
-    "temperature")} | {"pressure.gauge_rel_noise": 0.0}
+    "temperature", "tilt", "residual_gas", "surface_potential_drift", "ifo_flicker", "ifo_quantization",
+    "thermal_drift")} | {"pressure.gauge_rel_noise": 0.0}
 
 
 def fringes_to_m(fringes, phase_rad, wavelength_m):

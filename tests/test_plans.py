@@ -45,8 +45,8 @@ def aborting_on_first_event(stack: InProcessStack, docs: Documents) -> P.RunEngi
     return engine
 
 
-async def started(model: str, **params) -> InProcessStack:
-    stack = InProcessStack(model, rate_hz=RATE_HZ, seed=9, params=params)
+async def started(model: str, noise: str = "published", **params) -> InProcessStack:
+    stack = InProcessStack(model, rate_hz=RATE_HZ, seed=9, params=params, noise=noise)
     await stack.start()
     return stack
 
@@ -198,7 +198,11 @@ def test_unknown_plan_or_argument_is_refused_at_once():
 
 
 async def test_efb_weighing_both_polarities_give_the_surface_potential_and_the_mass():
-    stack = await started("efb")
+    # quiet: one pair of 5 s windows gives V_s within 2 mV only while the force the loop carries
+    # wanders ~1e-10 N between windows; on the published plant it wanders ~2e-10 N (the
+    # interferometer's flicker that the link follows, the floor tilt), ~1 mV on V_s per pair,
+    # which the campaign's many pairs average (test_campaign.py)
+    stack = await started("efb", noise="quiet")
     docs = Documents()
     try:
         stop = await P.RunEngine(stack, emit=docs).run("efb_weighing",
