@@ -6,7 +6,8 @@ control topic ``sim/cmd``; it publishes only raw sensor frames on ``hw/sensors``
 (:class:`~kibble.bus_schema.messages.HwSensorFrame`), the ground truth on ``sim/truth``
 (:class:`~kibble.bus_schema.messages.SimTruth`), events on ``sim/event``, replies, and a retained
 status on ``sim/status`` (last will: offline). The device and channel tables are in
-``hil_sim/README.md`` and in :data:`NIST4_DEVICES` / :data:`EFB_DEVICES`.
+``hil_sim/README.md`` and in :mod:`kibble.bus_schema.instruments` (the simulator's DAC widths:
+:data:`NIST4_DEVICES` / :data:`EFB_DEVICES`).
 
 Clocks (``clock``):
 
@@ -50,6 +51,7 @@ from typing import Any, Callable, Coroutine, Mapping, Sequence
 
 import aiomqtt
 from kibble.bus_schema.codec import DecodeError, decode, encode
+from kibble.bus_schema.instruments import INSTRUMENTS, SENSOR_CHANNELS, hw_devices
 from kibble.bus_schema.messages import (
     Command, HwActuatorCommand, HwSensorFrame, Message, Reply, SimTruth, Status, Timing,
 )
@@ -71,7 +73,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "sim"
 """The simulator's name on the bus: ``kb/<inst>/sim/{cmd,reply,event,status,truth}``."""
-MODELS = ("nist4", "efb")
+MODELS = INSTRUMENTS
 REALTIME_TRUTH_HZ = 100.0
 """Default rate of ``sim/truth`` on the realtime clock: enough for a 0.1 Hz null figure, and
 no daemon pays for it (the tests and benchmarks that read it do)."""
@@ -108,68 +110,36 @@ class DeviceSpec:
         return None
 
 
+_DAC_BITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "nist4": {"main_source": ("main_source.coarse_bits", "main_source.fine_bits"),
+              "cm_source": ("cm_source.coarse_bits", "cm_source.fine_bits"),
+              "damping": ("damping_coils.dac_bits",) * 6, "theta_z_hv": ("theta_z.dac_bits",) * 6},
+    "efb": {"hv": ("hv.dac_bits",)},
+}
+"""Per model and device, the parameter that gives each DAC channel's width (the channels of
+:data:`kibble.bus_schema.instruments.HW_DEVICES`, in order)."""
+
+
+def _devices(model: str, p) -> tuple[DeviceSpec, ...]:
+    """The model's devices (:func:`kibble.bus_schema.instruments.hw_devices`) with the DAC
+    widths of parameters ``p``."""
+    bits = _DAC_BITS[model]
+    return tuple(DeviceSpec(d.name, tuple(zip(d.codes, (p[k] for k in bits.get(d.name, ())), strict=True)),
+                            d.relays, d.lockstep, d.doc) for d in hw_devices(model))
+
+
 def _nist4_devices(p) -> tuple[DeviceSpec, ...]:
-    mc, mf = p["main_source.coarse_bits"], p["main_source.fine_bits"]
-    cc, cf = p["cm_source.coarse_bits"], p["cm_source.fine_bits"]
-    db, hb = p["damping_coils.dac_bits"], p["theta_z.dac_bits"]
-    return (
-        DeviceSpec("main_source", (("coarse", mc), ("fine", mf)), ("force_mode",),
-                   doc="main-coil current source: I = FS/2^(cb-1) (coarse + fine span/2^fb); "
-                       "relay True = source drives the coil (force mode), False = coil open, DVM reads U"),
-        DeviceSpec("cm_source", (("coarse", cc), ("fine", cf)), ("enable",),
-                   doc="counter-mass motor current source; relay = output connected"),
-        DeviceSpec("damping", tuple((f"set{k // 2}_{'vh'[k % 2]}", db) for k in range(6)),
-                   ("enable",), doc="damping-coil DACs (set0 v, set0 h, set1 v, set1 h, set2 v, "
-                                    "set2 h); relay = coil relays closed"),
-        DeviceSpec("theta_z_hv", tuple((f"plate{k // 2}_{'ab'[k % 2]}", hb) for k in range(6)),
-                   ("enable",), doc="theta-z HV amplifier DACs (plate0 a, plate0 b, ... plate2 b); "
-                                    "relay = amplifiers enabled (output 0 above the pressure limit)"),
-        DeviceSpec("mass_lift", (), ("test_mass_on_pan", "aux_on_pan"), lockstep=False,
-                   doc="mass handler, event-driven: applied when the relay state changes"),
-    )
+    return _devices("nist4", p)
 
 
 def _efb_devices(p) -> tuple[DeviceSpec, ...]:
-    return (
-        DeviceSpec("hv", (("code", p["hv.dac_bits"]),), ("to_main", "enable"),
-                   doc="HV amplifier DAC (V = code FS/2^(bits-1)); relays: True = on the main "
-                       "electrodes (weighing) / False = auxiliary electrode; output enabled"),
-        DeviceSpec("mass_lift", (), ("small_on_holder", "large_on_holder"), lockstep=False,
-                   doc="mass handler, event-driven: load = small_kg x small + large_kg x large, "
-                       "ramped; applied when the relay state changes"),
-    )
+    return _devices("efb", p)
 
 
 NIST4_DEVICES = _nist4_devices(load_params("nist4"))
 """Device table of the NIST-4 model with the default DAC widths (the server uses its params)."""
 EFB_DEVICES = _efb_devices(load_params("efb"))
 """Device table of the EFB model with the default DAC widths."""
-
-SENSOR_CHANNELS: dict[str, dict[str, str]] = {
-    "nist4": {
-        "fringe_count": "[ifo0, ifo1, ifo2 (main coil retroreflectors), ifo3 (counter-mass)] "
-                        "fringes of lambda/2, count up as the reflector rises",
-        "fringe_phase_rad": "same 4 interferometers, phase within the fringe [0, 2 pi)",
-        "psd_v": "[retro0 dx, retro0 dy, retro1 dx, retro1 dy, lever theta_x, lever theta_y] V",
-        "dvm_v": "[DVM] V: velocity mode U (coil open), force mode R_std I",
-        "current_monitor_v": "[main source monitor (500 V/A), counter-mass source monitor (200 V/A)] V",
-        "capacitance_f": "[] (none)",
-        "temperature_k": "magnet thermometer, K (plant degC + 273.15)",
-        "pressure_pa": "vacuum gauge, Pa",
-    },
-    "efb": {
-        "fringe_count": "[ifo] fringes of lambda/2, counts up as z rises",
-        "fringe_phase_rad": "[ifo] phase within the fringe [0, 2 pi)",
-        "psd_v": "[] (none)",
-        "dvm_v": "[DVM] V: frame-averaged applied high voltage",
-        "current_monitor_v": "[] (none)",
-        "capacitance_f": "[bridge] F: main capacitor, updated every bridge.period_s, 0 before "
-                         "the first reading",
-        "temperature_k": "balance thermometer, K (plant degC + 273.15)",
-        "pressure_pa": "vacuum gauge, Pa",
-    },
-}
-"""What each list of :class:`HwSensorFrame` holds, per model (channel order)."""
 
 # plant truth field -> (bus name, offset added); the plant's degC become K
 _TRUTH_MAP = {
