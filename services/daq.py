@@ -121,12 +121,12 @@ class Daq(Service):
             self._last_pose = np.asarray(self._last_pose, dtype=float).tolist()
         sensors = self.sensors
         self._fast = (sensors.convert, sensors.n_fringe, sensors.n_psd, 0.5 * self.settings.wavelength_m,
-                      2 * math.pi, self.topics.hw("sensors"), self.topics.frame(self.name))
+                      2 * math.pi, self.topics.hw("sensors"), self.topics.frame(self.name), self.params.values)
         return self._fast
 
     def on_sensors(self, hw: HwSensorFrame) -> None:
         fast = self._fast or self._frame_constants()
-        convert, n_fringe, n_psd, half, two_pi, t_sensors, t_frame = fast
+        convert, n_fringe, n_psd, half, two_pi, t_sensors, t_frame, values = fast
         fc, fph = hw.fringe_count, hw.fringe_phase_rad
         if len(fc) < n_fringe or len(fph) < n_fringe or len(hw.psd_v) < n_psd:
             problem = self._check(hw)
@@ -145,7 +145,6 @@ class Daq(Service):
             disp = [(c + ph / two_pi) * half for c, ph in zip(fc, fph)]
         else:  # (as before: runs into the missing phase)
             disp = [(fc[i] + fph[i] / two_pi) * half for i in range(len(fc))]
-        values = self.params.values
         pose, cm_z, dvm, i_main, i_cm, cap = convert(hw, disp, self.pose, self.cm_z_m, values)
         gap = 0 if self._pose_frame is None else hw.frame - self._pose_frame
         v = self._velocity(pose, gap)

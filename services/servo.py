@@ -220,7 +220,7 @@ class Servo(Service):
         sp, ff = core.step(daq)
         if core.effects:
             self._apply_effects()
-        frame, z, mode = daq.frame, core.z_m, core.mode
+        frame, z, mode = daq.frame, daq.coil_z_m, core.mode
         self.publish(t_setpoint, Setpoint(frame=frame, values=sp))
         self.counters["frames_out"] += 1
         if frame % values["frame_decimation"] == 0:

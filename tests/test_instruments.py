@@ -39,7 +39,8 @@ def test_the_simulators_devices_are_the_bus_contracts(model, sim_devices):
 def test_the_daemons_groups_and_actuators_are_registered_daemons(model):
     inst = instrument(model)
     assert set(inst.daemons) <= set(SERVICES)
-    assert set(inst.actuators) <= set(inst.daemons)
+    assert set(inst.actuators) <= set(inst.daemons) and set(inst.drives) == set(inst.actuators)
+    assert sorted(inst.devices) == sorted(d.name for d in hw_devices(model) if d.lockstep)
     grouped = [n for group in inst.together for n in group]
     assert len(grouped) == len(set(grouped)) and set(grouped) <= set(inst.daemons)
     assert all(issubclass(service_class(n), ActuatorService) for n in inst.actuators)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from kibble.bus_schema.instruments import INSTRUMENTS, hw_devices, lockstep_devices
+from kibble.bus_schema.instruments import INSTRUMENTS, hw_devices
 from kibble.services.daq_core import SensorMap
 from kibble.services.plans import Plan, with_safe_ending
 from kibble.services.servo_core import ActuatorMap
@@ -39,6 +39,9 @@ class Instrument:
     """Its daemons (:data:`kibble.services.registry.SERVICES`), in start order."""
     actuators: tuple[str, ...]
     """The daemons that drive hardware and must be armed."""
+    drives: Mapping[str, tuple[str, ...]]
+    """Actuator daemon -> the ``hw/`` devices it answers every frame (the lockstep devices of
+    :mod:`kibble.bus_schema.instruments`, each driven by one daemon)."""
     together: tuple[tuple[str, ...], ...]
     """Daemons that share a process above ``kibble up``'s ``TOGETHER_ABOVE_HZ`` (the hot path:
     sensor frame to DAQ frame to setpoint to the source in one process; the decimated loops in
@@ -60,8 +63,8 @@ class Instrument:
 
     @property
     def devices(self) -> tuple[str, ...]:
-        """The ``hw/`` devices the lockstep clock waits for (the event-driven ones left out)."""
-        return lockstep_devices(self.name)
+        """The ``hw/`` devices its actuators drive, which the lockstep clock waits for."""
+        return tuple(d for name in self.actuators for d in self.drives[name])
 
     @property
     def hw_devices(self) -> tuple[str, ...]:

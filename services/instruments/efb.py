@@ -11,6 +11,7 @@ EFB = Instrument(
     name="efb",
     daemons=("daq", "servo", "hv_source"),
     actuators=("hv_source",),
+    drives={"hv_source": ("hv",)},
     together=(("daq", "servo", "hv_source"),),
     modes=("idle", "force", "gradient"),
     actuator_map=VoltageMap,

@@ -10,6 +10,7 @@ NIST4 = Instrument(
     name="nist4",
     daemons=("daq", "current_source", "servo", "damping", "theta_z"),
     actuators=("current_source", "damping", "theta_z"),
+    drives={"current_source": ("main_source", "cm_source"), "damping": ("damping",), "theta_z": ("theta_z_hv",)},
     together=(("daq", "servo", "current_source"), ("damping", "theta_z")),
     modes=("idle", "force", "velocity", "erase"),
     actuator_map=CurrentMap,
