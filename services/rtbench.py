@@ -82,6 +82,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
+from kibble.bus_schema.instruments import INSTRUMENTS
+
 DEFAULT_CASES: tuple[tuple[str, float], ...] = (("nist4", 1000.0), ("nist4", 500.0),
                                                 ("nist4", 200.0), ("efb", 1000.0))
 DEFAULT_SECONDS = 300.0
@@ -115,7 +117,7 @@ def parse_cases(text: str | None) -> list[tuple[str, float]]:
         if not item:
             continue
         model, sep, rate = item.partition(":")
-        if model not in ("nist4", "efb") or not sep:
+        if model not in INSTRUMENTS or not sep:
             raise ValueError(f"realtime case {item!r}: expected MODEL:RATE with MODEL nist4 or efb")
         try:
             rate_hz = float(rate)
