@@ -59,7 +59,7 @@ from kibble.services.busloop import BusLoop
 from kibble.services.recordfile import read_run
 from kibble.services.registry import service_class
 from kibble.services.runtime import load_config
-from kibble.services.instruments import instrument
+from kibble.services.instruments import DEFINITIONS, instrument
 from kibble.services.up import MEASUREMENT_DAEMONS, Stack
 from tests.fuzz import Campaign, Payload, Target, targets_of
 
@@ -82,15 +82,16 @@ still running between them)."""
 def build_nodes(model: str, instrument: str, state_dir: Path, measurement: bool) -> dict[str, BusNode]:
     """The stack's nodes as ``kibble up`` configures them (built, never connected): where the
     campaign reads the topics, message types, limits, devices and parameters from."""
-    names = instrument(model).daemons + (MEASUREMENT_DAEMONS if measurement else ())
+    inst = DEFINITIONS[model]
+    names = inst.daemons + (MEASUREMENT_DAEMONS if measurement else ())
     nodes: dict[str, BusNode] = {}
     for name in names:
         settings = None if name == "recorder" else {"frame_rate_hz": RATE_HZ}
-        cfg = load_config(name, instrument(model).config, instrument=instrument, state_dir=state_dir,
+        cfg = load_config(name, inst.config, instrument=instrument, state_dir=state_dir,
                           restore=False, settings=settings, clock="lockstep")
         nodes[name] = service_class(name)(cfg)
     nodes["sim"] = SimServer(model, "lockstep", rate_hz=RATE_HZ, broker_url="mqtt://127.0.0.1:1",
-                             instrument=instrument, expect=instrument(model).devices)
+                             instrument=instrument, expect=inst.devices)
     return nodes
 
 

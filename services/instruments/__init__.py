@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from kibble.bus_schema.instruments import INSTRUMENTS, hw_devices
+from kibble.bus_schema.instruments import INSTRUMENTS
 from kibble.services.daq_core import SensorMap
 from kibble.services.plans import Plan, with_safe_ending
 from kibble.services.servo_core import ActuatorMap
 
-__all__ = ["Instrument", "INSTRUMENTS", "PLANS", "instrument"]
+__all__ = ["DEFINITIONS", "Instrument", "PLANS", "instrument"]
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,6 @@ class Instrument:
     def devices(self) -> tuple[str, ...]:
         """The ``hw/`` devices its actuators drive, which the lockstep clock waits for."""
         return tuple(d for name in self.actuators for d in self.drives[name])
-
-    @property
-    def hw_devices(self) -> tuple[str, ...]:
-        """Every ``hw/`` actuator device."""
-        return tuple(d.name for d in hw_devices(self.name))
 
     @property
     def config(self) -> Path:
