@@ -1,7 +1,8 @@
-"""The simulator's hardware as the bus sees it: the ``hw/<device>`` actuator devices
-(:class:`DeviceSpec`, :data:`NIST4_DEVICES`, :data:`EFB_DEVICES`), what each list of a sensor
-frame holds (:data:`SENSOR_CHANNELS`) and the names of the ground truth on ``sim/truth``
-(:data:`TRUTH_NAMES`). The tables are in ``hil_sim/README.md`` too.
+"""The simulator's hardware as the bus sees it: the ``hw/<device>`` actuator devices of the bus
+contract (:mod:`kibble.bus_schema.instruments`, which also says what each list of a sensor frame
+holds) with the simulator's DAC widths (:class:`DeviceSpec`, :data:`NIST4_DEVICES`,
+:data:`EFB_DEVICES`), and the names of the ground truth on ``sim/truth`` (:data:`TRUTH_NAMES`).
+The tables are in ``hil_sim/README.md`` too.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from kibble.bus_schema.instruments import hw_devices
+
 from . import efb as efb_model
 from . import nist4 as nist4_model
 from .params import load_params
 
-__all__ = ["DeviceSpec", "NIST4_DEVICES", "EFB_DEVICES", "SENSOR_CHANNELS", "TRUTH_NAMES",
+__all__ = ["DeviceSpec", "NIST4_DEVICES", "EFB_DEVICES", "TRUTH_NAMES",
            "TRUTH_COLUMNS", "ZERO_C_K", "nist4_devices", "efb_devices"]
 
 ZERO_C_K = 273.15
@@ -45,36 +48,30 @@ class DeviceSpec:
         return None
 
 
+_DAC_BITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "nist4": {"main_source": ("main_source.coarse_bits", "main_source.fine_bits"),
+              "cm_source": ("cm_source.coarse_bits", "cm_source.fine_bits"),
+              "damping": ("damping_coils.dac_bits",) * 6, "theta_z_hv": ("theta_z.dac_bits",) * 6},
+    "efb": {"hv": ("hv.dac_bits",)},
+}
+"""Per model and device, the parameter that gives each DAC channel's width (the channels of
+:data:`kibble.bus_schema.instruments.HW_DEVICES`, in order)."""
+
+
+def _devices(model: str, p) -> tuple[DeviceSpec, ...]:
+    """The model's devices (:func:`kibble.bus_schema.instruments.hw_devices`) with the DAC
+    widths of parameters ``p``."""
+    bits = _DAC_BITS[model]
+    return tuple(DeviceSpec(d.name, tuple(zip(d.codes, (p[k] for k in bits.get(d.name, ())), strict=True)),
+                            d.relays, d.lockstep, d.doc) for d in hw_devices(model))
+
+
 def nist4_devices(p) -> tuple[DeviceSpec, ...]:
-    mc, mf = p["main_source.coarse_bits"], p["main_source.fine_bits"]
-    cc, cf = p["cm_source.coarse_bits"], p["cm_source.fine_bits"]
-    db, hb = p["damping_coils.dac_bits"], p["theta_z.dac_bits"]
-    return (
-        DeviceSpec("main_source", (("coarse", mc), ("fine", mf)), ("force_mode",),
-                   doc="main-coil current source: I = FS/2^(cb-1) (coarse + fine span/2^fb); "
-                       "relay True = source drives the coil (force mode), False = coil open, DVM reads U"),
-        DeviceSpec("cm_source", (("coarse", cc), ("fine", cf)), ("enable",),
-                   doc="counter-mass motor current source; relay = output connected"),
-        DeviceSpec("damping", tuple((f"set{k // 2}_{'vh'[k % 2]}", db) for k in range(6)),
-                   ("enable",), doc="damping-coil DACs (set0 v, set0 h, set1 v, set1 h, set2 v, "
-                                    "set2 h); relay = coil relays closed"),
-        DeviceSpec("theta_z_hv", tuple((f"plate{k // 2}_{'ab'[k % 2]}", hb) for k in range(6)),
-                   ("enable",), doc="theta-z HV amplifier DACs (plate0 a, plate0 b, ... plate2 b); "
-                                    "relay = amplifiers enabled (output 0 above the pressure limit)"),
-        DeviceSpec("mass_lift", (), ("test_mass_on_pan", "aux_on_pan"), lockstep=False,
-                   doc="mass handler, event-driven: applied when the relay state changes"),
-    )
+    return _devices("nist4", p)
 
 
 def efb_devices(p) -> tuple[DeviceSpec, ...]:
-    return (
-        DeviceSpec("hv", (("code", p["hv.dac_bits"]),), ("to_main", "enable"),
-                   doc="HV amplifier DAC (V = code FS/2^(bits-1)); relays: True = on the main "
-                       "electrodes (weighing) / False = auxiliary electrode; output enabled"),
-        DeviceSpec("mass_lift", (), ("small_on_holder", "large_on_holder"), lockstep=False,
-                   doc="mass handler, event-driven: load = small_kg x small + large_kg x large, "
-                       "ramped; applied when the relay state changes"),
-    )
+    return _devices("efb", p)
 
 
 NIST4_DEVICES = nist4_devices(load_params("nist4"))
@@ -82,31 +79,6 @@ NIST4_DEVICES = nist4_devices(load_params("nist4"))
 EFB_DEVICES = efb_devices(load_params("efb"))
 """Device table of the EFB model with the default DAC widths."""
 
-SENSOR_CHANNELS: dict[str, dict[str, str]] = {
-    "nist4": {
-        "fringe_count": "[ifo0, ifo1, ifo2 (main coil retroreflectors), ifo3 (counter-mass)] "
-                        "fringes of lambda/2, count up as the reflector rises",
-        "fringe_phase_rad": "same 4 interferometers, phase within the fringe [0, 2 pi)",
-        "psd_v": "[retro0 dx, retro0 dy, retro1 dx, retro1 dy, lever theta_x, lever theta_y] V",
-        "dvm_v": "[DVM] V: velocity mode U (coil open), force mode R_std I",
-        "current_monitor_v": "[main source monitor (500 V/A), counter-mass source monitor (200 V/A)] V",
-        "capacitance_f": "[] (none)",
-        "temperature_k": "magnet thermometer, K (plant degC + 273.15)",
-        "pressure_pa": "vacuum gauge, Pa",
-    },
-    "efb": {
-        "fringe_count": "[ifo] fringes of lambda/2, counts up as z rises",
-        "fringe_phase_rad": "[ifo] phase within the fringe [0, 2 pi)",
-        "psd_v": "[] (none)",
-        "dvm_v": "[DVM] V: frame-averaged applied high voltage",
-        "current_monitor_v": "[] (none)",
-        "capacitance_f": "[bridge] F: main capacitor, updated every bridge.period_s, 0 before "
-                         "the first reading",
-        "temperature_k": "balance thermometer, K (plant degC + 273.15)",
-        "pressure_pa": "vacuum gauge, Pa",
-    },
-}
-"""What each list of :class:`HwSensorFrame` holds, per model (channel order)."""
 
 # plant truth field -> (bus name, offset added); the plant's degC become K
 _TRUTH_MAP = {

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from kibble.bus_schema.instruments import INSTRUMENTS
 from kibble.bus_schema.units import renamed_to
 
 __all__ = ["NOISE_PROFILES", "DEFAULT_NOISE", "ParamError", "ParamSpec", "Params", "MODELS", "load_params",
@@ -39,8 +40,9 @@ __all__ = ["NOISE_PROFILES", "DEFAULT_NOISE", "ParamError", "ParamSpec", "Params
 
 _HERE = Path(__file__).resolve().parent
 
-MODELS = ("nist4", "efb")
-"""The plant models, each with its parameter file ``hil_sim/<model>.toml``."""
+MODELS = INSTRUMENTS
+"""The plant models (the bus contract's instruments), each with its parameter file
+``hil_sim/<model>.toml``."""
 
 NOISE_PROFILES: tuple[str, ...] = ("published", "quiet", "off")
 """``published``: as noisy as the seeds' instruments (the default wherever a user runs the

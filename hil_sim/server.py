@@ -6,8 +6,9 @@ control topic ``sim/cmd``; it publishes only raw sensor frames on ``hw/sensors``
 (:class:`~kibble.bus_schema.messages.HwSensorFrame`), the ground truth on ``sim/truth``
 (:class:`~kibble.bus_schema.messages.SimTruth`), events on ``sim/event``, replies, and a retained
 status on ``sim/status`` (last will: offline). The device and channel tables are in
-``hil_sim/README.md`` and in :mod:`kibble.hil_sim.devices`; the mapping of each plant to them in
-:mod:`kibble.hil_sim.adapter`.
+``hil_sim/README.md``, in :mod:`kibble.bus_schema.instruments` (the bus contract) and in
+:mod:`kibble.hil_sim.devices` (with the simulator's DAC widths); the mapping of each plant to them
+in :mod:`kibble.hil_sim.adapter`.
 
 Clocks (``clock``):
 

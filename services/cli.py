@@ -24,6 +24,7 @@ import msgspec
 
 from kibble.bus_schema import realtime
 from kibble.bus_schema.codec import DecodeError, decode
+from kibble.bus_schema.instruments import INSTRUMENTS
 from kibble.bus_schema.messages import Reply, Status
 from kibble.bus_schema.topics import Topics, message_type_for
 from kibble.bus_schema.transport import redact_url, with_options
@@ -543,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_epics, is_async=True)
 
     p = sub.add_parser("sim", help="run the HIL simulator on the bus (speaks hw/ and sim/ topics)")
-    p.add_argument("--model", choices=("nist4", "efb"), default="nist4")
+    p.add_argument("--model", choices=INSTRUMENTS, default="nist4")
     p.add_argument("--clock", choices=("realtime", "lockstep"), default="realtime")
     p.add_argument("--rate", type=float, default=1000.0,
                    help="frame (loop) rate in Hz, a whole number of 10 kHz steps (default %(default)s)")
@@ -568,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sim, is_async=True)
 
     p = sub.add_parser("up", help="start broker, simulator and every daemon; arm and supervise them")
-    p.add_argument("--sim", choices=("nist4", "efb"), default="nist4", help="simulated instrument")
+    p.add_argument("--sim", choices=INSTRUMENTS, default="nist4", help="simulated instrument")
     p.add_argument("--clock", choices=("lockstep", "realtime"), default="lockstep")
     p.add_argument("--rate", type=float, default=1000.0, help="frame (loop) rate in Hz")
     p.add_argument("--broker", default=None,

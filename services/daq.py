@@ -11,6 +11,10 @@ PJVS voltage added back; the source monitors are divided by their transimpedance
 EFB (``kind = "efb"``): one interferometer gives z; the capacitance bridge and the DVM (the
 applied high voltage) are passed on.
 
+The conversions per instrument are the strategies of :mod:`kibble.services.daq_core`, which the
+instrument's definition (:mod:`kibble.services.instruments`) chooses; this daemon keeps the
+frame clock, the velocities, the origin and the publishing.
+
 Command ``zero``: the present pose becomes the origin (the weighing position), so the servo's
 null is ``coil_z_m = 0``; ``unzero`` clears it. The offsets persist as parameters.
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -34,8 +38,8 @@ import numpy as np
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame
 from kibble.bus_schema.realtime import FrameClock, saturating_add
-from kibble.control.geometry import ifo_fusion_matrix, psd_matrix
 from kibble.services.actuator import typed_settings
+from kibble.services.instruments import instrument
 from kibble.services.params import Param
 from kibble.services.runtime import Service, command
 
@@ -48,7 +52,8 @@ _ZERO_KEYS = tuple(f"zero_{name}" for name in ZERO_FIELDS)
 class DaqSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Sensor geometry and scaling (configuration; defaults are NIST-4's, see nist4.toml)."""
 
-    kind: Literal["nist4", "efb"] = "nist4"
+    kind: str = "nist4"
+    """The instrument (:mod:`kibble.services.instruments`): its sensor conversions."""
     frame_rate_hz: float = 1000.0
     wavelength_m: float = 532.0e-9
     ifo_angles_deg: list[float] = msgspec.field(default_factory=lambda: [0.0, 120.0, 240.0])
@@ -82,12 +87,8 @@ class Daq(Service):
     def setup(self) -> None:
         s = self.settings = typed_settings(self.config.settings, DaqSettings, self.name)
         self.dt_s = 1.0 / s.frame_rate_hz
-        self.fusion = ifo_fusion_matrix(np.radians(s.ifo_angles_deg), s.ifo_radius_m,
-                                        s.optical_centre_x_m, s.optical_centre_y_m)
-        self.psd = psd_matrix(np.radians(s.psd_retro_angles_deg), s.psd_radius_m,
-                              s.psd_gain_v_per_m, s.psd_lever_arm_m)
-        self.n_ifo = len(s.ifo_angles_deg) if s.kind == "nist4" else 1
-        self.n_psd = 2 * len(s.psd_retro_angles_deg) + 2 if s.kind == "nist4" else 0
+        self.sensors = instrument(s.kind).sensor_map(s)
+        """The instrument's conversions (:mod:`kibble.services.daq_core`)."""
         self.pose = np.zeros(6)
         """Last raw pose (x, y, z, theta_x, theta_y, theta_z) before zeroing."""
         self.vel = np.zeros(6)
@@ -101,9 +102,8 @@ class Daq(Service):
         self.frame_clock(self.topics.hw("sensors"), self.dt_s)
 
     def _check(self, hw: HwSensorFrame) -> str | None:
-        need = {"fringe_count": self.n_ifo + (1 if self.settings.kind == "nist4" else 0),
-                "fringe_phase_rad": self.n_ifo + (1 if self.settings.kind == "nist4" else 0),
-                "psd_v": self.n_psd}
+        need = {"fringe_count": self.sensors.n_fringe, "fringe_phase_rad": self.sensors.n_fringe,
+                "psd_v": self.sensors.n_psd}
         for field, n in need.items():
             if len(getattr(hw, field)) < n:
                 return f"{field} has {len(getattr(hw, field))} channels, {self.settings.kind} needs {n}"
@@ -115,21 +115,18 @@ class Daq(Service):
     def _frame_constants(self) -> tuple:
         """The per-frame constants, and the pose and velocity as lists of floats (a frame
         handles six numbers: plain floats cost a fraction of what 6-element arrays do)."""
-        s = self.settings
-        nist4 = s.kind == "nist4"
-        n_fringe = self.n_ifo + (1 if nist4 else 0)
         self.pose = np.asarray(self.pose, dtype=float).tolist()
         self.vel = np.asarray(self.vel, dtype=float).tolist()
         if self._last_pose is not None:
             self._last_pose = np.asarray(self._last_pose, dtype=float).tolist()
-        self._fast = (nist4, n_fringe, self.n_psd, 0.5 * s.wavelength_m, 2 * math.pi,
-                      self.topics.hw("sensors"), self.topics.frame(self.name),
-                      s.main_monitor_v_per_a, s.cm_monitor_v_per_a)
+        sensors = self.sensors
+        self._fast = (sensors.convert, sensors.n_fringe, sensors.n_psd, 0.5 * self.settings.wavelength_m,
+                      2 * math.pi, self.topics.hw("sensors"), self.topics.frame(self.name), self.params.values)
         return self._fast
 
     def on_sensors(self, hw: HwSensorFrame) -> None:
         fast = self._fast or self._frame_constants()
-        nist4, n_fringe, n_psd, half, two_pi, t_sensors, t_frame, main_v_per_a, cm_v_per_a = fast
+        convert, n_fringe, n_psd, half, two_pi, t_sensors, t_frame, values = fast
         fc, fph = hw.fringe_count, hw.fringe_phase_rad
         if len(fc) < n_fringe or len(fph) < n_fringe or len(hw.psd_v) < n_psd:
             problem = self._check(hw)
@@ -148,32 +145,10 @@ class Daq(Service):
             disp = [(c + ph / two_pi) * half for c, ph in zip(fc, fph)]
         else:  # (as before: runs into the missing phase)
             disp = [(fc[i] + fph[i] / two_pi) * half for i in range(len(fc))]
-        if nist4:
-            # the matrix products stay numpy's (BLAS): the same bits as always
-            z = (self.fusion @ np.asarray(disp[:3])).tolist()
-            xyt = (self.psd @ np.asarray(hw.psd_v[:n_psd])).tolist()
-            pose = [xyt[0], xyt[1], z[0], z[1], z[2], xyt[4]]
-            cm_z = disp[3]
-        else:
-            pose = list(self.pose)
-            pose[2] = disp[0]
-            cm_z = self.cm_z_m
+        pose, cm_z, dvm, i_main, i_cm, cap = convert(hw, disp, self.pose, self.cm_z_m, values)
         gap = 0 if self._pose_frame is None else hw.frame - self._pose_frame
         v = self._velocity(pose, gap)
-        values = self.params.values
         p = [x - values[key] for x, key in zip(pose, _ZERO_KEYS)]
-        if nist4:
-            dvm = (hw.dvm_v[0] if hw.dvm_v else 0.0) + values["pjvs_voltage_v"]
-            mon = hw.current_monitor_v
-            if len(mon) >= 2:
-                i_main, i_cm = mon[0] / main_v_per_a, mon[1] / cm_v_per_a
-            else:
-                i_main = i_cm = 0.0
-            cap = 0.0
-        else:
-            dvm = hw.dvm_v[0] if hw.dvm_v else 0.0
-            i_main = i_cm = 0.0
-            cap = hw.capacitance_f[0] if hw.capacitance_f else 0.0
         out = DaqFrame(
             frame=hw.frame, sim_time_s=hw.sim_time_s, coil_x_m=p[0], coil_y_m=p[1],
             coil_z_m=p[2], coil_theta_x_rad=p[3], coil_theta_y_rad=p[4], coil_theta_z_rad=p[5],

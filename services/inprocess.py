@@ -37,10 +37,10 @@ from kibble.hil_sim.efb import EfbPlant
 from kibble.hil_sim.nist4 import Nist4Plant
 from kibble.hil_sim.params import DEFAULT_NOISE, frame_overrides
 from kibble.services.bus import result_of
+from kibble.services.instruments import DEFINITIONS, instrument
 from kibble.services.plans import daq_arrays
 from kibble.services.registry import service_class
 from kibble.services.runtime import Service, load_config
-from kibble.services.up import STACKS, stack_config
 
 PLANTS = {"nist4": Nist4Plant, "efb": EfbPlant}
 
@@ -61,8 +61,8 @@ class InProcessStack:
                  settings: Mapping[str, Mapping[str, Any]] | None = None,
                  services: tuple[str, ...] | None = None, state_dir: Path | None = None,
                  noise: str = DEFAULT_NOISE) -> None:
-        if model not in STACKS:
-            raise ValueError(f"unknown instrument model {model!r}; one of {', '.join(STACKS)}")
+        if model not in DEFINITIONS:
+            raise ValueError(f"unknown instrument model {model!r}; one of {', '.join(DEFINITIONS)}")
         self.model = model
         self.rate_hz = float(rate_hz)
         self.dt_s = 1.0 / self.rate_hz
@@ -75,11 +75,11 @@ class InProcessStack:
         self.queue: deque[tuple[str, bytes]] = deque()
         self.routes: dict[str, list[Service]] = {}
         self.services: dict[str, Service] = {}
-        for name in services or STACKS[model]["services"]:
+        for name in services or instrument(model).daemons:
             cls = service_class(name)
             # lockstep: the plant advances as fast as the daemons answer; wall-clock frame
             # ages mean nothing here (a kernel compiled mid-frame must not make input "too old")
-            cfg = load_config(cls.name, stack_config(model), instrument=model, state_dir=state,
+            cfg = load_config(cls.name, instrument(model).config, instrument=model, state_dir=state,
                               restore=False, clock="lockstep", params=dict((params or {}).get(name, {})),
                               settings={**dict((settings or {}).get(name, {})), "frame_rate_hz": self.rate_hz})
             svc = cls(cfg)
@@ -142,7 +142,7 @@ class InProcessStack:
         await self._drain()
         await self.run_frames(1)
         if arm:
-            for name in STACKS[self.model]["actuators"]:
+            for name in instrument(self.model).actuators:
                 if name in self.services:
                     await self.command(name, "arm")
 
@@ -212,7 +212,7 @@ async def warm_kernels() -> None:
     The first run on a machine compiles for half a minute or so; later runs load the cache in
     under a second. Run it once before starting several processes that would each compile the
     same kernels at the same time (``kibble up``, the test session)."""
-    for model in STACKS:
+    for model in DEFINITIONS:
         stack = InProcessStack(model, rate_hz=1000.0)
         try:
             await stack.start()

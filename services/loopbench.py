@@ -18,6 +18,7 @@ sensor frame to the last actuator command at the simulator, from its ``stats``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 from typing import Any, Callable
@@ -28,13 +29,13 @@ from kibble.services import scenarios as S
 from kibble.services.bus import BusClient
 from kibble.services.busloop import BusLoop
 from kibble.services.inprocess import InProcessStack
+from kibble.services.instruments import Instrument, instrument
 from kibble.services.up import Stack
 
 RATE_HZ = 1000.0
 
-CHAIN_SPEC: dict[str, Any] = {
-    "services": ("daq", "current_source", "servo"), "actuators": ("current_source",),
-    "devices": ("main_source", "cm_source"), "together": (("daq", "servo", "current_source"),)}
+CHAIN_SPEC = dataclasses.replace(instrument("nist4"), daemons=("daq", "current_source", "servo"),
+                                 actuators=("current_source",), together=(("daq", "servo", "current_source"),))
 """The HIL chain of docs/architecture.md section 7: hw -> daq -> servo -> current_source -> hw
 (in one process above ``up.TOGETHER_ABOVE_HZ``, as in the whole stack)."""
 
@@ -43,7 +44,7 @@ class ChainStack(Stack):
     """A :class:`Stack` of the simulator and the HIL chain's daemons only (:data:`CHAIN_SPEC`)."""
 
     @property
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> Instrument:
         return CHAIN_SPEC
 
 

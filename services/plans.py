@@ -310,23 +310,13 @@ def safe_ending_wrapper(plan: Plan, ending: Callable[[], Plan]) -> Plan:
         raise
 
 
-def _with_safe_ending(plan_fn: Callable[..., Plan], ending: Callable[[], Plan]) -> Callable[..., Plan]:
+def with_safe_ending(plan_fn: Callable[..., Plan], ending: Callable[[], Plan]) -> Callable[..., Plan]:
+    """``plan_fn`` as the engine runs it: wrapped in ``ending`` (:func:`safe_ending_wrapper`);
+    the instruments' plans so wrapped are :data:`kibble.services.instruments.PLANS`."""
     @functools.wraps(plan_fn)
     def plan(**kwargs: Any) -> Plan:
         return safe_ending_wrapper(plan_fn(**kwargs), ending)  # a wrong argument: TypeError now
     return plan
-
-
-PLANS: dict[str, Callable[..., Plan]] = {
-    name: _with_safe_ending(fn, ending) for name, fn, ending in (
-        ("velocity_set", velocity_set, nist4_safe_ending),
-        ("force_set", force_set, nist4_safe_ending),
-        ("nist4_run", nist4_run, nist4_safe_ending),
-        ("efb_weighing", efb_weighing, efb_safe_ending),
-        ("efb_gradient", efb_gradient, efb_safe_ending),
-        ("efb_run", efb_run, efb_safe_ending))}
-"""Plan name -> the plan as the engine runs it: wrapped in its instrument's safe ending
-(:func:`safe_ending_wrapper`; the plain plans above compose into larger ones without it)."""
 
 
 # ================================================================================ the engine
@@ -405,7 +395,9 @@ class RunEngine:
 
     async def run(self, name: str, plan_args: Mapping[str, Any] | None = None,
                   config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Run plan ``name`` of :data:`PLANS` with ``plan_args``; the stop document."""
+        """Run plan ``name`` of :data:`kibble.services.instruments.PLANS` with ``plan_args``;
+        the stop document."""
+        from kibble.services.instruments import PLANS  # (the instruments' definitions import the plans)
         if name not in PLANS:
             raise ValueError(f"unknown plan {name!r}; one of {', '.join(PLANS)}")
         plan = PLANS[name](**(plan_args or {}))          # TypeError for a wrong argument: at once

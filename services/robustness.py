@@ -23,7 +23,7 @@ import numpy as np
 from kibble.hil_sim.params import load_params
 from kibble.services import scenarios as S
 from kibble.services.inprocess import InProcessStack
-from kibble.services.up import STACKS
+from kibble.services.instruments import instrument
 
 RATE_HZ = 1000.0
 
@@ -102,7 +102,7 @@ async def run_plant(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         null = await S.force_null(stack, NULL_S, settle_s=SETTLE_S)
         z = null["truth"]["z_m"]
         ex = await S.mass_exchanges(stack, cycles=1, window_s=WINDOW_S, erase=False)
-        tripped = [name for name in STACKS["nist4"]["actuators"]
+        tripped = [name for name in instrument("nist4").actuators
                    if stack.services[name].guard.state != "armed"]
         return {"null_rms_m": float(np.sqrt(np.mean(z * z))), "null_mean_m": null["null_mean_m"],
                 "exchanges": ex["exchanges"], "peaks_m": ex["peaks_m"], "settle_s": ex["settle_s"],

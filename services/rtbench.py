@@ -82,6 +82,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
+from kibble.bus_schema.instruments import INSTRUMENTS
+
 DEFAULT_CASES: tuple[tuple[str, float], ...] = (("nist4", 1000.0), ("nist4", 500.0),
                                                 ("nist4", 200.0), ("efb", 1000.0))
 DEFAULT_SECONDS = 300.0
@@ -115,7 +117,7 @@ def parse_cases(text: str | None) -> list[tuple[str, float]]:
         if not item:
             continue
         model, sep, rate = item.partition(":")
-        if model not in ("nist4", "efb") or not sep:
+        if model not in INSTRUMENTS or not sep:
             raise ValueError(f"realtime case {item!r}: expected MODEL:RATE with MODEL nist4 or efb")
         try:
             rate_hz = float(rate)
@@ -603,11 +605,12 @@ async def run_case(model: str, rate_hz: float, seconds: float, settle_s: float,
     """One case: a private broker, the observer subscribed to it, the stack up in real time on
     it, force mode, settling, the window; the figures (prefixed)."""
     from kibble.services.broker import Broker
-    from kibble.services.up import STACKS, Stack
+    from kibble.services.instruments import instrument
+    from kibble.services.up import Stack
 
     prefix = case_prefix(model, rate_hz)
-    spec = STACKS[model]
-    devices = spec["devices"]
+    spec = instrument(model)
+    devices = spec.devices
     out: dict[str, Any] = {}
     run_dir = Path(tmp) / f"{model}-{rate_hz:g}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -632,7 +635,7 @@ async def run_case(model: str, rate_hz: float, seconds: float, settle_s: float,
                 out[f"{prefix}_restarts"] = sum(c.restarts for c in stack.children.values()) - restarts0
                 await asyncio.sleep(OBSERVER_DRAIN_S)
                 rec = await obs.records()  # before the stack stops: its shutdown is not part of the run
-    fig = analyze(rec, t0, t1, devices, spec["services"], spec["actuators"])
+    fig = analyze(rec, t0, t1, devices, spec.daemons, spec.actuators)
     frames = fig["frames"] + fig["frames_lost"]
     dt = t1 - t0
     stack_total = 0.0
@@ -657,7 +660,7 @@ async def run_case(model: str, rate_hz: float, seconds: float, settle_s: float,
     for key, value in fig.items():
         out[f"{prefix}_{key}"] = value
     for when, until in (("start", t0), ("end", t1)):
-        states = end_states(rec["statuses"], spec["actuators"], until)
+        states = end_states(rec["statuses"], spec.actuators, until)
         say(f"  {prefix}: actuator states at the {when} of the window: "
             + ", ".join(f"{s} {v}" for s, v in states.items()))
     return out
@@ -840,10 +843,11 @@ async def soak_case(model: str, rate_hz: float, seconds: float, settle_s: float,
     from kibble.services.broker import Broker
     from kibble.services.recorder import recorded_gaps
     from kibble.services.recordfile import read_run
-    from kibble.services.up import MEASUREMENT_DAEMONS, STACKS, Stack
+    from kibble.services.instruments import instrument
+    from kibble.services.up import MEASUREMENT_DAEMONS, Stack
 
     prefix = f"soak_{model}"
-    spec = STACKS[model]
+    spec = instrument(model)
     run_dir = Path(tmp) / f"soak-{model}"
     run_dir.mkdir(parents=True, exist_ok=True)
     rss: dict[str, list[tuple[float, int | None, float]]] = {}
@@ -851,7 +855,7 @@ async def soak_case(model: str, rate_hz: float, seconds: float, settle_s: float,
     every_s = max(1.0, min(10.0, seconds / 30.0))
     async with Broker() as broker:
         say(f"    broker: {broker.backend} on {broker.url}")
-        async with Observer(broker.url, model, spec["devices"], run_dir / "observer.pkl") as obs:
+        async with Observer(broker.url, model, spec.devices, run_dir / "observer.pkl") as obs:
             async with Stack(model, clock="realtime", rate_hz=rate_hz, broker_url=broker.url,
                              run_dir=run_dir, measurement=True,
                              progress=lambda s: say(f"    {s}")) as stack:
@@ -881,9 +885,9 @@ async def soak_case(model: str, rate_hz: float, seconds: float, settle_s: float,
     for t, service, kind, _severity, _suppressed, text, *_ in rec["events"]:
         if kind in STOP_EVENTS and t0 <= t <= t1:
             say(f"  {prefix}: {t - t0:.1f} s: {service} {kind}: {text}")
-    states = end_states(rec["statuses"], spec["actuators"], t1)
+    states = end_states(rec["statuses"], spec.actuators, t1)
     say(f"  {prefix}: actuator states at the end: " + ", ".join(f"{a} {v}" for a, v in states.items()))
-    fig = analyze(rec, t0, t1, spec["devices"], spec["services"], spec["actuators"])
+    fig = analyze(rec, t0, t1, spec.devices, spec.daemons, spec.actuators)
     out: dict[str, Any] = {f"{prefix}_{key}": fig[key] for key in (
         "frames", "answered", "p50_ms", "p99_ms", "max_ms", "trips", "stale_events",
         "actuators_safe_at_end")}
@@ -892,7 +896,7 @@ async def soak_case(model: str, rate_hz: float, seconds: float, settle_s: float,
     lost, unseen = frames_lost_by_episode(rec["s_k"][win], rec["s_t"][win], spans)
     out[f"{prefix}_frames_lost"] = lost
     out[f"{prefix}_frames_unseen_at_restart"] = unseen
-    services = ("sim", *spec["services"], *MEASUREMENT_DAEMONS)
+    services = ("sim", *spec.daemons, *MEASUREMENT_DAEMONS)
     per = reconnects(rec["statuses"], services, t0, t1)
     out[f"{prefix}_reconnects"] = sum(per.values())
     for name, n in per.items():

@@ -9,7 +9,7 @@ descriptor, event, stop) go out on ``kb/<instrument>/sequencer/run`` (QoS 1, for
 
 Commands (besides ``param.*``):
 
-- ``run plan=NAME [run_id=ID] [ARG=VALUE ...]``: start plan ``NAME`` of :data:`plans.PLANS`;
+- ``run plan=NAME [run_id=ID] [ARG=VALUE ...]``: start plan ``NAME`` of :data:`kibble.services.instruments.PLANS`;
   every other argument is the plan's (``weighings=5``; ``velocity.sweeps=4`` for the nested
   arguments of ``nist4_run``); with ``run_id`` the recorder is asked to record the run into
   ``ID`` first (and to stop after). Refused while a plan runs, for an unknown plan or a wrong
@@ -35,6 +35,7 @@ import msgspec
 from kibble.bus_schema.messages import Command, DaqFrame, Reply
 from kibble.services import plans as P
 from kibble.services.busloop import BusLoop
+from kibble.services.instruments import PLANS
 from kibble.services.recordfile import encode_document, run_document_topic
 from kibble.services.actuator import typed_settings
 from kibble.services.runtime import Service, command
@@ -112,8 +113,8 @@ class Sequencer(Service):
         if self.run_task is not None and not self.run_task.done():
             raise ValueError(f"plan {self.plan_name!r} is running; abort it first")
         name = str(cmd.args.get("plan", ""))
-        if name not in P.PLANS:
-            raise ValueError(f"unknown plan {name!r}; one of {', '.join(P.PLANS)}")
+        if name not in PLANS:
+            raise ValueError(f"unknown plan {name!r}; one of {', '.join(PLANS)}")
         args: dict[str, Any] = {}
         for key, value in cmd.args.items():
             if key in ("plan", "run_id"):
@@ -124,7 +125,7 @@ class Sequencer(Service):
             else:
                 args[key] = value
         try:
-            P.PLANS[name](**args).close()           # a wrong argument is refused now
+            PLANS[name](**args).close()           # a wrong argument is refused now
         except TypeError as exc:
             raise ValueError(f"plan {name}: {exc}") from None
         run_id = str(cmd.args.get("run_id", ""))

@@ -33,23 +33,9 @@ from kibble.bus_schema.realtime import AGE_TOO_OLD_FRAMES, cannot_keep_up
 from kibble.bus_schema.transport import broker_spec, without_password
 from kibble.services.broker import Broker
 from kibble.services.bus import BusClient, BusError, follow, result_of
+from kibble.services.instruments import DEFINITIONS, Instrument, instrument
 
 log = logging.getLogger(__name__)
-
-STACKS: dict[str, dict[str, Any]] = {
-    "nist4": {"services": ("daq", "current_source", "servo", "damping", "theta_z"),
-              "actuators": ("current_source", "damping", "theta_z"),
-              "devices": ("main_source", "cm_source", "damping", "theta_z_hv"),
-              "together": (("daq", "servo", "current_source"), ("damping", "theta_z"))},
-    "efb": {"services": ("daq", "servo", "hv_source"),
-            "actuators": ("hv_source",),
-            "devices": ("hv",),
-            "together": (("daq", "servo", "hv_source"),)},
-}
-"""Per simulated instrument: the daemons, the ones to arm, the lockstep devices they drive, and
-the processes they share above :data:`TOGETHER_ABOVE_HZ` (the hot path: sensor frame to DAQ
-frame to setpoint to the source in one process, one broker hop each way; the decimated coil
-loops in another)."""
 
 TOGETHER_ABOVE_HZ = 250.0
 """Frame rate above which ``kibble up`` runs each instrument's ``together`` groups in one
@@ -58,11 +44,6 @@ per frame do not keep up on a 2-core controller; at 200 Hz separate processes ho
 
 MEASUREMENT_DAEMONS = ("recorder", "sequencer")
 """Daemons of measurements, common to both instruments (``Stack(measurement=True)``)."""
-
-
-def stack_config(model: str) -> Path:
-    """The packaged configuration of an instrument's daemons (``services/<model>.toml``)."""
-    return Path(__file__).with_name(f"{model}.toml")
 
 
 @dataclass
@@ -160,8 +141,8 @@ class Stack:
     _stopping: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if self.model not in STACKS:
-            raise ValueError(f"unknown simulated instrument {self.model!r}; one of {', '.join(STACKS)}")
+        if self.model not in DEFINITIONS:
+            raise ValueError(f"unknown simulated instrument {self.model!r}; one of {', '.join(DEFINITIONS)}")
         if self.clock not in ("lockstep", "realtime"):
             raise ValueError(f"unknown clock {self.clock!r}; lockstep or realtime")
         if not 1.0 <= self.rate_hz <= 10000.0:
@@ -181,7 +162,7 @@ class Stack:
         self.instrument = self.instrument or self.model
         self.run_dir = Path(self.run_dir)
         if self.together is None:
-            self.together = self.spec["together"] if self.rate_hz > TOGETHER_ABOVE_HZ else ()
+            self.together = self.spec.together if self.rate_hz > TOGETHER_ABOVE_HZ else ()
         seen: set[str] = set()
         for group in self.together:
             bad = [n for n in group if n not in self.daemons or n in seen]
@@ -198,14 +179,15 @@ class Stack:
         return list(self.together or ()) + [(n,) for n in self.daemons if n not in grouped]
 
     @property
-    def spec(self) -> dict[str, tuple[str, ...]]:
-        return STACKS[self.model]
+    def spec(self) -> Instrument:
+        """The instrument's definition: its daemons, actuators, devices, process groups."""
+        return instrument(self.model)
 
     @property
     def daemons(self) -> tuple[str, ...]:
         """Every daemon started: the instrument's, then the recorder and the sequencer if
         ``measurement``."""
-        return self.spec["services"] + (MEASUREMENT_DAEMONS if self.measurement else ())
+        return self.spec.daemons + (MEASUREMENT_DAEMONS if self.measurement else ())
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -278,7 +260,7 @@ class Stack:
         rate = f"{self.rate_hz:g}"
         sim = Child("sim", self._launcher("sim") + self._kibble(
                         "sim", "--model", self.model, "--clock", self.clock, "--rate", rate,
-                        "--seed", str(self.seed), "--expect", ",".join(self.spec["devices"]),
+                        "--seed", str(self.seed), "--expect", ",".join(self.spec.devices),
                         *self._process_args("sim"), *self.sim_args, *self._bus_args("sim")),
                     logs / "sim.log")
         self.children["sim"] = sim
@@ -291,7 +273,7 @@ class Stack:
             own = [f"--setting={qualify(n, key)}={value}" for n in group
                    for key, value in self.settings.get(n, {}).items()]
             self.children[child] = Child(child, self._launcher(*group) + self._kibble(
-                "service", ",".join(group), "--config", str(stack_config(self.model)),
+                "service", ",".join(group), "--config", str(self.spec.config),
                 "--clock", self.clock, *frame_rate, "--state-dir", str(self.run_dir / "state"),
                 *own, *self._process_args(*group), *self._bus_args(child)),
                 logs / f"{child}.log")
@@ -386,8 +368,8 @@ class Stack:
     async def arm_all(self) -> None:
         """Arm every actuator daemon once its frames flow fresh (retrying while their
         interlocks still lack readings)."""
-        await self.wait_flowing(set(self.spec["actuators"]))
-        for name in self.spec["actuators"]:
+        await self.wait_flowing(set(self.spec.actuators))
+        for name in self.spec.actuators:
             deadline = time.monotonic() + 10.0
             while True:
                 try:
@@ -398,7 +380,7 @@ class Stack:
                         raise
                     log.info("arming %s: %s; retrying", name, exc)
                     await asyncio.sleep(0.2)
-        self.progress(f"armed: {', '.join(self.spec['actuators'])}")
+        self.progress(f"armed: {', '.join(self.spec.actuators)}")
 
     async def _supervise(self) -> None:
         env = self._env()

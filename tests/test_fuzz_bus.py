@@ -59,7 +59,8 @@ from kibble.services.busloop import BusLoop
 from kibble.services.recordfile import read_run
 from kibble.services.registry import service_class
 from kibble.services.runtime import load_config
-from kibble.services.up import MEASUREMENT_DAEMONS, STACKS, Stack, stack_config
+from kibble.services.instruments import DEFINITIONS, instrument
+from kibble.services.up import MEASUREMENT_DAEMONS, Stack
 from tests.fuzz import Campaign, Payload, Target, targets_of
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio(loop_scope="module")]
@@ -81,15 +82,16 @@ still running between them)."""
 def build_nodes(model: str, instrument: str, state_dir: Path, measurement: bool) -> dict[str, BusNode]:
     """The stack's nodes as ``kibble up`` configures them (built, never connected): where the
     campaign reads the topics, message types, limits, devices and parameters from."""
-    names = STACKS[model]["services"] + (MEASUREMENT_DAEMONS if measurement else ())
+    inst = DEFINITIONS[model]
+    names = inst.daemons + (MEASUREMENT_DAEMONS if measurement else ())
     nodes: dict[str, BusNode] = {}
     for name in names:
         settings = None if name == "recorder" else {"frame_rate_hz": RATE_HZ}
-        cfg = load_config(name, stack_config(model), instrument=instrument, state_dir=state_dir,
+        cfg = load_config(name, inst.config, instrument=instrument, state_dir=state_dir,
                           restore=False, settings=settings, clock="lockstep")
         nodes[name] = service_class(name)(cfg)
     nodes["sim"] = SimServer(model, "lockstep", rate_hz=RATE_HZ, broker_url="mqtt://127.0.0.1:1",
-                             instrument=instrument, expect=STACKS[model]["devices"])
+                             instrument=instrument, expect=inst.devices)
     return nodes
 
 
@@ -362,7 +364,7 @@ async def healthy(bench: Bench) -> list[str]:
         st = statuses.get(name)
         if st is None or not st.online or st.session != bench.sessions[name]:
             problems.append(f"{name}: {st and (st.state, st.online, st.session)}")
-        elif name in bench.stack.spec["actuators"] and (st.detail.get("guard") != "armed" or st.detail.get("stale")):
+        elif name in bench.stack.spec.actuators and (st.detail.get("guard") != "armed" or st.detail.get("stale")):
             problems.append(f"{name}: guard {st.detail.get('guard')} stale {st.detail.get('stale')}")
     return problems
 
@@ -620,7 +622,7 @@ def check(bench: Bench, r: Result) -> list[str]:
         if name != "sim" and isinstance(frame, int) and not sim_before < frame <= obs.frame:
             problems.append(f"{name}: its frame clock says {frame}: not between the simulator's "
                             f"frame before the campaign ({sim_before}) and now ({obs.frame})")
-        if name in bench.stack.spec["actuators"] and (st.detail.get("guard") != "armed" or st.detail.get("stale")):
+        if name in bench.stack.spec.actuators and (st.detail.get("guard") != "armed" or st.detail.get("stale")):
             problems.append(f"{name}: guard {st.detail.get('guard')}, stale {st.detail.get('stale')}, "
                             f"trip {st.detail.get('trip_reason')!r}")
         if name == "servo" and st.detail.get("mode") != "force":
@@ -674,7 +676,7 @@ async def test_topics_are_the_nodes_subscriptions(nist4):
     topics = {t.topic for t in bench.targets}
     for name, node in bench.nodes.items():
         assert node.topics.cmd(node.name) in topics, name
-    for device in STACKS["nist4"]["devices"] + ("mass_lift", "sensors"):
+    for device in instrument("nist4").devices + ("mass_lift", "sensors"):
         assert f"kb/{bench.instrument}/hw/{device}" in topics
     for leaf in ("daq/frame", "servo/setpoint", "sequencer/reply", "fuzz/frame", "servo/params"):
         assert f"kb/{bench.instrument}/{leaf}" in topics
@@ -778,7 +780,7 @@ async def test_a_refused_newest_frame_falls_back_to_the_one_before_it(tmp_path):
     from kibble.bus_schema.messages import Setpoint
 
     cs = service_class("current_source")(load_config(
-        "current_source", stack_config("nist4"), instrument="fz-unit", state_dir=tmp_path,
+        "current_source", instrument("nist4").config, instrument="fz-unit", state_dir=tmp_path,
         restore=False, clock="lockstep"))
     cs.subscriptions()                         # as on connecting: the conflated frame topics
     topic = cs.topics.setpoint("servo")
@@ -806,7 +808,7 @@ async def test_a_frame_stamped_in_the_far_past_leaves_the_status_decodable(tmp_p
     from kibble.bus_schema.messages import HwSensorFrame
 
     for name in ("current_source", "daq"):
-        svc = service_class(name)(load_config(name, stack_config("nist4"), instrument="fz-unit",
+        svc = service_class(name)(load_config(name, instrument("nist4").config, instrument="fz-unit",
                                               state_dir=tmp_path, restore=False, clock="lockstep"))
         out: list[tuple[str, bytes]] = []
         svc.attach_local(lambda topic, payload, qos, retain, out=out: out.append((topic, payload)))

@@ -29,7 +29,8 @@ from kibble.services import scenarios as S
 from kibble.services.busloop import BusLoop
 from kibble.services.registry import service_class
 from kibble.services.runtime import load_config
-from kibble.services.up import Stack, stack_config
+from kibble.services.instruments import instrument
+from kibble.services.up import Stack
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio(loop_scope="module")]
 RATE_HZ = 200.0
@@ -55,7 +56,7 @@ async def nist4(broker, tmp_path_factory):
 def main_source_dac():
     """The main-coil DAC of the stack's current source (its configuration, not a copy)."""
     with tempfile.TemporaryDirectory() as state:
-        cfg = load_config("current_source", stack_config("nist4"), instrument="dac", state_dir=state,
+        cfg = load_config("current_source", instrument("nist4").config, instrument="dac", state_dir=state,
                           restore=False)
         return service_class("current_source")(cfg).main_dac
 

@@ -1,5 +1,6 @@
 """Mass lifts (issue 13 point 4): the plants ramp every load change over one duration whatever
-the mass, as the servo's feedforward does, and the servo is configured as the simulated lift."""
+the mass, as the servo's feedforward does. (That the servo is configured as the simulated lift
+is a row of the instruments' table, tests/test_hardware_config.py.)"""
 
 import numpy as np
 import pytest
@@ -7,30 +8,17 @@ import pytest
 from kibble.control.trajectory import load_step_feedforward_at
 from kibble.hil_sim.efb import EfbActuators, EfbPlant
 from kibble.hil_sim.nist4 import Nist4Actuators, Nist4Plant
-from kibble.hil_sim.params import load_params
 from kibble.hil_sim.testing import QUIET_EFB, QUIET_NIST4
+from kibble.services.instruments import instrument
 from kibble.services.runtime import load_config
 from kibble.services.servo import Servo
-from kibble.services.up import stack_config
-
-LIFT = {"nist4": {"lift_ramp_s": "main_side.lift_ramp_s", "test_mass_kg": "main_side.test_mass_kg",
-                  "aux_mass_kg": "main_side.aux_mass_kg"},
-        "efb": {"lift_ramp_s": "masses.lift_ramp_s", "test_mass_kg": "masses.small_kg",
-                "aux_mass_kg": "masses.large_kg"}}
-"""Servo parameter -> the simulator's (hil_sim/<model>.toml) parameter it must equal."""
 
 
 def _servo(model, tmp_path):
-    """The servo as ``kibble up --sim MODEL`` configures it (services/<model>.toml)."""
-    return Servo(load_config("servo", stack_config(model), instrument=model, state_dir=tmp_path,
+    """The servo as ``kibble up --sim MODEL`` configures it (services/<model>.toml; its mass-lift
+    parameters equal the simulator's: tests/test_hardware_config.py)."""
+    return Servo(load_config("servo", instrument(model).config, instrument=model, state_dir=tmp_path,
                              restore=False))
-
-
-@pytest.mark.parametrize("model", ["nist4", "efb"])
-def test_servo_is_configured_as_the_simulated_mass_lift(model, tmp_path):
-    servo, plant = _servo(model, tmp_path), load_params(model)
-    for servo_name, plant_name in LIFT[model].items():
-        assert servo.params.values[servo_name] == plant[plant_name], (servo_name, plant_name)
 
 
 @pytest.mark.parametrize("events", [("aux off",), ("1 kg on",), ("aux off", "1 kg on")])

@@ -34,7 +34,8 @@ from kibble.services.bus import BusClient
 from kibble.services.current_source import CurrentSourceSettings
 from kibble.services.damping import DampingSettings
 from kibble.services.theta_z import ThetaZSettings
-from kibble.services.up import STACKS, Stack
+from kibble.services.instruments import instrument
+from kibble.services.up import Stack
 from tests import netlab
 
 pytestmark = [pytest.mark.broker, pytest.mark.netns]
@@ -43,7 +44,7 @@ NO_NETNS = netlab.unavailable()
 if NO_NETNS:
     pytest.skip(f"several hosts on one machine: {NO_NETNS}", allow_module_level=True)
 
-SPEC = STACKS["nist4"]
+SPEC = instrument("nist4")
 RATE_HZ = 200.0
 HOLD_S = 3.0
 """Each measured hold (lockstep: about 1500 frames on an idle 2-core machine)."""
@@ -89,9 +90,9 @@ class StatusLog:
 async def stack_across_hosts(lab: netlab.Lab, tmp_path):
     """Broker (this host), observer, simulator (host ``sim``) and daemons (host ``daemons``),
     lockstep, armed, in force mode; yields ``(stack, observer, statuses)``."""
-    launchers = {"sim": lab.exec("sim"), **{d: lab.exec("daemons") for d in SPEC["services"]}}
+    launchers = {"sim": lab.exec("sim"), **{d: lab.exec("daemons") for d in SPEC.daemons}}
     async with Broker(host=lab.root_address) as broker:
-        async with rtbench.Observer(broker.url, "nist4", SPEC["devices"], tmp_path / "observer.pkl") as obs:
+        async with rtbench.Observer(broker.url, "nist4", SPEC.devices, tmp_path / "observer.pkl") as obs:
             async with Stack("nist4", clock="lockstep", rate_hz=RATE_HZ, broker_url=broker.url,
                              run_dir=tmp_path / "stack", launchers=launchers, progress=print) as stack:
                 async with BusClient(broker.url, "nist4") as bus, bus.listen("kb/nist4/+/status") as sub:
@@ -121,7 +122,7 @@ def events(rec, kind: str, t0: float, t1: float, service: str | None = None) -> 
 def assert_held(rec, t0: float, t1: float, what: str) -> dict:
     """Lockstep held over ``[t0, t1]``: stepping, every frame answered by every device, none
     lost, no miss, no trip, every actuator armed at the end; the figures."""
-    fig = rtbench.analyze(rec, t0, t1, SPEC["devices"], SPEC["services"], SPEC["actuators"])
+    fig = rtbench.analyze(rec, t0, t1, SPEC.devices, SPEC.daemons, SPEC.actuators)
     print(f"{what}: {fig['frames']} frames, answered {fig['answered']:.4f}, latency p50 "
           f"{fig['p50_ms']:.2f} ms p99 {fig['p99_ms']:.2f} ms, observer lag p50 "
           f"{fig['observer_lag_p50_ms']:.2f} ms, trips {fig['trips']}")
@@ -156,7 +157,7 @@ async def test_lockstep_held_across_hosts_with_delay_and_loss_on_the_links(tmp_p
 
 
 async def test_partition_of_the_daemons_host_goes_safe_and_recovers(tmp_path):
-    daemons, actuators = set(SPEC["services"]), SPEC["actuators"]
+    daemons, actuators = set(SPEC.daemons), SPEC.actuators
     with netlab.Lab(("sim", "daemons")) as lab:
         async with stack_across_hosts(lab, tmp_path) as (stack, obs, statuses):
             await asyncio.sleep(1.0)
@@ -187,13 +188,13 @@ async def test_partition_of_the_daemons_host_goes_safe_and_recovers(tmp_path):
     # simulator timed out on them, dropped them and waited
     cut = (rec["s_t"] > t_cut) & (rec["s_t"] < t_heal)
     _, answered = rtbench.frame_latencies(rec["s_k"][cut], rec["s_t"][cut], rec["c_d"], rec["c_k"],
-                                          rec["c_h"], rec["c_t"], len(SPEC["devices"]))
+                                          rec["c_h"], rec["c_t"], len(SPEC.devices))
     held = int((~answered).sum())
     print(f"frames run on held commands during the partition: {held} (stale time "
           f"{STALE_FRAMES:g} frames)")
     assert held <= STALE_FRAMES
     dropped = {e[6].get("device") for e in events(rec, "dropped", t_cut, t_heal, "sim")}
-    assert dropped == set(SPEC["devices"])
+    assert dropped == set(SPEC.devices)
     # back by themselves, the same processes and sessions
     back = {d: [(t, s) for t, s in statuses.of(d, t_heal) if s.online and s.t_utc_s > heal_utc]
             for d in daemons}

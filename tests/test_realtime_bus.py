@@ -21,7 +21,8 @@ from kibble.bus_schema.transport import make_client, publish_now
 from kibble.services.current_source import CurrentSource
 from kibble.services.runtime import Service, ServiceConfig
 from kibble.services.scenarios import band_rms
-from kibble.services.up import STACKS, Stack
+from kibble.services.instruments import instrument
+from kibble.services.up import Stack
 from tests.test_runtime_bus import running
 
 pytestmark = pytest.mark.broker
@@ -194,7 +195,7 @@ async def _observe(url: str, instrument: str, seconds: float) -> dict[str, Any]:
 
 
 def _figures(model: str, got: dict[str, Any]) -> dict[str, float]:
-    devices = STACKS[model]["devices"]
+    devices = instrument(model).devices
     t_sensor = {k: t for t, k in got["sensors"]}
     covered: dict[str, set[int]] = {d: set() for d in devices}
     last: dict[int, float] = {}
@@ -227,7 +228,7 @@ async def test_both_instruments_hold_their_null_in_realtime_with_an_operator_wat
         got = await _observe(stack.broker_url, stack.instrument, HOLD_S)
     kinds = [(e.service, e.kind) for e in got["events"]]
     assert not [k for k in kinds if k[1] in ("trip", "safe", "stale", "too_old")], kinds
-    for name in STACKS[model]["actuators"]:
+    for name in instrument(model).actuators:
         assert got["status"][name].state == "armed", (name, got["status"][name].detail)
     fig = _figures(model, got)
     print(model, fig)

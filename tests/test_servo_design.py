@@ -12,14 +12,14 @@ from kibble.hil_sim.nist4 import Nist4Actuators, Nist4Plant
 from kibble.hil_sim.params import load_params
 from kibble.services.runtime import load_config
 from kibble.services.servo import Servo
-from kibble.services.up import stack_config
+from kibble.services.instruments import instrument
 
 DT_S = 1e-3
 
 
 def servo_pid(model: str):
     """The PID parameter row of the servo as ``kibble up --sim MODEL`` configures it."""
-    cfg = load_config("servo", stack_config(model), restore=False)
+    cfg = load_config("servo", instrument(model).config, restore=False)
     specs = {name: Servo.__dict__[name].default for name in ("kp_n_m", "ki_n_m_s", "kd_n_s_m",
                                                             "derivative_filter_s")}
     specs.update({k: v for k, v in cfg.params.items() if k in specs})

@@ -24,7 +24,7 @@ from kibble.services.params import ParamError, declared_params
 from kibble.services.registry import SERVICES, service_class
 from kibble.services.runtime import ServiceConfig
 from kibble.services.servo import Servo
-from kibble.services.up import STACKS
+from kibble.services.instruments import DEFINITIONS, instrument
 
 LEAVES = ("setpoint", "frame", "status", "event")
 
@@ -44,11 +44,11 @@ def numeric_names(msg: msgspec.Struct, within: str = "") -> set[tuple[str, str]]
     return out
 
 
-@pytest.mark.parametrize("model", sorted(STACKS))
+@pytest.mark.parametrize("model", sorted(DEFINITIONS))
 def test_every_numeric_name_the_stack_publishes_has_a_declared_unit(model):
     stack = InProcessStack(model, rate_hz=1000.0, seed=1)
-    topics = [f"kb/{model}/{svc}/{leaf}" for svc in STACKS[model]["services"] for leaf in LEAVES]
-    topics += [f"kb/{model}/hw/{device}" for device in STACKS[model]["devices"]]
+    topics = [f"kb/{model}/{svc}/{leaf}" for svc in instrument(model).daemons for leaf in LEAVES]
+    topics += [f"kb/{model}/hw/{device}" for device in instrument(model).devices]
     taps = {topic: stack.tap(topic) for topic in topics}
 
     async def run() -> None:
@@ -60,7 +60,7 @@ def test_every_numeric_name_the_stack_publishes_has_a_declared_unit(model):
     finally:
         stack.close()
     seen: set[tuple[str, str]] = set()
-    assert all(taps[f"kb/{model}/{svc}/status"] for svc in STACKS[model]["services"])
+    assert all(taps[f"kb/{model}/{svc}/status"] for svc in instrument(model).daemons)
     for topic, payloads in taps.items():
         for payload in payloads:
             seen |= numeric_names(decode(payload, message_type_for(topic)))
@@ -70,7 +70,7 @@ def test_every_numeric_name_the_stack_publishes_has_a_declared_unit(model):
     assert ("main_coil_current_a" if model == "nist4" else "hv_voltage_v", "values") in seen
 
 
-@pytest.mark.parametrize("model", sorted(STACKS))
+@pytest.mark.parametrize("model", sorted(DEFINITIONS))
 def test_the_simulators_truth_and_sensors_have_declared_units(model):
     adapter = adapter_for(PLANTS[model](seed=0))
     names = [name for name, _, _ in adapter.truth_columns]
