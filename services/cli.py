@@ -262,12 +262,13 @@ async def cmd_sim(args: argparse.Namespace) -> int:
             print(f"sim: process {line}", flush=True)
     except ValueError as exc:
         raise SystemExit(f"kibble sim: {exc}") from None
-    server = SimServer(model=args.model, clock=args.clock, rate_hz=args.rate, seed=args.seed,
+    server = SimServer(model=args.model, clock=args.clock, rate_hz=args.rate, seed=args.seed, noise=args.noise,
                        params=overrides, broker_url=args.broker, instrument=args.instrument,
                        expect=expect, lockstep_timeout_s=args.lockstep_timeout,
                        drop_after_misses=args.drop_after, truth_every=args.truth_every,
                        max_frames=args.frames, client_id=args.client_id)
-    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, on {redact_url(args.broker)}, "
+    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, noise {args.noise}, "
+          f"on {redact_url(args.broker)}, "
           f"instrument {args.instrument}", flush=True)
     await server.run()
     return 0
@@ -301,7 +302,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
                     None if args.together is None else
                     tuple(tuple(n for n in g.split(",") if n) for g in args.together))
         stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
-                      seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings,
+                      seed=args.seed, noise=args.noise, run_dir=args.run_dir, arm=not args.no_arm,
+                      settings=settings,
                       measurement=args.measurement, together=together, process=process,
                       credentials_dir=args.credentials)
     except ValueError as exc:
@@ -337,7 +339,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from kibble.services.demo import format_table, run_demo
 
-    rows = await run_demo(rate_hz=args.rate, run_dir=args.run_dir,
+    rows = await run_demo(rate_hz=args.rate, run_dir=args.run_dir, noise=args.noise,
                           say=lambda line: print(line, flush=True))
     print()
     print(format_table(rows))
@@ -363,7 +365,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
                                             args.json, args.plots))
     from kibble.services.campaign import cli_measure_offline
 
-    return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots)
+    return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots, noise=args.noise)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -425,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--instrument", default=_env_instrument(),
                        help="instrument id, first topic level after kb/ (default %(default)s)")
         auth_args(p)
+
+    def noise_arg(p: argparse.ArgumentParser, where: str = "") -> None:
+        from kibble.hil_sim.params import DEFAULT_NOISE, NOISE_PROFILES
+
+        p.add_argument("--noise", choices=NOISE_PROFILES, default=DEFAULT_NOISE,
+                       help=f"{where}the simulator's noise profile: published (as noisy as the "
+                            "seeds' instruments), quiet (the small, known noise tests use) or off "
+                            "(default %(default)s)")
 
     def bus_args(p: argparse.ArgumentParser) -> None:
         bus_args_no_timeout(p)
@@ -500,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="plant parameter override, e.g. wheel.q=300 (repeatable; wins over --params)")
     p.add_argument("--seed", type=int, default=0, help="random seed (lockstep runs are reproducible)")
+    noise_arg(p)
     p.add_argument("--expect", action="append", default=[], metavar="DEV[,DEV]",
                    help="lockstep: devices that must register before frame 0")
     p.add_argument("--lockstep-timeout", type=float, default=1.0,
@@ -529,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kibble-NAME, password from DIR/kibble-NAME.password "
                         "(kibble deploy-credentials writes them)")
     p.add_argument("--seed", type=int, default=0, help="simulator random seed")
+    noise_arg(p)
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "up",
                    help="logs and state files of the daemons")
     p.add_argument("--no-arm", action="store_true", help="leave the actuators disarmed")
@@ -550,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="frame (loop) rate in Hz")
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "demo",
                    help="logs and state files of the daemons")
+    noise_arg(p)
     p.set_defaults(func=cmd_demo, is_async=True)
 
     p = sub.add_parser("measure", help="run a measurement plan and analyse it (--offline: in process)")
@@ -564,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="live: recording name (default: plan and time)")
     p.add_argument("--timeout", type=float, default=3600.0, help="live: give up after S seconds")
     p.add_argument("--seed", type=int, default=1, help="simulator seed (offline)")
+    noise_arg(p, "offline: ")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--plots", default=None, metavar="DIR", help="write the analysis plots (PNG)")
     bus_args_no_timeout(p)

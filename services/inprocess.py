@@ -35,6 +35,7 @@ from kibble.bus_schema.topics import Topics
 from kibble.hil_sim.bus import adapter_for, frame_overrides, plant_control
 from kibble.hil_sim.efb import EfbPlant
 from kibble.hil_sim.nist4 import Nist4Plant
+from kibble.hil_sim.params import DEFAULT_NOISE
 from kibble.services.bus import result_of
 from kibble.services.plans import daq_arrays
 from kibble.services.registry import service_class
@@ -51,19 +52,23 @@ class InProcessStack:
     :param params: initial parameter values per service, ``{"servo": {"kp_n_m": 1e4}}``.
     :param settings: settings per service (``frame_rate_hz`` is always ``rate_hz``).
     :param services: the daemons to run (default: all of the instrument's).
+    :param noise: the plant's noise profile (``hil_sim.params.NOISE_PROFILES``): ``published``
+        (as noisy as the seeds' instruments, the default), ``quiet`` or ``off``.
     """
 
     def __init__(self, model: str = "nist4", rate_hz: float = 1000.0, seed: int = 0,
                  plant_overrides: Mapping[str, Any] | None = None,
                  params: Mapping[str, Mapping[str, Any]] | None = None,
                  settings: Mapping[str, Mapping[str, Any]] | None = None,
-                 services: tuple[str, ...] | None = None, state_dir: Path | None = None) -> None:
+                 services: tuple[str, ...] | None = None, state_dir: Path | None = None,
+                 noise: str = DEFAULT_NOISE) -> None:
         if model not in STACKS:
             raise ValueError(f"unknown instrument model {model!r}; one of {', '.join(STACKS)}")
         self.model = model
         self.rate_hz = float(rate_hz)
         self.dt_s = 1.0 / self.rate_hz
-        self.plant = PLANTS[model](overrides=frame_overrides(model, rate_hz, plant_overrides), seed=seed)
+        self.plant = PLANTS[model](overrides=frame_overrides(model, rate_hz, plant_overrides), seed=seed,
+                                   noise=noise)
         self.adapter = adapter_for(self.plant)
         self.topics = Topics(model)
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="kibble-inproc-")
