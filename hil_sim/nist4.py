@@ -1545,6 +1545,15 @@ class Nist4Plant:
         if q is not None or qd is not None:
             self._sync_eta()
 
+    def mechanisms(self) -> dict[str, float]:
+        """The published profile's slow mechanisms as of the last frame: ``tilt_x_rad``,
+        ``tilt_y_rad`` (the floor's tilt tipping gravity along x and y), ``trajectory_sweep_rel``
+        and ``trajectory_set_rel`` (the current sweep's and set's fractional errors of the
+        velocity-mode induced voltage). All zero when the profile has none of them."""
+        return {"tilt_x_rad": float(self._fx[FX_TILTX]), "tilt_y_rad": float(self._fx[FX_TILTY]),
+                "trajectory_sweep_rel": float(self._fx[FX_SWEEP]),
+                "trajectory_set_rel": float(self._fx[FX_SET])}
+
     def bl(self, z: float, current_A: float = 0.0, temp_C: float | None = None) -> float:
         t = self.env[E_TEMP] if temp_C is None else temp_C
         return _bl_parts(z, current_A, t, self.P)[0]

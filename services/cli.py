@@ -387,9 +387,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                               ("settle_s", args.rt_settle)) if value is not None}
     soak = {key: value for key, value in (("seconds", args.soak_seconds), ("case", args.soak_case))
             if value is not None}
+    fidelity = {key: value for key, value in (("triplets", args.fidelity_triplets),
+                                              ("seed", args.fidelity_seed)) if value is not None}
     results = run_benchmarks(args.only, broker=args.broker_url,
                              progress=lambda s: print(s, file=sys.stderr, flush=True),
-                             group_args={"realtime": realtime, "soak": soak})
+                             group_args={"realtime": realtime, "soak": soak, "fidelity": fidelity})
     text = json.dumps(results, indent=2, sort_keys=True)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -602,8 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the offline campaigns at the paper's counts, ~30 min), robust (20 "
                         "NIST-4 plants drawn inside their tolerances, closed loop), realtime (the "
                         "whole stack in real time seen from outside, ~22 min), soak (an hour in "
-                        "real time with a broker restart); repeatable; default all but hil, "
-                        "campaign, robust, realtime and soak")
+                        "real time with a broker restart), fidelity (the simulator's scatter "
+                        "beside the published NIST-4's, ~80 min simulated); repeatable; default "
+                        "all but hil, campaign, robust, realtime, soak and fidelity")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
@@ -619,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 3600, at least 30)")
     p.add_argument("--soak-case", default=None, metavar="MODEL:HZ",
                    help="soak: instrument and frame rate (default nist4:200)")
+    p.add_argument("--fidelity-triplets", type=int, default=None, metavar="N",
+                   help="fidelity: NIST-4 triplets of the run (default 8, at least 2; the triplet "
+                        "scatter's uncertainty goes as 1/sqrt(N))")
+    p.add_argument("--fidelity-seed", type=int, default=None, metavar="SEED",
+                   help="fidelity: simulator seed (default 1)")
     auth_args(p)
     p.set_defaults(func=cmd_bench, is_async=False)
     return parser
