@@ -188,3 +188,32 @@ def test_published_amplitudes_give_the_seed_001_figures_through_the_triplet_regr
            "fidelity_h_triplet_scatter_rel": float(np.std(h, ddof=1))}
     for key, value in got.items():
         assert 1 / TARGET_FACTOR <= value / PUBLISHED[key] <= TARGET_FACTOR, (key, value)
+
+
+def test_every_command_that_runs_the_simulator_takes_noise_published_by_default():
+    from kibble.services.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["sim"], ["up"], ["demo"], ["measure", "--plan", "nist4", "--offline"]):
+        assert parser.parse_args(argv).noise == "published"
+        assert parser.parse_args([*argv, "--noise", "quiet"]).noise == "quiet"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sim", "--noise", "loud"])
+
+
+def test_the_stacks_build_their_plant_on_the_profile_asked_for():
+    from kibble.services.inprocess import InProcessStack
+    from kibble.services.up import Stack
+
+    for noise in ("published", "quiet", "off"):
+        stack = InProcessStack("nist4", rate_hz=200.0, seed=1, noise=noise)
+        try:
+            assert stack.plant.params.noise == noise
+        finally:
+            stack.close()
+    default = InProcessStack("nist4", rate_hz=200.0)
+    try:
+        assert default.plant.params.noise == "published"
+    finally:
+        default.close()
+    assert Stack("nist4").noise == "published"
