@@ -186,6 +186,7 @@ def test_published_amplitudes_give_the_seed_001_figures_through_the_triplet_regr
     got = {"fidelity_flux_velocity_rel": math.sqrt(np.sum(np.square(pairs)) / (len(pairs) * 14)),
            "fidelity_flux_force_rel": float(np.sqrt(np.mean(np.var(force_err, axis=1, ddof=1)))),
            "fidelity_h_triplet_scatter_rel": float(np.std(h, ddof=1))}
+    print(timeline, {k: f"{v:.3g}" for k, v in got.items()})
     for key, value in got.items():
         assert 1 / TARGET_FACTOR <= value / PUBLISHED[key] <= TARGET_FACTOR, (key, value)
 
