@@ -19,24 +19,26 @@ factor 1.5) and ``<key>_u`` (its statistical standard uncertainty from the count
 **The procedure and its counts.** The paper's counts of points (a velocity set of 30 sweeps,
 i.e. 15 pairs; a force set of 17 weighings, 15 triples) at shorter durations: sweeps over
 :data:`TRAVEL_M` instead of 80 mm, weighings of :data:`WINDOW_S` instead of 58 s after a short
-erase, so that a triplet takes ~10 minutes simulated instead of 3 h, in the paper's proportion
-of velocity to force time (0.65). The published profile's mechanisms were built so this
-shortening leaves the figures as they are (``hil_sim/nist4.toml`` ``[profiles.published]``):
-the trajectory errors are drawn per sweep and per set, whatever their durations; the ground
-tilt is a 1/f process, whose scatter of window means about their neighbours does not depend on
-the time scale. Only the quiet profile's white noises scale (as 1/sqrt(window)), and they are
-small beside the mechanisms. The statistical uncertainty of each figure: a standard deviation
-estimated with ``nu`` degrees of freedom has ``u / s ~ 1 / sqrt(2 nu)``: the velocity figure
-``nu = triplets + 1`` sets x 14, the force figure ``nu ~ triplets x 14 / 2`` (adjacent triples
-share two readings), the triplet figure ``nu ~ (triplets - 1) / 2`` (adjacent triplets share a
-velocity set). With the default :data:`TRIPLETS` = 8: ~5 %, ~9 % and ~37 %; the triplet figure
-needs many triplets (``--fidelity-triplets``, each ~10 minutes simulated): its ``u`` shrinks as
-``1 / sqrt(triplets)``.
+erase, so that a triplet takes ~11 minutes simulated instead of 3 h, in about the paper's
+proportion of velocity to force time (0.65): the default run (8 triplets) is ~90 minutes
+simulated, ~20 minutes of wall clock on an idle core of the development machine. The published
+profile's mechanisms were built so this shortening leaves the figures as they are
+(``hil_sim/nist4.toml`` ``[profiles.published]``): the trajectory errors are drawn per sweep
+and per set, whatever their durations; the ground tilt is a 1/f process, whose scatter of
+window means about their neighbours does not depend on the time scale. Only the quiet profile's
+white noises scale (as 1/sqrt(window)), and they are small beside the mechanisms. The
+statistical uncertainty of each figure: a standard deviation estimated with ``nu`` degrees of
+freedom has ``u / s ~ 1 / sqrt(2 nu)``: the velocity figure ``nu = triplets + 1`` sets x 14,
+the force figure ``nu ~ triplets x 14 / 2`` (adjacent triples share two readings), the triplet
+figure ``nu ~ (triplets - 1) / 2`` (adjacent triplets share a velocity set). With the default
+:data:`TRIPLETS` = 8: ~5 %, ~9 % and ~37 %; the triplet figure needs many triplets
+(``--fidelity-triplets``, each ~10 minutes simulated): its ``u`` shrinks as ``1 /
+sqrt(triplets)``.
 
-Why the triplet scatter is not the point scatters through the regression: white points with
-the Fig. 12 scatters give 13.5e-9 for one triplet (58 Bl_V, 15 Bl_F); what makes the 28e-9 is
-what changes between the sets of a triplet and stays within a set (the quadratic in time of
-the regression takes up what drifts smoothly). A slow disturbance common to both modes (the
+Why the triplet scatter is not the point scatters through the regression: white points with the
+Fig. 12 scatters give 13.5e-9 for one triplet (58 Bl_V, 15 Bl_F); what makes the 28e-9 is what
+changes between the sets of a triplet and stays within a set (the quadratic in time of the
+regression takes up what drifts smoothly). A slow disturbance common to both modes (the
 magnet's flux, its temperature) cancels in the difference; a 1/f velocity-mode error large
 enough would scatter the points within a set by more than 37.4e-9. In the simulator it is the
 set-to-set trajectory variation (``trajectory.set_rel_std``).
