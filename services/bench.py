@@ -19,7 +19,7 @@ Groups:
 - ``fidelity``: ``kibble.services.fidelitybench`` (the simulator's scatter on the published
   noise profile beside seed 001's: ``fidelity_h_triplet_scatter_rel``,
   ``fidelity_flux_velocity_rel``, ``fidelity_flux_force_rel``, each with ``_published``,
-  ``_ratio`` and ``_u``). Not in :data:`DEFAULT_GROUPS`: 8 triplets take ~90 minutes
+  ``_ratio`` and ``_u``). Not in :data:`DEFAULT_GROUPS`: 8 triplets take ~80 minutes
   simulated; ``--only fidelity`` runs it (``--fidelity-triplets``, ``--fidelity-seed``).
 - ``realtime``: ``kibble.services.rtbench`` (the whole stack in real time, in force mode, seen
   by an outside observer process: sensor-to-actuator latency, frames answered, trips, null,

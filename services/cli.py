@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "NIST-4 plants drawn inside their tolerances, closed loop), realtime (the "
                         "whole stack in real time seen from outside, ~22 min), soak (an hour in "
                         "real time with a broker restart), fidelity (the simulator's scatter "
-                        "beside the published NIST-4's, ~90 min simulated); repeatable; default "
+                        "beside the published NIST-4's, ~80 min simulated); repeatable; default "
                         "all but hil, campaign, robust, realtime, soak and fidelity")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,

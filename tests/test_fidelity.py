@@ -159,10 +159,10 @@ def test_published_amplitudes_give_the_seed_001_figures_through_the_triplet_regr
     sweep, on-off-on force triples, the triplet regression of eqs. 13-15 on 15 + 15 pairs and
     15 triples), give each seed 001 figure within the target factor, on the paper's timeline
     (30 sweeps of 87 s, 17 weighings 235 s apart of 58 s) and on the fidelity bench's shortened
-    one (sweeps of 10 s, weighings 20 s apart of 8 s): the mechanisms do not depend on the
+    one (sweeps of 8 s, weighings 20 s apart of 8 s): the mechanisms do not depend on the
     durations (per sweep, per set, 1/f), so the two agree. The quiet profile's white noises
     are left out (small beside these)."""
-    ts, spacing, window = {"paper": (87.0, 235.0, 58.0), "bench": (10.0, 20.0, 8.0)}[timeline]
+    ts, spacing, window = {"paper": (87.0, 235.0, 58.0), "bench": (8.0, 20.0, 8.0)}[timeline]
     rng = np.random.default_rng(11)
     n_trip = 300
     s_sweep, s_set = PUB["trajectory.sweep_rel_std"], PUB["trajectory.set_rel_std"]
