@@ -17,6 +17,13 @@ default parameters it sits 1-15 dB above the Peterson (1993) new low-noise model
 
 White sensor noise of ASD ``s`` sampled at rate ``fs`` has per-sample standard deviation
 ``s * sqrt(fs / 2)`` (:func:`white_std`), which keeps the one-sided PSD at ``s^2``.
+
+Flicker (1/f) noise
+-------------------
+A sum of first-order (Ornstein-Uhlenbeck) processes of equal variance with log-spaced corner
+frequencies, each discretized exactly (:func:`flicker_poles`, :func:`flicker_step`): one-sided
+PSD ``A^2 / f`` inside the band (:func:`flicker_psd`), flat below it, 1/f^2 above. The NIST-4
+published profile's ground tilt is one.
 """
 
 from __future__ import annotations
