@@ -403,6 +403,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
+def _noise_profile(text: str) -> str:
+    """``--noise``: one of the simulator's noise profiles (checked here, on parsing, so that a
+    command without the option, ``kibble analyze``, never loads the simulator's package)."""
+    from kibble.hil_sim.params import NOISE_PROFILES
+
+    if text not in NOISE_PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown noise profile {text!r}; one of {', '.join(NOISE_PROFILES)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kibble", description=__doc__.splitlines()[0])
 
@@ -431,9 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         auth_args(p)
 
     def noise_arg(p: argparse.ArgumentParser, where: str = "") -> None:
-        from kibble.hil_sim.params import DEFAULT_NOISE, NOISE_PROFILES
-
-        p.add_argument("--noise", choices=NOISE_PROFILES, default=DEFAULT_NOISE,
+        p.add_argument("--noise", type=_noise_profile, default="published", metavar="PROFILE",
                        help=f"{where}the simulator's noise profile: published (as noisy as the "
                             "seeds' instruments), quiet (the small, known noise tests use) or off "
                             "(default %(default)s)")

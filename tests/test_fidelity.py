@@ -192,11 +192,12 @@ def test_published_amplitudes_give_the_seed_001_figures_through_the_triplet_regr
 
 
 def test_every_command_that_runs_the_simulator_takes_noise_published_by_default():
+    from kibble.hil_sim.params import DEFAULT_NOISE
     from kibble.services.cli import build_parser
 
     parser = build_parser()
     for argv in (["sim"], ["up"], ["demo"], ["measure", "--plan", "nist4", "--offline"]):
-        assert parser.parse_args(argv).noise == "published"
+        assert parser.parse_args(argv).noise == DEFAULT_NOISE == "published"
         assert parser.parse_args([*argv, "--noise", "quiet"]).noise == "quiet"
     with pytest.raises(SystemExit):
         parser.parse_args(["sim", "--noise", "loud"])
