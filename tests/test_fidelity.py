@@ -48,13 +48,13 @@ def test_ground_tilt_tips_gravity_with_its_stated_spectrum():
     asd = PUB["tilt.flicker_asd_rad"]
     plant = Nist4Plant(_only(noise__tilt=True, tilt__flicker_asd_rad=asd, sim__frame_rate_hz=100.0),
                        seed=3, noise="off")
-    block = plant.run(Nist4Actuators(), 200_000)
+    block = plant.run(Nist4Actuators(), 100_000)
     g = plant.params["sim.g_m_s2"]
     tilt = block.col("agx") / g
     assert tilt[-1] == pytest.approx(plant.mechanisms()["tilt_x_rad"], rel=1e-12)
-    f, pxx = welch(tilt, fs=100.0, nperseg=1 << 15)
-    band = (f > 0.01) & (f < 0.5)
-    assert np.median(pxx[band] * f[band]) / asd**2 == pytest.approx(1.0, rel=0.2)
+    f, pxx = welch(tilt, fs=100.0, nperseg=1 << 14)
+    band = (f > 0.02) & (f < 0.5)
+    assert np.mean(pxx[band] * f[band]) / asd**2 == pytest.approx(1.0, rel=0.2)
     assert np.std(block.col("agy")) > 0 and np.corrcoef(block.col("agx"), block.col("agy"))[0, 1] < 0.5
 
 
@@ -81,9 +81,11 @@ def test_periodic_nonlinearity_has_its_amplitude_and_one_period_per_fringe():
 
 def _dvm_ratio(overrides, frames, seed=4, amplitude_m=5e-3):
     """(DVM with the trajectory on / DVM without) - 1 per frame, and the speed, of a freely
-    swinging wheel in velocity mode (same first random stream: only the trajectory differs)."""
+    swinging wheel in velocity mode (same first random stream: only the trajectory differs;
+    a knife edge four times stiffer than the default halves the swing's period, ~15 s)."""
     out = []
-    for ov in (overrides, {}):
+    stiff = {"wheel.knife_stiffness_N_m_rad": 4 * PUB["wheel.knife_stiffness_N_m_rad"]}
+    for ov in (overrides | stiff, stiff):
         plant = Nist4Plant(ov, seed=seed, noise="off")
         r = plant.params["wheel.radius_m"]
         plant.set_state(theta=amplitude_m / r)
@@ -97,7 +99,7 @@ def test_trajectory_error_is_drawn_per_sweep_with_its_stated_spread():
     within a sweep (a swing of the free wheel: its speed above the threshold) and drawn afresh
     for the next, with the stated standard deviation."""
     sigma = PUB["trajectory.sweep_rel_std"]
-    ratio, vz = _dvm_ratio(_only(noise__trajectory=True, trajectory__sweep_rel_std=sigma), 400_000)
+    ratio, vz = _dvm_ratio(_only(noise__trajectory=True, trajectory__sweep_rel_std=sigma), 220_000)
     vth = PUB["trajectory.speed_threshold_m_s"]
     moving = vz > 2 * vth
     starts = np.flatnonzero(np.diff(moving.astype(int)) == 1) + 1
@@ -108,7 +110,7 @@ def test_trajectory_error_is_drawn_per_sweep_with_its_stated_spread():
         if e.size == 0:
             break
         seg = ratio[s0 + 5:e[0] - 5]
-        assert np.ptp(seg) < 1e-3 * sigma + 1e-15        # one value per sweep
+        assert np.ptp(seg) < 1e-2 * sigma                 # one value per sweep (to the DVM's rule)
         per_sweep.append(seg.mean())
     per_sweep = np.array(per_sweep)
     assert per_sweep.size >= 20
