@@ -63,7 +63,7 @@ from numba import njit
 from scipy.linalg import expm
 
 from .errors import ActuatorError, PlantError
-from .noise import ground_filter, ground_tick, white_std
+from .noise import flicker_poles, ground_filter, ground_tick, white_std
 from .params import DEFAULT_NOISE, Params, load_params
 
 __all__ = ["Nist4Actuators", "Nist4Sensors", "Nist4Truth", "Nist4Block", "Nist4Plant",
@@ -107,8 +107,13 @@ NA = 24
  P_DVMSTD, P_DVMRES, P_DVMRNG, P_MONGM, P_MONGC, P_MONSTD, P_MONLSB, P_MONFS,
  P_TSSTD, P_TSRES, P_PRSTD, P_ADCQ,
  P_PC0, P_PC1, P_PC2, P_PS0, P_PS1, P_PS2, P_IZS, P_FGK, P_HLM, P_HLC, P_LHM,
- P_IX0, P_IX1, P_IX2, P_IY0, P_IY1, P_IY2, P_BS0, P_BS1, P_BC0, P_BC1) = range(110)
-NP = 110
+ P_IX0, P_IX1, P_IX2, P_IY0, P_IY1, P_IY2, P_BS0, P_BS1, P_BC0, P_BC1,
+ P_TRJS, P_TRJV, P_PNL, P_PNLPH, P_XTRA, P_TRJSET) = range(116)
+NP = 116
+# ---- state of the published profile's slow mechanisms (flicker poles in ``fl``, rest in ``fx``)
+FL_TILTX, FL_TILTY = 0, 1              # rows of fl: ground tilt tipping gravity along x, along y
+FX_SWEEP, FX_MOVING, FX_SET, FX_TILTX, FX_TILTY, FX_FM = 0, 1, 2, 3, 4, 5
+NFX = 6
 
 SENSOR_FIELDS = (
     "ifo_fringes[0..3]", "ifo_phase_rad[0..3]", "psd_V[0..5]", "dvm_V",
@@ -292,7 +297,7 @@ def _quant(v, lsb, fs):
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, gc,
-         nz, nzu, n_frames, n_sub, out, tr, rec):
+         nz, nzu, n_frames, n_sub, out, tr, rec, fl, fla, flb, fx, nz2):
     """Advance the plant n_frames frames of n_sub steps with actuators ``act`` held.
     nz: standard normals drawn from the plant's numpy Generator (:meth:`Nist4Plant._advance`;
     passing the Generator itself costs ~10 us per call); per frame the kernel takes, in this
@@ -300,7 +305,16 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
     (4 ifo, 6 psd, dvm, 2 monitors, thermometer, pressure gauge), whatever the switches, and
     writes how many it took to ``nzu[0]`` (-1: ``nz`` was too short). Returns the number of
     frames done (< n_frames if a non-finite state appeared, or nz was too short; the state is
-    then put back as it was at the call)."""
+    then put back as it was at the call).
+
+    The published profile's slow mechanisms (``P[P_XTRA]`` != 0) take their normals from a
+    second stream, ``nz2``: per frame, at its start, 2 x n_poles for the flicker poles ``fl``
+    (2, n_poles) of the ground tilt (x, y) and one for the set draw, then at its end one for
+    the sweep draw; ``fx`` (:data:`NFX`) holds the per-sweep and the per-set trajectory
+    errors, the sweep flag, the frame's tilts and the switchbox state of the last frame.
+    With ``P[P_XTRA]`` == 0 none of this runs and ``nz2`` may be empty (the first stream is
+    taken exactly as before). The trajectory's voltage is in the DVM's velocity-mode reading;
+    the truth's ``emf`` stays the ideal one."""
     iz = 0
     nzn = nz.shape[0]
     x0 = x.copy()
@@ -308,6 +322,15 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
     slip0 = slip.copy()
     env0 = env.copy()
     W0 = W.copy()
+    xtra = P[P_XTRA] != 0.0
+    fl0 = fl.copy()
+    fx0 = fx.copy()
+    npol = fla.shape[0]
+    iz2 = 0
+    eps_traj = 0.0
+    tg0 = 0.0
+    tg1 = 0.0
+    pnl = P[P_PNL]
     h = P[P_H]
     r = P[P_R]
     Q = np.zeros(5)
@@ -372,6 +395,36 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
     for fr in range(n_frames):
         dvm_acc = 0.0
         dvm_first = 0.0
+        traj_acc = 0.0
+        if xtra:
+            # slow mechanisms, held over the frame: ground tilt (rad) about both horizontal
+            # axes and the trajectory's slow error, each a sum of flicker poles
+            if iz2 + 2 * npol + 2 > nz2.shape[0]:
+                nzu[0] = -1
+                x[:] = x0
+                eta[:] = eta0
+                slip[:] = slip0
+                env[:] = env0
+                W[:] = W0
+                fl[:] = fl0
+                fx[:] = fx0
+                return fr
+            for row in range(2):
+                acc = 0.0
+                for k in range(npol):
+                    fl[row, k] = fla[k] * fl[row, k] + flb[row, k] * nz2[iz2]
+                    iz2 += 1
+                    acc += fl[row, k]
+                fx[FX_TILTX + row] = acc
+            # a velocity set starts where the switchbox opens the coil: its mean trajectory
+            # is set up anew (the coil driven to the sweep start, the auxiliary mass placed)
+            if act[A_FM] == 0.0 and fx[FX_FM] != 0.0:
+                fx[FX_SET] = P[P_TRJSET] * nz2[iz2]
+            iz2 += 1
+            fx[FX_FM] = act[A_FM]
+            eps_traj = fx[FX_SWEEP] + fx[FX_SET]
+            tg0 = P[P_G] * fx[FX_TILTX]
+            tg1 = P[P_G] * fx[FX_TILTY]
         for sub in range(n_sub):
             # ---- noise tick
             if env[E_TICK] <= 0.0:
@@ -390,6 +443,10 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
                     gs = env[E_GS + 2 * ax:E_GS + 2 * ax + 2]
                     env[E_AG + ax] = ground_tick(gs, gphi, gL, gc, P[P_FLOOR], nt[3 * ax],
                                                  nt[3 * ax + 1], nt[3 * ax + 2])
+                if xtra:
+                    # a tilt of the floor by t tips gravity: horizontal acceleration g t
+                    env[E_AG] += tg0
+                    env[E_AG + 1] += tg1
                 env[E_INM] = P[P_NSTDM] * nt[9]
                 env[E_INC] = P[P_NSTDC] * nt[10]
                 tset = env[E_TSET] + P[P_TDRIFT] * env[E_T]
@@ -485,6 +542,9 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
             bl = sb * pz
             blq = bl + sb * dpz * cq
             emf = blq * r * om + bl * cqd
+            if xtra:
+                # the trajectory's share of the induced voltage, as the DVM reads it
+                traj_acc += bl * eps_traj * r * om
             th_h = sh - kh_sum * th
             tau = tau0 + r * (im * blq - blcm * ic) + th_h
             if env[E_EXTN] > 0.0:
@@ -585,6 +645,16 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
         # ---- induced voltage, Bl, hysteresis torque of the frame-end state (truth)
         cq, cqd = _qdep(x, P, sp)
         _, _, _, emf_end, _, th_h = _nl_forces(x, cq, cqd, sp, slip, env, act, P, hyk, Q, False)
+        if xtra:
+            # a sweep starts when the coil's speed rises above the threshold: the trajectory
+            # of this sweep gets its own error
+            vz = abs(r * x[OM])
+            if fx[FX_MOVING] == 0.0 and vz > P[P_TRJV]:
+                fx[FX_MOVING] = 1.0
+                fx[FX_SWEEP] = P[P_TRJS] * nz2[iz2]
+            elif fx[FX_MOVING] != 0.0 and vz < 0.5 * P[P_TRJV]:
+                fx[FX_MOVING] = 0.0
+            iz2 += 1
         env[E_EMF] = emf_end
         env[E_VCOIL] = vcoil
         env[E_TAUH] = th_h
@@ -600,6 +670,8 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
             slip[:] = slip0
             env[:] = env0
             W[:] = W0
+            fl[:] = fl0
+            fx[:] = fx0
             return fr
         # ---- sensors at frame end
         for j in range(15):
@@ -616,6 +688,15 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
             nfr = math.floor(ph / (2.0 * math.pi))
             out[fr, S_FR + i] = nfr
             out[fr, S_PH + i] = ph - 2.0 * math.pi * nfr
+        if pnl != 0.0:
+            # heterodyne periodic nonlinearity (frequency mixing): first order in the optical
+            # phase, one period per fringe (lambda / 2 of displacement)
+            for i in range(4):
+                ph = 2.0 * math.pi * out[fr, S_FR + i] + out[fr, S_PH + i]
+                ph += pnl * math.sin(ph + P[P_PNLPH])
+                nfr = math.floor(ph / (2.0 * math.pi))
+                out[fr, S_FR + i] = nfr
+                out[fr, S_PH + i] = ph - 2.0 * math.pi * nfr
         g2 = 2.0 * P[P_PSDG]
         for k in range(2):
             dx = x[Q0] - P[P_BS0 + k] * x[Q0 + 4]
@@ -628,6 +709,8 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
         # integrating DVM: trapezoid rule over the frame's steps
         dvm_end = P[P_RSTD] * im if act[A_FM] != 0.0 else emf_end
         dvm = (dvm_acc + 0.5 * (dvm_end - dvm_first)) / n_sub + P[P_DVMSTD] * nf[10]
+        if xtra and act[A_FM] == 0.0:
+            dvm += traj_acc / n_sub
         out[fr, S_MONM] = P[P_MONGM] * im + P[P_MONSTD] * nf[11]
         out[fr, S_MONC] = P[P_MONGC] * ic + P[P_MONSTD] * nf[12]
         out[fr, S_TEMP] = env[E_TEMP] + P[P_TSSTD] * nf[13]
@@ -1052,6 +1135,27 @@ class Nist4Plant:
         for k in range(2):
             P[P_BS0 + k] = P[P_PSDR] * math.sin(P[P_B0 + k])
             P[P_BC0 + k] = P[P_PSDR] * math.cos(P[P_B0 + k])
+        # the published profile's mechanisms (all zero in the quiet profile): heterodyne
+        # periodic nonlinearity (phase amplitude of a displacement amplitude), the per-sweep and
+        # the slow (flicker) trajectory error, the ground tilt; the slow ones from a second
+        # random stream, drawn only when one of them is on, so the first stream stays as it was
+        P[P_PNL] = sw("ifo_nonlinearity") * 4 * math.pi / P[P_LAM] * p["interferometer.nonlinearity_m"]
+        P[P_PNLPH] = math.radians(p["interferometer.nonlinearity_phase_deg"])
+        P[P_TRJS] = sw("trajectory") * p["trajectory.sweep_rel_std"]
+        P[P_TRJSET] = sw("trajectory") * p["trajectory.set_rel_std"]
+        P[P_TRJV] = p["trajectory.speed_threshold_m_s"]
+        fla, flb1 = flicker_poles(p["tilt.f_lo_hz"], p["tilt.f_hi_hz"], p["tilt.poles_per_decade"],
+                                  1.0 / f_frame, 1.0)
+        amp = sw("tilt") * p["tilt.flicker_asd_rad"]
+        self._fla = fla
+        self._flb = np.ascontiguousarray(np.outer((amp, amp), flb1))
+        self._fl = np.zeros((2, fla.size))
+        self._fx = np.zeros(NFX)
+        P[P_XTRA] = 1.0 if (P[P_TRJS] != 0.0 or P[P_TRJSET] != 0.0 or amp != 0.0) else 0.0
+        self._nz2_per_frame = 2 * fla.size + 2 if P[P_XTRA] else 0
+        self.rng2 = np.random.default_rng([seed, 13])
+        """The second random stream (the published profile's slow mechanisms)."""
+        self._nz2_none = np.zeros(0)
         self.P = P
 
         # hysteresis (Iwan elements)
@@ -1329,11 +1433,19 @@ class Nist4Plant:
     # ---------------------------------------------------------------- stepping
     def _advance(self, act: np.ndarray, n_frames: int, out: np.ndarray, tr: np.ndarray, rec: bool):
         def kernel(nz, used, n, out_n, tr_n):
-            return _run(self.x, self.eta, self.slip, self.env, act, self.P, self.hyk, self.hyth,
-                        self.Lam5, self.Geta, self.T5, self.Rq, self.W, self._gphi, self._gL,
-                        self._gc, nz, used, n, self.n_sub, out_n, tr_n, rec)
+            nz2 = self._nz2_none
+            if self._nz2_per_frame:
+                mark = self.rng2.bit_generator.state
+                nz2 = self.rng2.standard_normal(n * self._nz2_per_frame)
+            got = _run(self.x, self.eta, self.slip, self.env, act, self.P, self.hyk, self.hyth,
+                       self.Lam5, self.Geta, self.T5, self.Rq, self.W, self._gphi, self._gL,
+                       self._gc, nz, used, n, self.n_sub, out_n, tr_n, rec,
+                       self._fl, self._fla, self._flb, self._fx, nz2)
+            if self._nz2_per_frame and got != n:
+                self.rng2.bit_generator.state = mark   # the call's frames are undone
+            return got
 
-        advance_in_chunks(self, n_frames, out, tr, rec, state=("x", "slip", "env", "W", "eta"),
+        advance_in_chunks(self, n_frames, out, tr, rec, state=("x", "slip", "env", "W", "eta", "_fl", "_fx"),
                           per_tick=12, per_frame=15, tick_n=int(self.P[P_TICKN]),
                           env_tick=lambda: float(self.env[E_TICK]), kernel=kernel)
 
@@ -1432,6 +1544,15 @@ class Nist4Plant:
             self.x[QD0:QD0 + 5] = qd
         if q is not None or qd is not None:
             self._sync_eta()
+
+    def mechanisms(self) -> dict[str, float]:
+        """The published profile's slow mechanisms as of the last frame: ``tilt_x_rad``,
+        ``tilt_y_rad`` (the floor's tilt tipping gravity along x and y), ``trajectory_sweep_rel``
+        and ``trajectory_set_rel`` (the current sweep's and set's fractional errors of the
+        velocity-mode induced voltage). All zero when the profile has none of them."""
+        return {"tilt_x_rad": float(self._fx[FX_TILTX]), "tilt_y_rad": float(self._fx[FX_TILTY]),
+                "trajectory_sweep_rel": float(self._fx[FX_SWEEP]),
+                "trajectory_set_rel": float(self._fx[FX_SET])}
 
     def bl(self, z: float, current_A: float = 0.0, temp_C: float | None = None) -> float:
         t = self.env[E_TEMP] if temp_C is None else temp_C

@@ -17,6 +17,13 @@ default parameters it sits 1-15 dB above the Peterson (1993) new low-noise model
 
 White sensor noise of ASD ``s`` sampled at rate ``fs`` has per-sample standard deviation
 ``s * sqrt(fs / 2)`` (:func:`white_std`), which keeps the one-sided PSD at ``s^2``.
+
+Flicker (1/f) noise
+-------------------
+A sum of first-order (Ornstein-Uhlenbeck) processes of equal variance with log-spaced corner
+frequencies, each discretized exactly (:func:`flicker_poles`, :func:`flicker_step`): one-sided
+PSD ``A^2 / f`` inside the band (:func:`flicker_psd`), flat below it, 1/f^2 above. The NIST-4
+published profile's ground tilt is one.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from numba import njit
 from scipy.linalg import expm
 
 __all__ = ["NLNM_TABLE", "nlnm_accel_psd", "ground_filter", "ground_psd", "white_std",
-           "ground_tick", "ground_block"]
+           "ground_tick", "ground_block", "flicker_poles", "flicker_psd", "flicker_step",
+           "flicker_block"]
 
 # Peterson (1993), USGS OFR 93-322: NLNM acceleration PSD, P = A + B log10(T) dB re 1 (m/s^2)^2/Hz,
 # (T_low, A, B) for T in [T_low, next T_low).
@@ -112,4 +120,60 @@ def ground_block(gs, gphi, gL, gc, floor_std, normals):
     out = np.empty(n)
     for k in range(n):
         out[k] = ground_tick(gs, gphi, gL, gc, floor_std, normals[k, 0], normals[k, 1], normals[k, 2])
+    return out
+
+
+# ---------------------------------------------------------------------------- flicker (1/f)
+def flicker_poles(f_lo_hz: float, f_hi_hz: float, per_decade: float, step_s: float,
+                  asd_1hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """A 1/f (flicker) process as a sum of first-order (Ornstein-Uhlenbeck) processes with
+    corner frequencies ``f_k`` spaced ``per_decade`` per decade from ``f_lo_hz`` to ``f_hi_hz``,
+    each of the same variance, discretized exactly at ``step_s``: returns (a (n,), b (n,)) for
+    ``s_k <- a_k s_k + b_k n_k`` (``n_k`` standard normals), the process being ``sum_k s_k``.
+
+    Each pole's one-sided PSD is ``2 sigma^2 / (pi f_k) / (1 + (f / f_k)^2)``; a log-spaced
+    sum with ratio ``q = 10^(1 / per_decade)`` is ``sigma^2 / (f ln q)`` inside the band (to a
+    ripple of ~0.1 dB at two poles per decade), so ``sigma^2 = asd_1hz^2 ln q`` gives the
+    one-sided PSD ``asd_1hz^2 / f`` (:func:`flicker_psd`): ``asd_1hz`` is the amplitude
+    spectral density at 1 Hz, in the process's unit per sqrt(Hz). Below ``f_lo_hz`` the PSD
+    levels off, above ``f_hi_hz`` it falls as 1/f^2."""
+    if not (0.0 < f_lo_hz < f_hi_hz) or per_decade <= 0 or step_s <= 0 or asd_1hz < 0:
+        raise ValueError("flicker_poles needs 0 < f_lo_hz < f_hi_hz, per_decade > 0, step_s > 0, "
+                         f"asd_1hz >= 0; got {f_lo_hz}, {f_hi_hz}, {per_decade}, {step_s}, {asd_1hz}")
+    n = int(math.floor(per_decade * math.log10(f_hi_hz / f_lo_hz) + 1e-9)) + 1
+    f = f_lo_hz * 10.0 ** (np.arange(n) / per_decade)
+    sigma2 = asd_1hz ** 2 * math.log(10.0) / per_decade
+    a = np.exp(-2.0 * math.pi * f * step_s)
+    b = np.sqrt(sigma2 * (1.0 - a * a))
+    return a, b
+
+
+def flicker_psd(f: np.ndarray, f_lo_hz: float, f_hi_hz: float, per_decade: float,
+                asd_1hz: float) -> np.ndarray:
+    """One-sided PSD of the continuous :func:`flicker_poles` process at ``f`` (Hz), in the
+    process's unit squared per Hz (``asd_1hz^2 / f`` inside the band)."""
+    n = int(math.floor(per_decade * math.log10(f_hi_hz / f_lo_hz) + 1e-9)) + 1
+    fk = f_lo_hz * 10.0 ** (np.arange(n) / per_decade)
+    sigma2 = asd_1hz ** 2 * math.log(10.0) / per_decade
+    f = np.asarray(f, dtype=float)[..., None]
+    return np.sum(2.0 * sigma2 / (math.pi * fk) / (1.0 + (f / fk) ** 2), axis=-1)
+
+
+@njit(cache=True)
+def flicker_step(s, a, b, normals):
+    """Advance the pole states ``s`` (n,) by one step with ``normals`` (n,); return their sum."""
+    acc = 0.0
+    for k in range(s.shape[0]):
+        s[k] = a[k] * s[k] + b[k] * normals[k]
+        acc += s[k]
+    return acc
+
+
+@njit(cache=True)
+def flicker_block(s, a, b, normals):
+    """Run :func:`flicker_step` over ``normals`` (m, n); returns m samples (tests, plots)."""
+    m = normals.shape[0]
+    out = np.empty(m)
+    for i in range(m):
+        out[i] = flicker_step(s, a, b, normals[i])
     return out

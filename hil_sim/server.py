@@ -138,7 +138,8 @@ class SimServer(BusNode):
                  expect: Sequence[str] = (), lockstep_timeout_s: float = 1.0,
                  drop_after_misses: int = 3, truth_every: int | None = None, max_frames: int = 0,
                  heartbeat_s: float = 1.0, client_id: str | None = None,
-                 reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0) -> None:
+                 reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0,
+                 noise: str = "published") -> None:
         if clock not in CLOCKS:
             raise ValueError(f"unknown clock {clock!r}; one of {', '.join(CLOCKS)}")
         if truth_every is None:
@@ -158,7 +159,7 @@ class SimServer(BusNode):
         self.rate_hz = float(rate_hz)
         self.seed = seed
         plant_class = nist4_model.Nist4Plant if model == "nist4" else efb_model.EfbPlant
-        self.plant = plant_class(overrides, seed=seed)
+        self.plant = plant_class(overrides, seed=seed, noise=noise)
         self.adapter = adapter_for(self.plant)
         self.devices = self.adapter.devices
         for device in expect:

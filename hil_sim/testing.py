@@ -10,7 +10,8 @@ __all__ = ["QUIET_NIST4", "QUIET_EFB", "fringes_to_m", "dmd_eigs", "fit_damped_s
 #: every noise source, drift and quantization off (NIST-4)
 QUIET_NIST4 = {f"noise.{k}": False for k in (
     "ground", "interferometer", "psd", "current", "current_drift", "dac_quantization",
-    "adc_quantization", "dvm", "temperature")} | {"pressure.gauge_rel_noise": 0.0}
+    "adc_quantization", "dvm", "temperature", "trajectory", "tilt", "ifo_nonlinearity")} | {
+    "pressure.gauge_rel_noise": 0.0}
 #: every noise source and quantization off (EFB)
 QUIET_EFB = {f"noise.{k}": False for k in (
     "ground", "interferometer", "hv", "dvm", "bridge", "dac_quantization", "adc_quantization",

@@ -16,6 +16,11 @@ Groups:
   tolerance bands, each closed loop in process with the default tuning: the worst, median and
   least null RMS and exchange peaks over the plants, ``robust_plants_missed``). Not in
   :data:`DEFAULT_GROUPS`; ``--only robust`` runs it.
+- ``fidelity``: ``kibble.services.fidelitybench`` (the simulator's scatter on the published
+  noise profile beside seed 001's: ``fidelity_h_triplet_scatter_rel``,
+  ``fidelity_flux_velocity_rel``, ``fidelity_flux_force_rel``, each with ``_published``,
+  ``_ratio`` and ``_u``). Not in :data:`DEFAULT_GROUPS`: 8 triplets take ~80 minutes
+  simulated; ``--only fidelity`` runs it (``--fidelity-triplets``, ``--fidelity-seed``).
 - ``realtime``: ``kibble.services.rtbench`` (the whole stack in real time, in force mode, seen
   by an outside observer process: sensor-to-actuator latency, frames answered, trips, null,
   CPU per frame per process, ``rt_<model>_<rate>_...``). Not in :data:`DEFAULT_GROUPS`: its
@@ -189,6 +194,7 @@ GROUPS: dict[str, Callable[..., dict[str, float]]] = {
     "hil": _external("kibble.services.loopbench:run_hil"),
     "campaign": _external("kibble.services.campaignbench:run"),
     "robust": _external("kibble.services.robustness:run"),
+    "fidelity": _external("kibble.services.fidelitybench:run"),
     "realtime": _external("kibble.services.rtbench:run"),
     "soak": _external("kibble.services.rtbench:run_soak"),
     "views": _external("kibble.services.views.bench:run"),

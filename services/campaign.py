@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 from kibble.services import analysis as an
 from kibble.services import plans as P
+from kibble.hil_sim.params import DEFAULT_NOISE
 from kibble.services.inprocess import InProcessStack
 
 __all__ = ["NistResult", "EfbResult", "offline_nist4", "offline_efb", "cli_measure_offline",
@@ -147,7 +148,7 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
                         servo: Mapping[str, Any] | None = None, order: int = 6,
                         plant_overrides: Mapping[str, Any] | None = None,
                         temp_coeff_per_k: float | None = an.TEMP_COEFF_NIST4_PER_K,
-                        velocity_regression: str = "flux",
+                        velocity_regression: str = "flux", noise: str = DEFAULT_NOISE,
                         progress: Callable[[str], None] | None = None) -> NistResult:
     """Run a NIST-4 run offline (in process) and return h with its stated uncertainty.
 
@@ -161,10 +162,10 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
     loop; 200 Hz is the lowest where the NIST-4 loops stay well behaved (at 100 Hz the sweeps
     trip the current source's watchdog). ``order``, ``temp_coeff_per_k``,
     ``velocity_regression`` (``"flux"`` or the paper's ``"point"``): of
-    :func:`kibble.services.analysis.analyze_nist4`.
+    :func:`kibble.services.analysis.analyze_nist4`. ``noise``: the plant's noise profile.
     """
     t0 = time.perf_counter()
-    stack = InProcessStack("nist4", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides,
+    stack = InProcessStack("nist4", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides, noise=noise,
                            params={"servo": dict(servo or {})})
     docs, emit = _collect(progress)
     try:
@@ -188,7 +189,7 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
 async def offline_efb(seed: int, *, rate_hz: float = 200.0, runs: int = 6, settle_s: float = 10.0,
                       window_s: float = 20.0, gradient: Mapping[str, Any] | None = None,
                       gradient_every: int = 3, budget: str | None = None,
-                      plant_overrides: Mapping[str, Any] | None = None,
+                      plant_overrides: Mapping[str, Any] | None = None, noise: str = DEFAULT_NOISE,
                       progress: Callable[[str], None] | None = None) -> EfbResult:
     """Weigh the 1 mg artifact offline with the plan ``efb_run``: capacitance-gradient
     determinations (``efb_gradient`` with the arguments ``gradient``; default the paper's 11
@@ -198,10 +199,11 @@ async def offline_efb(seed: int, *, rate_hz: float = 200.0, runs: int = 6, settl
     (:func:`kibble.services.analysis.analyze_efb`); the mass with its stated uncertainty (type
     A from the trials' scatter and the gradient determinations, type B from the budget named
     ``budget``, ``table1``: seed 000 Table 1; None: type A only). The plant's kappa at z = 0
-    (at the end) is kept beside the measured one, for comparison only.
+    (at the end) is kept beside the measured one, for comparison only. ``noise``: the plant's
+    noise profile.
     """
     t0 = time.perf_counter()
-    stack = InProcessStack("efb", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides)
+    stack = InProcessStack("efb", rate_hz=rate_hz, seed=seed, plant_overrides=plant_overrides, noise=noise)
     docs, emit = _collect(progress)
     try:
         await stack.start()
@@ -244,7 +246,7 @@ def _coerce(v: Any) -> Any:
 
 
 def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None,
-                        plots_dir: str | None) -> int:
+                        plots_dir: str | None, noise: str = DEFAULT_NOISE) -> int:
     """``kibble measure --offline``: run ``nist4`` or ``efb`` in process, print progress and a
     summary (value, u, relative u, the deviation from h_SI or the true mass in units of u),
     optionally write the JSON summary and the plots. Exit status 0, or 1 if the deviation
@@ -278,7 +280,7 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
                 else:
                     raise ValueError(f"unknown parameter {k!r} for plan nist4")
             say(f"offline NIST-4 run, seed {seed}")
-            res: NistResult | EfbResult = asyncio.run(offline_nist4(seed, progress=say, **kw))
+            res: NistResult | EfbResult = asyncio.run(offline_nist4(seed, progress=say, noise=noise, **kw))
             r = res.analysis
             say(f"h = {r.h_j_s:.12e} J s, u = {r.u_h_j_s:.2e} J s (rel. {r.u_h_rel:.2e}; "
                 f"type A {r.u_a_h_j_s / r.h_j_s:.2e}, type B {r.u_b_h_j_s / r.h_j_s:.2e})")
@@ -300,7 +302,7 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
                 else:
                     raise ValueError(f"unknown parameter {k!r} for plan efb")
             say(f"offline EFB run (gradient determinations bracketing weighings of the 1 mg artifact), seed {seed}")
-            res = asyncio.run(offline_efb(seed, progress=say, **kw))
+            res = asyncio.run(offline_efb(seed, progress=say, noise=noise, **kw))
             e = res.analysis
             say("dC/dz = " + ", ".join(f"{d * 1e9:.7f} nF/m (u rel. {u / d:.1e})"
                                        for d, u in zip(e.dcdz_f_m, e.u_dcdz_f_m))

@@ -264,12 +264,13 @@ async def cmd_sim(args: argparse.Namespace) -> int:
             print(f"sim: process {line}", flush=True)
     except ValueError as exc:
         raise SystemExit(f"kibble sim: {exc}") from None
-    server = SimServer(model=args.model, clock=args.clock, rate_hz=args.rate, seed=args.seed,
+    server = SimServer(model=args.model, clock=args.clock, rate_hz=args.rate, seed=args.seed, noise=args.noise,
                        params=overrides, broker_url=args.broker, instrument=args.instrument,
                        expect=expect, lockstep_timeout_s=args.lockstep_timeout,
                        drop_after_misses=args.drop_after, truth_every=args.truth_every,
                        max_frames=args.frames, client_id=args.client_id)
-    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, on {redact_url(args.broker)}, "
+    print(f"sim: {args.model} {args.clock} at {args.rate:g} Hz, seed {args.seed}, noise {args.noise}, "
+          f"on {redact_url(args.broker)}, "
           f"instrument {args.instrument}", flush=True)
     await server.run()
     return 0
@@ -303,7 +304,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
                     None if args.together is None else
                     tuple(tuple(n for n in g.split(",") if n) for g in args.together))
         stack = Stack(args.sim, clock=args.clock, rate_hz=args.rate, broker_url=args.broker,
-                      seed=args.seed, run_dir=args.run_dir, arm=not args.no_arm, settings=settings,
+                      seed=args.seed, noise=args.noise, run_dir=args.run_dir, arm=not args.no_arm,
+                      settings=settings,
                       measurement=args.measurement, together=together, process=process,
                       credentials_dir=args.credentials)
     except ValueError as exc:
@@ -339,7 +341,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from kibble.services.demo import format_table, run_demo
 
-    rows = await run_demo(rate_hz=args.rate, run_dir=args.run_dir,
+    rows = await run_demo(rate_hz=args.rate, run_dir=args.run_dir, noise=args.noise,
                           say=lambda line: print(line, flush=True))
     print()
     print(format_table(rows))
@@ -365,7 +367,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
                                             args.json, args.plots))
     from kibble.services.campaign import cli_measure_offline
 
-    return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots)
+    return cli_measure_offline(args.plan, params, args.seed, args.json, args.plots, noise=args.noise)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -415,9 +417,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                               ("settle_s", args.rt_settle)) if value is not None}
     soak = {key: value for key, value in (("seconds", args.soak_seconds), ("case", args.soak_case))
             if value is not None}
+    fidelity = {key: value for key, value in (("triplets", args.fidelity_triplets),
+                                              ("seed", args.fidelity_seed)) if value is not None}
     results = run_benchmarks(args.only, broker=args.broker_url,
                              progress=lambda s: print(s, file=sys.stderr, flush=True),
-                             group_args={"realtime": realtime, "soak": soak})
+                             group_args={"realtime": realtime, "soak": soak, "fidelity": fidelity})
     text = json.dumps(results, indent=2, sort_keys=True)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -427,6 +431,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+
+
+def _noise_profile(text: str) -> str:
+    """``--noise``: one of the simulator's noise profiles (checked here, on parsing, so that a
+    command without the option, ``kibble analyze``, never loads the simulator's package)."""
+    from kibble.hil_sim.params import NOISE_PROFILES
+
+    if text not in NOISE_PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown noise profile {text!r}; one of {', '.join(NOISE_PROFILES)}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--instrument", default=_env_instrument(),
                        help="instrument id, first topic level after kb/ (default %(default)s)")
         auth_args(p)
+
+    def noise_arg(p: argparse.ArgumentParser, where: str = "") -> None:
+        p.add_argument("--noise", type=_noise_profile, default="published", metavar="PROFILE",
+                       help=f"{where}the simulator's noise profile: published (as noisy as the "
+                            "seeds' instruments), quiet (the small, known noise tests use) or off "
+                            "(default %(default)s)")
 
     def bus_args(p: argparse.ArgumentParser) -> None:
         bus_args_no_timeout(p)
@@ -552,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="plant parameter override, e.g. wheel.q=300 (repeatable; wins over --params)")
     p.add_argument("--seed", type=int, default=0, help="random seed (lockstep runs are reproducible)")
+    noise_arg(p)
     p.add_argument("--expect", action="append", default=[], metavar="DEV[,DEV]",
                    help="lockstep: devices that must register before frame 0")
     p.add_argument("--lockstep-timeout", type=float, default=1.0,
@@ -581,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kibble-NAME, password from DIR/kibble-NAME.password "
                         "(kibble deploy-credentials writes them)")
     p.add_argument("--seed", type=int, default=0, help="simulator random seed")
+    noise_arg(p)
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "up",
                    help="logs and state files of the daemons")
     p.add_argument("--no-arm", action="store_true", help="leave the actuators disarmed")
@@ -602,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="frame (loop) rate in Hz")
     p.add_argument("--run-dir", type=Path, default=Path(".state") / "demo",
                    help="logs and state files of the daemons")
+    noise_arg(p)
     p.set_defaults(func=cmd_demo, is_async=True)
 
     p = sub.add_parser("measure", help="run a measurement plan and analyse it (--offline: in process)")
@@ -616,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="live: recording name (default: plan and time)")
     p.add_argument("--timeout", type=float, default=3600.0, help="live: give up after S seconds")
     p.add_argument("--seed", type=int, default=1, help="simulator seed (offline)")
+    noise_arg(p, "offline: ")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("--plots", default=None, metavar="DIR", help="write the analysis plots (PNG)")
     bus_args_no_timeout(p)
@@ -657,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "NIST-4 plants drawn inside their tolerances, closed loop), realtime (the "
                         "whole stack in real time seen from outside, ~22 min), soak (an hour in "
                         "real time with a broker restart), views (what the dashboard and the EPICS "
-                        "server cost a 1 kHz stack); repeatable; default all but hil, "
-                        "campaign, robust, realtime, soak and views")
+                        "server cost a 1 kHz stack), fidelity (the simulator's scatter beside the "
+                        "published instruments', ~80 min simulated); repeatable; default all but hil, "
+                        "campaign, robust, realtime, soak, views and fidelity")
     p.add_argument("--json", metavar="PATH", help="also write the JSON to PATH")
     p.add_argument("--broker", dest="broker_url", default=None,
                    help="use this broker instead of starting a private mosquitto")
@@ -674,6 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 3600, at least 30)")
     p.add_argument("--soak-case", default=None, metavar="MODEL:HZ",
                    help="soak: instrument and frame rate (default nist4:200)")
+    p.add_argument("--fidelity-triplets", type=int, default=None, metavar="N",
+                   help="fidelity: NIST-4 triplets of the run (default 8, at least 2; the triplet "
+                        "scatter's uncertainty goes as 1/sqrt(N))")
+    p.add_argument("--fidelity-seed", type=int, default=None, metavar="SEED",
+                   help="fidelity: simulator seed (default 1)")
     auth_args(p)
     p.set_defaults(func=cmd_bench, is_async=False)
     return parser

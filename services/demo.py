@@ -51,8 +51,9 @@ def _row(name: str, value: float, unit: str, target: str, ok: bool | None) -> tu
 
 async def run_demo(rate_hz: float = 200.0, run_dir: Path = Path(".state") / "demo",
                    plan: DemoPlan = DemoPlan(),
-                   say: Callable[[str], None] = print) -> list[tuple[str, ...]]:
-    """Run the demonstration; returns the summary rows (name, value, unit, target, verdict)."""
+                   say: Callable[[str], None] = print, noise: str = "published") -> list[tuple[str, ...]]:
+    """Run the demonstration on the simulator's noise profile ``noise``; returns the summary
+    rows (name, value, unit, target, verdict)."""
     rows: list[tuple[str, ...]] = []
     t_start = time.monotonic()
     next_line = [0.0]
@@ -62,8 +63,8 @@ async def run_demo(rate_hz: float = 200.0, run_dir: Path = Path(".state") / "dem
             next_line[0] = t_sim + 10.0
             say(f"    ... {t_sim:6.0f} s simulated, {time.monotonic() - t_start:5.0f} s wall")
 
-    say(f"== NIST-4 on the simulator, lockstep at {rate_hz:g} Hz")
-    async with Stack("nist4", clock="lockstep", rate_hz=rate_hz, run_dir=run_dir / "nist4",
+    say(f"== NIST-4 on the simulator, lockstep at {rate_hz:g} Hz, noise {noise}")
+    async with Stack("nist4", clock="lockstep", rate_hz=rate_hz, run_dir=run_dir / "nist4", noise=noise,
                      progress=lambda s: say(f"  {s}")) as stack:
         assert stack.broker_url is not None
         async with BusLoop(stack.broker_url, stack.instrument, rate_hz, progress=progress) as loop:
@@ -100,8 +101,8 @@ async def run_demo(rate_hz: float = 200.0, run_dir: Path = Path(".state") / "dem
                              "urad", "report", None))
             stats = await loop.sim("stats")
             rows.append(_row("nist4_steps_per_s", stats["steps_per_s"], "1/s", "report", None))
-    say(f"== EFB on the simulator, lockstep at {rate_hz:g} Hz")
-    async with Stack("efb", clock="lockstep", rate_hz=rate_hz, run_dir=run_dir / "efb",
+    say(f"== EFB on the simulator, lockstep at {rate_hz:g} Hz, noise {noise}")
+    async with Stack("efb", clock="lockstep", rate_hz=rate_hz, run_dir=run_dir / "efb", noise=noise,
                      progress=lambda s: say(f"  {s}")) as stack:
         assert stack.broker_url is not None
         next_line[0] = 0.0

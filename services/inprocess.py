@@ -52,7 +52,8 @@ class InProcessStack:
     :param params: initial parameter values per service, ``{"servo": {"kp_n_m": 1e4}}``.
     :param settings: settings per service (``frame_rate_hz`` is always ``rate_hz``).
     :param services: the daemons to run (default: all of the instrument's).
-    :param noise: the plant's noise profile (``hil_sim.params.NOISE_PROFILES``).
+    :param noise: the plant's noise profile (``hil_sim.params.NOISE_PROFILES``): ``published``
+        (as noisy as the seeds' instruments, the default), ``quiet`` or ``off``.
     """
 
     def __init__(self, model: str = "nist4", rate_hz: float = 1000.0, seed: int = 0,

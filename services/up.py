@@ -106,6 +106,8 @@ class Stack:
     broker_url: str | None = None
     instrument: str = ""
     seed: int = 0
+    noise: str = "published"
+    """The simulator's noise profile (``kibble sim --noise``)."""
     run_dir: Path = field(default_factory=lambda: Path(".state") / "up")
     sim_args: list[str] = field(default_factory=list)
     measurement: bool = False
@@ -260,7 +262,8 @@ class Stack:
         rate = f"{self.rate_hz:g}"
         sim = Child("sim", self._launcher("sim") + self._kibble(
                         "sim", "--model", self.model, "--clock", self.clock, "--rate", rate,
-                        "--seed", str(self.seed), "--expect", ",".join(self.spec.devices),
+                        "--seed", str(self.seed), "--noise", self.noise,
+                        "--expect", ",".join(self.spec.devices),
                         *self._process_args("sim"), *self.sim_args, *self._bus_args("sim")),
                     logs / "sim.log")
         self.children["sim"] = sim

@@ -25,8 +25,12 @@ from kibble.services import campaign as C
 pytestmark = pytest.mark.slow
 
 SEEDS = (1, 2, 3, 4)
+# quiet: one triplet's stated u is its regression's, which cannot show the published profile's
+# set-to-set trajectory error (one draw per velocity set, common to its sweeps); the paper
+# states the one-triplet scatter from many triplets (Fig. 14), as kibble bench --only fidelity
+# measures it. Here the analysis's uncertainty statement is checked against the scatter it can see.
 KW = {"rate_hz": 200.0, "velocity": C.NIST4_TEST_VELOCITY, "force": C.NIST4_TEST_FORCE,
-      "servo": C.NIST4_TEST_SERVO}
+      "servo": C.NIST4_TEST_SERVO, "noise": "quiet"}
 
 
 @pytest.fixture(scope="module")
