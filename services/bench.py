@@ -18,7 +18,8 @@ Groups:
   :data:`DEFAULT_GROUPS`; ``--only robust`` runs it.
 - ``fidelity``: ``kibble.services.fidelitybench`` (the simulator's scatter on the published
   noise profile beside seed 001's: ``fidelity_h_triplet_scatter_rel``,
-  ``fidelity_flux_velocity_rel``, ``fidelity_flux_force_rel``, each with ``_published``,
+  ``fidelity_flux_velocity_rel``, ``fidelity_flux_force_rel``, and seed 000's EFB null
+  ``fidelity_efb_null_nm`` beside our loop's ``efb_null_rms_nm``, each with ``_published``,
   ``_ratio`` and ``_u``). Not in :data:`DEFAULT_GROUPS`: 8 triplets take ~80 minutes
   simulated; ``--only fidelity`` runs it (``--fidelity-triplets``, ``--fidelity-seed``).
 - ``realtime``: ``kibble.services.rtbench`` (the whole stack in real time, in force mode, seen

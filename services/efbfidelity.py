@@ -36,7 +36,7 @@ from kibble.services import scenarios as S
 from kibble.services.inprocess import InProcessStack
 from kibble.services.runtime import load_config
 from kibble.services.servo import Servo
-from kibble.services.up import stack_config
+from kibble.services.instruments import instrument
 
 __all__ = ["NULL_PUBLISHED_NM", "PAPER_CROSSOVER_HZ", "RATE_HZ", "efb_force_plant", "loop_gains",
            "default_loop_gains", "loop_figures", "predicted_null_nm", "efb_null_fidelity"]
@@ -72,7 +72,7 @@ def loop_gains(crossover_hz: float, params: Params | None = None) -> dict[str, f
 def default_loop_gains() -> dict[str, float]:
     """The EFB servo's gains as ``kibble up --sim efb`` configures them (services/efb.toml over
     the servo's defaults)."""
-    cfg = load_config("servo", stack_config("efb"), restore=False)
+    cfg = load_config("servo", instrument("efb").config, restore=False)
     return {name: float(cfg.params.get(name, Servo.__dict__[name].default)) for name in GAIN_NAMES}
 
 
