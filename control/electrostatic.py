@@ -28,10 +28,10 @@ def thetaz_gain_nm_per_v2(radius_m: float, gap_m: float, area_m2: float, n_plate
 
 
 @njit(cache=True, error_model="numpy")
-def efb_force_to_voltage(force_n, kappa_f_m, v_surface_v, polarity, v_limit_v, v_hold_v, out_v):
+def efb_force_to_voltage(force_n, kappa_f_per_m, v_surface_v, polarity, v_limit_v, v_hold_v, out_v):
     """Electrode voltage for a requested EFB force.
 
-    ``force_n[n]`` (N), ``kappa_f_m`` (F/m), ``v_surface_v`` (V), ``polarity`` (+1 or -1),
+    ``force_n[n]`` (N), ``kappa_f_per_m`` (F/m), ``v_surface_v`` (V), ``polarity`` (+1 or -1),
     ``v_limit_v`` (V, |V| <= limit), ``v_hold_v`` (V, output held for a non-finite first
     sample), ``out_v[n]`` (V). A negative force (not realizable) gives ``V_s`` (zero force);
     a force beyond the limit is clamped; a non-finite request holds the previous output.
@@ -47,7 +47,7 @@ def efb_force_to_voltage(force_n, kappa_f_m, v_surface_v, polarity, v_limit_v, v
         if f < 0.0:
             f = 0.0
             n_flag += 1
-        v = v_surface_v + polarity * math.sqrt(f / kappa_f_m)
+        v = v_surface_v + polarity * math.sqrt(f / kappa_f_per_m)
         if v != v:
             v = last
             n_flag += 1

@@ -41,17 +41,17 @@ def _sweep_shape(speed, accel, jerk):
     return a, tj, speed / a + tj
 
 
-def sweep_duration_s(speed_m_s: float, accel_m_s2: float, travel_m: float,
-                     jerk_m_s3: float = math.inf) -> float:
+def sweep_duration_s(speed_m_per_s: float, accel_m_per_s2: float, travel_m: float,
+                     jerk_m_per_s3: float = math.inf) -> float:
     """Duration (s) of one sweep; raises ``ValueError`` if the travel is too short to reach
     the speed."""
-    if not (speed_m_s > 0 and accel_m_s2 > 0 and travel_m > 0 and jerk_m_s3 > 0):
+    if not (speed_m_per_s > 0 and accel_m_per_s2 > 0 and travel_m > 0 and jerk_m_per_s3 > 0):
         raise ValueError("sweep needs positive speed, acceleration, travel and jerk")
-    a, tj, ta = _sweep_shape(speed_m_s, accel_m_s2, jerk_m_s3)
-    d_acc = 0.5 * speed_m_s * ta
+    a, tj, ta = _sweep_shape(speed_m_per_s, accel_m_per_s2, jerk_m_per_s3)
+    d_acc = 0.5 * speed_m_per_s * ta
     if 2.0 * d_acc > travel_m:
         raise ValueError(f"travel {travel_m} m too short: acceleration + deceleration need {2 * d_acc} m")
-    return 2.0 * ta + (travel_m - 2.0 * d_acc) / speed_m_s
+    return 2.0 * ta + (travel_m - 2.0 * d_acc) / speed_m_per_s
 
 
 def sweep_plan(n_sweeps: int, centre_m: float = 0.0, travel_m: float = 0.08):
@@ -63,18 +63,18 @@ def sweep_plan(n_sweeps: int, centre_m: float = 0.0, travel_m: float = 0.08):
 
 
 @njit(cache=True, error_model="numpy")
-def sweep_eval(t_s, start_m, direction, speed_m_s, accel_m_s2, jerk_m_s3, travel_m, out):
+def sweep_eval(t_s, start_m, direction, speed_m_per_s, accel_m_per_s2, jerk_m_per_s3, travel_m, out):
     """One velocity-mode sweep at times ``t_s[n]`` (s, 0 = sweep start).
 
-    Accelerate at ``accel_m_s2`` (jerk-limited to ``jerk_m_s3`` unless it is inf: trapezoid),
-    cruise at ``speed_m_s``, decelerate symmetrically, stopping exactly at
+    Accelerate at ``accel_m_per_s2`` (jerk-limited to ``jerk_m_per_s3`` unless it is inf: trapezoid),
+    cruise at ``speed_m_per_s``, decelerate symmetrically, stopping exactly at
     ``start_m + direction * travel_m`` (direction +1 up, -1 down). The deceleration is the
     time-reversed acceleration, ``p(t) = L - p_acc(T - t)``. Before the start the profile rests
     at ``start_m`` (also for a NaN time), after the end at the end point. ``out[n, 3]``: position (m), velocity (m/s),
     acceleration (m/s^2). Use :func:`sweep_duration_s` to validate the parameters."""
-    a, tj, ta = _sweep_shape(speed_m_s, accel_m_s2, jerk_m_s3)
-    d_acc = 0.5 * speed_m_s * ta
-    total = 2.0 * ta + (travel_m - 2.0 * d_acc) / speed_m_s
+    a, tj, ta = _sweep_shape(speed_m_per_s, accel_m_per_s2, jerk_m_per_s3)
+    d_acc = 0.5 * speed_m_per_s * ta
+    total = 2.0 * ta + (travel_m - 2.0 * d_acc) / speed_m_per_s
     for k in range(t_s.shape[0]):
         t = t_s[k]
         if t <= 0.0 or t != t:
@@ -82,11 +82,11 @@ def sweep_eval(t_s, start_m, direction, speed_m_s, accel_m_s2, jerk_m_s3, travel
         elif t >= total:
             p, v, acc = travel_m, 0.0, 0.0
         elif t < ta:
-            p, v, acc = _accel_phase(t, speed_m_s, a, tj)
+            p, v, acc = _accel_phase(t, speed_m_per_s, a, tj)
         elif t <= total - ta:
-            p, v, acc = d_acc + speed_m_s * (t - ta), speed_m_s, 0.0
+            p, v, acc = d_acc + speed_m_per_s * (t - ta), speed_m_per_s, 0.0
         else:
-            p, v, acc = _accel_phase(total - t, speed_m_s, a, tj)
+            p, v, acc = _accel_phase(total - t, speed_m_per_s, a, tj)
             p, acc = travel_m - p, -acc
         if t >= total:
             out[k, 0] = start_m + direction * travel_m
@@ -145,7 +145,7 @@ def erase_eval(t_s, centre_m, amplitude_m, decay_s, freq_hz, duration_s, out):
 
 
 @njit(cache=True, error_model="numpy")
-def load_step_feedforward(t_s, t0_s, ramp_s, delta_mass_kg, g_m_s2, bl_t_m, lag_s, out):
+def load_step_feedforward(t_s, t0_s, ramp_s, delta_mass_kg, g_m_per_s2, bl_t_m, lag_s, out):
     """Main-coil current increment (A) that cancels a known load change on the main side.
 
     The load (mass put on: ``delta_mass_kg > 0``; taken off or auxiliary mass lifted off the
@@ -154,7 +154,7 @@ def load_step_feedforward(t_s, t0_s, ramp_s, delta_mass_kg, g_m_s2, bl_t_m, lag_
     ``dI(t) = delta_m g / Bl * clip((t - t0)/ramp, 0, 1) + lag_s d/dt(...)``, the second term
     cancelling a first-order current-source lag of ``lag_s`` (s; 0 = none); a NaN time gives 0. ``t_s[n]`` (s),
     ``out[n]`` current increment (A)."""
-    di = delta_mass_kg * g_m_s2 / bl_t_m
+    di = delta_mass_kg * g_m_per_s2 / bl_t_m
     for k in range(t_s.shape[0]):
         x = (t_s[k] - t0_s) / ramp_s
         if x <= 0.0 or x != x:
@@ -166,16 +166,16 @@ def load_step_feedforward(t_s, t0_s, ramp_s, delta_mass_kg, g_m_s2, bl_t_m, lag_
 
 
 def load_step_feedforward_at(t_s: float, t0_s: float, ramp_s: float, delta_mass_kg: float,
-                             g_m_s2: float, bl_t_m: float, lag_s: float) -> float:
+                             g_m_per_s2: float, bl_t_m: float, lag_s: float) -> float:
     """:func:`load_step_feedforward` at one time ``t_s`` (s), in plain Python: a service's
     per-frame call costs a fraction of the kernel's dispatch. The same IEEE operations in the
     same order (the kernel is compiled without fastmath), so the same bits."""
     if ramp_s == 0.0 or bl_t_m == 0.0:  # the kernel's division by zero (inf/nan, no exception)
         out = np.zeros(1)
         load_step_feedforward(np.array([t_s], dtype=float), t0_s, ramp_s, delta_mass_kg,
-                              g_m_s2, bl_t_m, lag_s, out)
+                              g_m_per_s2, bl_t_m, lag_s, out)
         return float(out[0])
-    di = delta_mass_kg * g_m_s2 / bl_t_m
+    di = delta_mass_kg * g_m_per_s2 / bl_t_m
     x = (t_s - t0_s) / ramp_s
     if x <= 0.0 or x != x:
         return 0.0

@@ -83,18 +83,18 @@ EFB_DEVICES = efb_devices(load_params("efb"))
 # plant truth field -> (bus name, offset added); the plant's degC become K
 _TRUTH_MAP = {
     "nist4": {
-        "theta": "theta_rad", "omega": "omega_rad_s", "z": "z_m", "vz": "vz_m_s",
+        "theta": "theta_rad", "omega": "omega_rad_per_s", "z": "z_m", "vz": "vz_m_per_s",
         "i_main": "i_main_a", "i_cm": "i_cm_a", "i_main_reg": "i_main_reg_a",
         "i_cm_reg": "i_cm_reg_a", "x": "x_m", "y": "y_m", "theta_x": "theta_x_rad",
-        "theta_y": "theta_y_rad", "theta_z": "theta_z_rad", "vx": "vx_m_s", "vy": "vy_m_s",
-        "wx": "wx_rad_s", "wy": "wy_rad_s", "wz": "wz_rad_s", "bl": "bl_t_m", "emf": "emf_v",
+        "theta_y": "theta_y_rad", "theta_z": "theta_z_rad", "vx": "vx_m_per_s", "vy": "vy_m_per_s",
+        "wx": "wx_rad_per_s", "wy": "wy_rad_per_s", "wz": "wz_rad_per_s", "bl": "bl_t_m", "emf": "emf_v",
         "coil_voltage": "coil_voltage_v", "magnet_temperature": "magnet_temperature_k",
-        "agx": "agx_m_s2", "agy": "agy_m_s2", "agz": "agz_m_s2", "m_test": "m_test_kg",
+        "agx": "agx_m_per_s2", "agy": "agy_m_per_s2", "agz": "agz_m_per_s2", "m_test": "m_test_kg",
         "m_aux": "m_aux_kg", "tau_hyst": "tau_hyst_n_m"},
     "efb": {
-        "z": "z_m", "vz": "vz_m_s", "v_amp": "v_amp_v", "v_out": "v_out_v", "f_main": "f_main_n",
-        "f_aux": "f_aux_n", "dcdz": "dcdz_f_m", "capacitance": "capacitance_f",
-        "temperature": "temperature_k", "agz": "agz_m_s2", "m_load": "m_load_kg",
+        "z": "z_m", "vz": "vz_m_per_s", "v_amp": "v_amp_v", "v_out": "v_out_v", "f_main": "f_main_n",
+        "f_aux": "f_aux_n", "dcdz": "dcdz_f_per_m", "capacitance": "capacitance_f",
+        "temperature": "temperature_k", "agz": "agz_m_per_s2", "m_load": "m_load_kg",
         "f_hyst": "f_hyst_n"},
 }
 _KELVIN_TRUTH = {"magnet_temperature_k", "temperature_k"}

@@ -418,26 +418,26 @@ class EfbPlant:
         P = np.zeros(NP)
         P[P_H] = self.dt
         P[P_M] = p["linkage.mass_kg"]
-        P[P_K] = p["linkage.stiffness_N_m"]
+        P[P_K] = p["linkage.stiffness_N_per_m"]
         diss = 1.0 if p["mechanics.dissipation"] else 0.0
         # the flexures' losses and anelasticity, stated at the nominal (positive) stiffness; the
-        # buckling spring that tunes linkage.stiffness_N_m through zero changes neither
-        k_nominal = p["linkage.nominal_stiffness_N_m"]
+        # buckling spring that tunes linkage.stiffness_N_per_m through zero changes neither
+        k_nominal = p["linkage.nominal_stiffness_N_per_m"]
         P[P_C] = diss * math.sqrt(k_nominal * P[P_M]) / p["linkage.q"]
-        P[P_G] = p["sim.g_m_s2"]
+        P[P_G] = p["sim.g_m_per_s2"]
         P[P_IMB] = p["linkage.imbalance_fraction"]
         P[P_TARE] = p["linkage.tare_force_N"]
         P[P_STOP] = p["linkage.stop_m"]
-        P[P_KSTOP] = p["linkage.stop_stiffness_N_m"]
+        P[P_KSTOP] = p["linkage.stop_stiffness_N_per_m"]
         P[P_CSTOP] = 2 * math.sqrt(P[P_KSTOP] * P[P_M])
-        P[P_DC] = p["capacitor.dcdz_F_m"]
+        P[P_DC] = p["capacitor.dcdz_F_per_m"]
         P[P_ZS] = p["capacitor.profile_scale_m"]
         P[P_A1:P_A5 + 1] = p["capacitor.profile_coeffs"]
         P[P_C0] = p["capacitor.c0_pF"] * 1e-12
-        P[P_TC] = p["capacitor.temp_coeff_F_m_K"]
+        P[P_TC] = p["capacitor.temp_coeff_F_per_m_K"]
         P[P_TREF] = p["capacitor.temp_ref_C"]
         P[P_VS] = p["capacitor.surface_potential_V"]
-        P[P_DCA] = p["capacitor.aux_dcdz_F_m"]
+        P[P_DCA] = p["capacitor.aux_dcdz_F_per_m"]
         P[P_VSA] = p["capacitor.aux_surface_potential_V"]
         P[P_TAUHV] = p["hv.tau_s"]
         P[P_TICKN] = self.tick_n
@@ -506,17 +506,17 @@ class EfbPlant:
         P[P_NX] = NX_FIXED + len(poles) if drawn else 0
         P[P_TILTA] = math.exp(-tick_s / p["tilt.tau_s"])
         P[P_TILTS] = sw("tilt") * p["tilt.std_rad"] * math.sqrt(1.0 - P[P_TILTA] ** 2)
-        P[P_TILTK] = p["linkage.mass_kg"] * p["sim.g_m_s2"] * p["tilt.travel_angle_rad"]
+        P[P_TILTK] = p["linkage.mass_kg"] * p["sim.g_m_per_s2"] * p["tilt.travel_angle_rad"]
         kt = BOLTZMANN_J_K * (p["temperature.initial_C"] + 273.15)
-        m0 = p["gas.molar_mass_kg_mol"] / AVOGADRO_PER_MOL
+        m0 = p["gas.molar_mass_kg_per_mol"] / AVOGADRO_PER_MOL
         beta_per_pa = p["gas.area_m2"] * math.sqrt(32.0 * m0 / (math.pi * kt))
         P[P_GASS] = sw("residual_gas") * white_std(math.sqrt(4.0 * kt * beta_per_pa), 1.0 / tick_s)
         P[P_VSW] = sw("surface_potential_drift") * p["capacitor.surface_potential_walk_V_sqrt_s"] * math.sqrt(tick_s)
         P[P_THON] = sw("thermal_drift")
         P[P_TLA] = math.exp(-tick_s / p["thermal.link_tau_s"])
         P[P_TL0] = p["temperature.initial_C"]
-        P[P_TFK] = p["thermal.force_coeff_N_K"]
-        P[P_TZK] = p["thermal.ifo_path_m_K"]
+        P[P_TFK] = p["thermal.force_coeff_N_per_K"]
+        P[P_TZK] = p["thermal.ifo_path_m_per_K"]
         P[P_IFOQ] = sw("ifo_quantization") * 4.0 * math.pi * p["interferometer.resolution_m"] / P[P_LAM]
 
     def _stationary_start(self) -> None:

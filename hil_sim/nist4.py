@@ -1033,8 +1033,8 @@ class Nist4Plant:
         r = p["wheel.radius_m"]
         P[P_H] = self.dt
         P[P_R] = r
-        P[P_G] = p["sim.g_m_s2"]
-        P[P_K] = p["wheel.knife_stiffness_N_m_rad"]
+        P[P_G] = p["sim.g_m_per_s2"]
+        P[P_K] = p["wheel.knife_stiffness_N_m_per_rad"]
         P[P_JW] = p["wheel.inertia_kg_m2"]
         P[P_MTARE] = p["main_side.tare_mass_kg"]
         P[P_MCS] = p["counter_side.mass_kg"]
@@ -1044,11 +1044,11 @@ class Nist4Plant:
         diss = 1.0 if p["mechanics.dissipation"] else 0.0
         # the knife edge's losses and anelasticity belong to its contact, stated at the nominal
         # (positive) stiffness; tuning the centre of mass through zero changes neither
-        k_nominal = p["wheel.nominal_stiffness_N_m_rad"]
+        k_nominal = p["wheel.nominal_stiffness_N_m_per_rad"]
         P[P_C] = diss * math.sqrt(k_nominal * J0) / p["wheel.q"]
         P[P_FG] = p["wheel.gravity_fraction"]
         P[P_STOP] = p["wheel.stop_rad"]
-        P[P_KSTOP] = p["wheel.stop_stiffness_N_m_rad"]
+        P[P_KSTOP] = p["wheel.stop_stiffness_N_m_per_rad"]
         P[P_CSTOP] = 2.0 * math.sqrt(P[P_KSTOP] * J0)
         P[P_RATE] = 1.0 / p["main_side.lift_ramp_s"]  # 1/s: an event's load rate is |delta m| P_RATE
         self._ramp_s = p["main_side.lift_ramp_s"]
@@ -1143,7 +1143,7 @@ class Nist4Plant:
         P[P_PNLPH] = math.radians(p["interferometer.nonlinearity_phase_deg"])
         P[P_TRJS] = sw("trajectory") * p["trajectory.sweep_rel_std"]
         P[P_TRJSET] = sw("trajectory") * p["trajectory.set_rel_std"]
-        P[P_TRJV] = p["trajectory.speed_threshold_m_s"]
+        P[P_TRJV] = p["trajectory.speed_threshold_m_per_s"]
         fla, flb1 = flicker_poles(p["tilt.f_lo_hz"], p["tilt.f_hi_hz"], p["tilt.poles_per_decade"],
                                   1.0 / f_frame, 1.0)
         amp = sw("tilt") * p["tilt.flicker_asd_rad"]

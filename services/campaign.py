@@ -84,14 +84,14 @@ class NistResult:
 class EfbResult:
     """One offline EFB campaign: its analysis (the mass, dC/dz, their uncertainties) and the run.
 
-    seed, rate_hz, mass_true_kg (the plant's artifact), kappa_true_f_m (the plant's kappa at
+    seed, rate_hz, mass_true_kg (the plant's artifact), kappa_true_f_per_m (the plant's kappa at
     z = 0 at the end, for comparison only), sim_s, wall_s, exit_status, analysis.
     """
 
     seed: int
     rate_hz: float
     mass_true_kg: float
-    kappa_true_f_m: float
+    kappa_true_f_per_m: float
     sim_s: float
     wall_s: float
     exit_status: str
@@ -111,9 +111,9 @@ class EfbResult:
         and of the measured kappa."""
         return {"seed": self.seed, "rate_hz": self.rate_hz, **self.analysis.summary(),
                 "mass_true_kg": self.mass_true_kg, "mass_rel_err": self.mass_rel_err,
-                "kappa_true_f_m": self.kappa_true_f_m, "sim_s": self.sim_s, "wall_s": self.wall_s,
+                "kappa_true_f_per_m": self.kappa_true_f_per_m, "sim_s": self.sim_s, "wall_s": self.wall_s,
                 "exit_status": self.exit_status, "z_score": self.z_score,
-                "kappa_rel_err": self.analysis.kappa_f_m / self.kappa_true_f_m - 1.0}
+                "kappa_rel_err": self.analysis.kappa_f_per_m / self.kappa_true_f_per_m - 1.0}
 
     def write_plots(self, directory) -> list[str]:
         """The analysis's PNGs, the true mass drawn for reference."""
@@ -174,11 +174,11 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
             "nist4_run", {"force_sets": force_sets, "velocity": dict(velocity or {}),
                           "force": dict(force or {})})
         p = stack.plant.params
-        mass, g = float(p["main_side.test_mass_kg"]), float(p["sim.g_m_s2"])
+        mass, g = float(p["main_side.test_mass_kg"]), float(p["sim.g_m_per_s2"])
         resistance = float(stack.services["daq"].settings.std_resistor_ohm)
     finally:
         stack.close()
-    analysis = an.analyze_run(docs, {"test_mass_kg": mass, "g_m_s2": g}, budget=budget,
+    analysis = an.analyze_run(docs, {"test_mass_kg": mass, "g_m_per_s2": g}, budget=budget,
                               resistance_ohm=resistance, order=order,
                               temp_coeff_per_k=temp_coeff_per_k,
                               velocity_regression=velocity_regression)
@@ -213,10 +213,10 @@ async def offline_efb(seed: int, *, rate_hz: float = 200.0, runs: int = 6, settl
                         "weighing": {"settle_s": settle_s, "window_s": window_s}})
         kappa_true = float(stack.plant.kappa(0.0))
         p = stack.plant.params
-        mass, g = float(p["masses.small_kg"]), float(p["sim.g_m_s2"])
+        mass, g = float(p["masses.small_kg"]), float(p["sim.g_m_per_s2"])
     finally:
         stack.close()
-    analysis = an.analyze_run(docs, {"g_m_s2": g}, budget=budget)
+    analysis = an.analyze_run(docs, {"g_m_per_s2": g}, budget=budget)
     return EfbResult(seed, rate_hz, mass, kappa_true, float(stop["sim_s"]),
                      time.perf_counter() - t0, stop["exit_status"], analysis)
 
@@ -305,8 +305,8 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
             res = asyncio.run(offline_efb(seed, progress=say, noise=noise, **kw))
             e = res.analysis
             say("dC/dz = " + ", ".join(f"{d * 1e9:.7f} nF/m (u rel. {u / d:.1e})"
-                                       for d, u in zip(e.dcdz_f_m, e.u_dcdz_f_m))
-                + f"; kappa / kappa_plant - 1 = {e.kappa_f_m / res.kappa_true_f_m - 1.0:+.2e}")
+                                       for d, u in zip(e.dcdz_f_per_m, e.u_dcdz_f_per_m))
+                + f"; kappa / kappa_plant - 1 = {e.kappa_f_per_m / res.kappa_true_f_per_m - 1.0:+.2e}")
             say(f"m = {e.mass_kg * 1e6:.9f} mg, u = {e.u_mass_kg * 1e12:.3f} ng (rel. {e.u_mass_rel:.2e}; "
                 f"type A of it from dC/dz {e.u_a_dcdz_kg / e.mass_kg:.1e})")
             say(f"m / m_true - 1 = {res.mass_rel_err:+.2e} = {res.z_score:+.2f} u; {e.n_trials} trials; "

@@ -30,7 +30,7 @@ the status detail.
 
 Safety: boots disarmed at zero; limits and slew per source; a setpoint older than
 ``stale_after_s`` (frame clock) holds the current for ``hold_s``, then ramps it to zero at
-``safe_slew_a_s``; the watchdog trips on the coil's vertical-velocity RMS. Out-of-range or
+``safe_slew_a_per_s``; the watchdog trips on the coil's vertical-velocity RMS. Out-of-range or
 non-finite setpoints are rejected with an event and the last good one stays in force.
 """
 
@@ -67,13 +67,13 @@ class CurrentSourceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     main_limit_a: float = 0.015
     """Largest main-coil current accepted (A): 1 kg needs 6.9 mA, the auxiliary mass 3.5 mA."""
     cm_limit_a: float = 0.045
-    main_slew_a_s: float = 0.1
-    cm_slew_a_s: float = 0.2
-    safe_slew_a_s: float = 0.005
+    main_slew_a_per_s: float = 0.1
+    cm_slew_a_per_s: float = 0.2
+    safe_slew_a_per_s: float = 0.005
     """Ramp to zero when going safe (A/s): 7 mA in 1.4 s, slow enough for the 6 H coil."""
     stale_after_s: float = 0.05
     hold_s: float = 1.0
-    watchdog_vz_rms_m_s: float = 0.005
+    watchdog_vz_rms_m_per_s: float = 0.005
     """Coil vertical-velocity RMS that trips (m/s); a sweep runs at 1 mm/s."""
     watchdog_window_s: float = 1.0
 
@@ -90,10 +90,10 @@ class CurrentSource(ActuatorService):
                                     s.cm_fine_span_lsb)
         self.make_guard(GuardConfig(
             names=CURRENTS, limits=(s.main_limit_a, s.cm_limit_a),
-            slew_per_s=(s.main_slew_a_s, s.cm_slew_a_s),
-            safe_slew_per_s=(s.safe_slew_a_s, s.safe_slew_a_s),
+            slew_per_s=(s.main_slew_a_per_s, s.cm_slew_a_per_s),
+            safe_slew_per_s=(s.safe_slew_a_per_s, s.safe_slew_a_per_s),
             frame_period_s=1.0 / s.frame_rate_hz, stale_after_s=s.stale_after_s, hold_s=s.hold_s,
-            watch_names=("coil_vz_m_s",), watchdog_rms=(s.watchdog_vz_rms_m_s,),
+            watch_names=("coil_vz_m_per_s",), watchdog_rms=(s.watchdog_vz_rms_m_per_s,),
             watchdog_window_s=s.watchdog_window_s))
         self.main_connected = True
         """The switchbox as applied: True = the source drives the main coil."""
@@ -145,7 +145,7 @@ class CurrentSource(ActuatorService):
                        data={"frame": frame, "main_coil_current_a": main_a}, rate_limited=False)
 
     def watch_motion(self, frame: DaqFrame) -> Sequence[float]:
-        return (frame.coil_vz_m_s,)
+        return (frame.coil_vz_m_per_s,)
 
     def write_outputs(self, frame: int, outputs: np.ndarray) -> None:
         main = float(outputs[0])

@@ -48,8 +48,8 @@ class DampingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dac_full_scale_v: float = 10.0
     driver_a_per_v: float = 0.005
     limit_a: float = 0.045
-    slew_a_s: float = 20.0
-    safe_slew_a_s: float = 1.0
+    slew_a_per_s: float = 20.0
+    safe_slew_a_per_s: float = 1.0
     stale_after_s: float = 0.05
     hold_s: float = 0.25
     """A stale input holds the coil currents this long before they go to zero (a damping
@@ -62,10 +62,10 @@ class DampingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Damping(ActuatorService):
     name = "damping"
 
-    gain_x_n_s_m = Param(22.6, unit="N s/m", min=0.0, max=1000.0, doc="x velocity damping")
-    gain_y_n_s_m = Param(24.5, unit="N s/m", min=0.0, max=1000.0, doc="y velocity damping")
-    gain_theta_x_n_m_s = Param(1.7, unit="N m s/rad", min=0.0, max=100.0, doc="theta-x rate damping")
-    gain_theta_y_n_m_s = Param(1.9, unit="N m s/rad", min=0.0, max=100.0, doc="theta-y rate damping")
+    gain_x_n_s_per_m = Param(22.6, unit="N s/m", min=0.0, max=1000.0, doc="x velocity damping")
+    gain_y_n_s_per_m = Param(24.5, unit="N s/m", min=0.0, max=1000.0, doc="y velocity damping")
+    gain_theta_x_n_m_s_per_rad = Param(1.7, unit="N m s/rad", min=0.0, max=100.0, doc="theta-x rate damping")
+    gain_theta_y_n_m_s_per_rad = Param(1.9, unit="N m s/rad", min=0.0, max=100.0, doc="theta-y rate damping")
 
     def setup(self) -> None:
         super().setup()
@@ -76,8 +76,8 @@ class Damping(ActuatorService):
         self.dac = Dac(s.dac_bits, s.dac_full_scale_v * s.driver_a_per_v)
         n = len(COILS)
         self.make_guard(GuardConfig(
-            names=COILS, limits=(s.limit_a,) * n, slew_per_s=(s.slew_a_s,) * n,
-            safe_slew_per_s=(s.safe_slew_a_s,) * n, frame_period_s=1.0 / s.frame_rate_hz,
+            names=COILS, limits=(s.limit_a,) * n, slew_per_s=(s.slew_a_per_s,) * n,
+            safe_slew_per_s=(s.safe_slew_a_per_s,) * n, frame_period_s=1.0 / s.frame_rate_hz,
             stale_after_s=s.stale_after_s, hold_s=s.hold_s,
             watch_names=("coil_x_m", "coil_y_m", "coil_theta_x_rad", "coil_theta_y_rad"),
             watchdog_rms=(s.watchdog_xy_rms_m,) * 2 + (s.watchdog_tilt_rms_rad,) * 2,
@@ -91,10 +91,10 @@ class Damping(ActuatorService):
             return
         super().on_daq_frame(frame)
         g = self.generalized
-        g[0] = -self.gain_x_n_s_m * frame.coil_vx_m_s
-        g[1] = -self.gain_y_n_s_m * frame.coil_vy_m_s
-        g[2] = -self.gain_theta_x_n_m_s * frame.coil_wx_rad_s
-        g[3] = -self.gain_theta_y_n_m_s * frame.coil_wy_rad_s
+        g[0] = -self.gain_x_n_s_per_m * frame.coil_vx_m_per_s
+        g[1] = -self.gain_y_n_s_per_m * frame.coil_vy_m_per_s
+        g[2] = -self.gain_theta_x_n_m_s_per_rad * frame.coil_wx_rad_per_s
+        g[3] = -self.gain_theta_y_n_m_s_per_rad * frame.coil_wy_rad_per_s
         currents = self.D @ g if self.relays_closed else np.zeros(len(COILS))
         limit = self.settings.limit_a
         self.drive(frame.frame, np.clip(currents, -limit, limit))

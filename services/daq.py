@@ -152,8 +152,8 @@ class Daq(Service):
         out = DaqFrame(
             frame=hw.frame, sim_time_s=hw.sim_time_s, coil_x_m=p[0], coil_y_m=p[1],
             coil_z_m=p[2], coil_theta_x_rad=p[3], coil_theta_y_rad=p[4], coil_theta_z_rad=p[5],
-            coil_vx_m_s=v[0], coil_vy_m_s=v[1], coil_vz_m_s=v[2], coil_wx_rad_s=v[3],
-            coil_wy_rad_s=v[4], coil_wz_rad_s=v[5], counter_mass_z_m=float(cm_z),
+            coil_vx_m_per_s=v[0], coil_vy_m_per_s=v[1], coil_vz_m_per_s=v[2], coil_wx_rad_per_s=v[3],
+            coil_wy_rad_per_s=v[4], coil_wz_rad_per_s=v[5], counter_mass_z_m=float(cm_z),
             coil_voltage_v=dvm, main_coil_current_a=i_main, counter_mass_current_a=i_cm,
             capacitance_f=cap, temperature_k=hw.temperature_k, pressure_pa=hw.pressure_pa,
             session=hw.session)

@@ -49,14 +49,14 @@ PHASE_MARGIN_DEG = 50.0
 RATE_HZ = 1000.0
 DELAY_SAMPLES = 1
 BAND_HZ = 0.1
-GAIN_NAMES = ("kp_n_m", "ki_n_m_s", "kd_n_s_m", "derivative_filter_s")
+GAIN_NAMES = ("kp_n_per_m", "ki_n_per_m_s", "kd_n_s_per_m", "derivative_filter_s")
 
 
 def efb_force_plant(params: Params) -> ct.TransferFunction:
     """Force on the floating link (N) to its position (m): the linkage ``1 / (m s^2 + c s + k)``
     (damping at the nominal stiffness, as the plant) times the amplifier's first-order lag."""
-    m, k = params["linkage.mass_kg"], params["linkage.stiffness_N_m"]
-    c = math.sqrt(params["linkage.nominal_stiffness_N_m"] * m) / params["linkage.q"]
+    m, k = params["linkage.mass_kg"], params["linkage.stiffness_N_per_m"]
+    c = math.sqrt(params["linkage.nominal_stiffness_N_per_m"] * m) / params["linkage.q"]
     return ct.tf([1.0], [m, c, k]) * ct.tf([1.0], [params["hv.tau_s"], 1.0])
 
 
@@ -66,7 +66,8 @@ def loop_gains(crossover_hz: float, params: Params | None = None) -> dict[str, f
     params = params if params is not None else load_params("efb", noise="quiet")
     g = D.propose_pid(efb_force_plant(params), 1.0 / RATE_HZ, crossover_hz, PHASE_MARGIN_DEG,
                       delay_samples=DELAY_SAMPLES, integral_ratio=5.0, derivative_filter_ratio=5.0)
-    return {"kp_n_m": g["kp"], "ki_n_m_s": g["ki_per_s"], "kd_n_s_m": g["kd_s"], "derivative_filter_s": g["tf_s"]}
+    return {"kp_n_per_m": g["kp"], "ki_n_per_m_s": g["ki_per_s"], "kd_n_s_per_m": g["kd_s"],
+            "derivative_filter_s": g["tf_s"]}
 
 
 def default_loop_gains() -> dict[str, float]:
@@ -77,8 +78,8 @@ def default_loop_gains() -> dict[str, float]:
 
 
 def _c_y(gains: Mapping[str, float]) -> ct.TransferFunction:
-    row = P.pid_params(1, dt_s=1.0 / RATE_HZ, kp=gains["kp_n_m"], ki_per_s=gains["ki_n_m_s"],
-                       kd_s=gains["kd_n_s_m"], tf_s=gains["derivative_filter_s"])[0]
+    row = P.pid_params(1, dt_s=1.0 / RATE_HZ, kp=gains["kp_n_per_m"], ki_per_s=gains["ki_n_per_m_s"],
+                       kd_s=gains["kd_n_s_per_m"], tf_s=gains["derivative_filter_s"])[0]
     return D.pid_tfs(row)[1]
 
 
@@ -105,11 +106,11 @@ def predicted_null_nm(gains: Mapping[str, float], seconds: float,
     # evaluated term by term: the products of the discrete polynomials lose every digit near
     # z = 1 (the linkage's 0.007 Hz resonance), where z - 1 is taken as expm1(j w dt)
     zm1 = np.expm1(2j * np.pi * f * dt)
-    c = (gains["kp_n_m"] + gains["ki_n_m_s"] * dt * (zm1 + 1.0) / zm1
-         + gains["kd_n_s_m"] * zm1 / (gains["derivative_filter_s"] * zm1 + dt * (zm1 + 1.0)))
+    c = (gains["kp_n_per_m"] + gains["ki_n_per_m_s"] * dt * (zm1 + 1.0) / zm1
+         + gains["kd_n_s_per_m"] * zm1 / (gains["derivative_filter_s"] * zm1 + dt * (zm1 + 1.0)))
     s = 2j * np.pi * f
-    m, k = p["linkage.mass_kg"], p["linkage.stiffness_N_m"]
-    damping = math.sqrt(p["linkage.nominal_stiffness_N_m"] * m) / p["linkage.q"]
+    m, k = p["linkage.mass_kg"], p["linkage.stiffness_N_per_m"]
+    damping = math.sqrt(p["linkage.nominal_stiffness_N_per_m"] * m) / p["linkage.q"]
     Pf = 1.0 / (m * s ** 2 + damping * s + k)
     # the amplifier's lag, the sample of delay and the zero-order hold's half sample
     Lf = c * Pf / (p["hv.tau_s"] * s + 1.0) * np.exp(-s * dt * (DELAY_SAMPLES + 0.5))
@@ -119,7 +120,7 @@ def predicted_null_nm(gains: Mapping[str, float], seconds: float,
     w = np.abs(hb) ** 4 * (1.0 - np.sinc(f * seconds) ** 2)
     sig = p["tilt.std_rad"] if p["noise.tilt"] else 0.0
     tau = p["tilt.tau_s"]
-    kt = p["linkage.mass_kg"] * p["sim.g_m_s2"] * p["tilt.travel_angle_rad"]
+    kt = p["linkage.mass_kg"] * p["sim.g_m_per_s2"] * p["tilt.travel_angle_rad"]
     s_force = kt ** 2 * 4.0 * sig ** 2 * tau / (1.0 + (2 * np.pi * f * tau) ** 2)
     a = p["interferometer.flicker_asd_m"] if p["noise.ifo_flicker"] else 0.0
     f_lo, f_hi = p["interferometer.flicker_band_hz"]

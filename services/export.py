@@ -17,7 +17,7 @@ Layout of the HDF5 file:
   key; nested dicts nest further; a value that is a dict in other messages is ``NAME_value``);
   lists of equal length become 2-D datasets; anything else is JSON text per row.
   A numeric dataset whose name has a unit in the bus's table of units
-  (:mod:`kibble.bus_schema.units`: ``bl_t_m`` is T m, ``dcdz_f_m`` F/m) carries it in the
+  (:mod:`kibble.bus_schema.units`: ``bl_t_m`` is T m, ``dcdz_f_per_m`` F/m) carries it in the
   attribute ``unit``; dimensionless and undeclared names carry none (a unit is never guessed
   from a name's suffix).
 - ``/parameters/<service>``: the values of the service's last ``params`` message as

@@ -57,8 +57,8 @@ class HvSourceSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     dac_bits: int = 24
     full_scale_v: float = 1000.0
     limit_v: float = 1000.0
-    slew_v_s: float = 20000.0
-    safe_slew_v_s: float = 500.0
+    slew_v_per_s: float = 20000.0
+    safe_slew_v_per_s: float = 500.0
     stale_after_s: float = 0.05
     pressure_limit_pa: float = 0.1
     """HV only below this pressure (Pa): the Paschen/corona region starts above ~0.1 Pa."""
@@ -78,8 +78,8 @@ class HvSource(ActuatorService):
         s = self.settings = typed_settings(self.config.settings, HvSourceSettings, self.name)
         self.dac = Dac(s.dac_bits, s.full_scale_v)
         self.make_guard(GuardConfig(
-            names=("hv_voltage_v",), limits=(s.limit_v,), slew_per_s=(s.slew_v_s,),
-            safe_slew_per_s=(s.safe_slew_v_s,), frame_period_s=1.0 / s.frame_rate_hz,
+            names=("hv_voltage_v",), limits=(s.limit_v,), slew_per_s=(s.slew_v_per_s,),
+            safe_slew_per_s=(s.safe_slew_v_per_s,), frame_period_s=1.0 / s.frame_rate_hz,
             stale_after_s=s.stale_after_s, hold_s=0.0, watch_names=("coil_z_error_m", "coil_z_m"),
             watchdog_rms=(s.watchdog_z_rms_m, s.travel_limit_m), watchdog_window_s=s.watchdog_window_s))
         self.to_main = True

@@ -49,7 +49,7 @@ class InProcessStack:
     """Plant + daemons of ``model`` at ``rate_hz`` frames per second, seeded.
 
     :param plant_overrides: plant parameters (dotted names, see ``hil_sim/<model>.toml``).
-    :param params: initial parameter values per service, ``{"servo": {"kp_n_m": 1e4}}``.
+    :param params: initial parameter values per service, ``{"servo": {"kp_n_per_m": 1e4}}``.
     :param settings: settings per service (``frame_rate_hz`` is always ``rate_hz``).
     :param services: the daemons to run (default: all of the instrument's).
     :param noise: the plant's noise profile (``hil_sim.params.NOISE_PROFILES``): ``published``

@@ -4,9 +4,9 @@
 
     class Damping(Service):
         name = "damping"
-        gain_x_n_s_m = Param(2.0, unit="N s/m", min=0.0, max=50.0, doc="x velocity gain")
+        gain_x_n_s_per_m = Param(2.0, unit="N s/m", min=0.0, max=50.0, doc="x velocity gain")
 
-Reading ``self.gain_x_n_s_m`` gives the current value. Values change only through the
+Reading ``self.gain_x_n_s_per_m`` gives the current value. Values change only through the
 service's :class:`ParamRegistry` (``param.set`` over the bus, a restored state file, or CLI
 overrides), which validates type and range, keeps an undo history and an audit trail, and
 persists the values.

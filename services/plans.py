@@ -112,11 +112,11 @@ def velocity_set(sweeps: int = 30, travel_m: float = 0.08, margin_s: float = 1.0
     first; the damping is on before each sweep and opened once the coil moves at constant
     velocity. Each sweep's constant-velocity part less ``margin_s`` at either end is one event
     of stream ``sweep``. The sweeps run at the servo's own speed, acceleration and jerk
-    (``sweep_speed_m_s``, ``sweep_accel_m_s2``, ``sweep_jerk_m_s3``); the windows are timed
+    (``sweep_speed_m_per_s``, ``sweep_accel_m_per_s2``, ``sweep_jerk_m_per_s3``); the windows are timed
     from the servo's reply to each sweep, so they hold whatever those are set to."""
-    speed = (yield from cmd("servo", "param.get", name="sweep_speed_m_s"))["value"]
-    accel = (yield from cmd("servo", "param.get", name="sweep_accel_m_s2"))["value"]
-    jerk = (yield from cmd("servo", "param.get", name="sweep_jerk_m_s3"))["value"]
+    speed = (yield from cmd("servo", "param.get", name="sweep_speed_m_per_s"))["value"]
+    accel = (yield from cmd("servo", "param.get", name="sweep_accel_m_per_s2"))["value"]
+    jerk = (yield from cmd("servo", "param.get", name="sweep_jerk_m_per_s3"))["value"]
     sweep_s = sweep_duration_s(speed, accel, travel_m, jerk or math.inf)
     if sweep_s - 2 * (sweep_s - travel_m / speed) - 2 * margin_s <= 0:
         raise ValueError(f"a {travel_m} m sweep has no constant-velocity part to measure")
@@ -135,7 +135,7 @@ def velocity_set(sweeps: int = 30, travel_m: float = 0.08, margin_s: float = 1.0
         direction = "down" if k % 2 == 0 else "up"
         yield from cmd("damping", "close")
         sweep = yield from cmd("servo", "sweep", direction=direction)
-        t_acc = sweep["duration_s"] - travel_m / sweep["speed_m_s"]   # either end (symmetric)
+        t_acc = sweep["duration_s"] - travel_m / sweep["speed_m_per_s"]   # either end (symmetric)
         cruise_s = sweep["duration_s"] - 2 * t_acc - 2 * margin_s
         yield from wait(t_acc + margin_s)
         yield from cmd("damping", "open")
@@ -208,13 +208,13 @@ def efb_weighing(settle_s: float = 10.0, window_s: float = 20.0) -> Plan:
     yield from cmd("servo", "param.set", name="polarity", value="+")
 
 
-def gradient_move_s(travel_m: float, speed_m_s: float, accel_m_s2: float) -> float:
+def gradient_move_s(travel_m: float, speed_m_per_s: float, accel_m_per_s2: float) -> float:
     """Duration (s) of the servo's gradient-mode ``move`` over ``travel_m``: a trapezoid whose
     top speed is capped at 0.9 sqrt(accel travel), so that it always cruises."""
     if travel_m < 1e-9:
         return 0.0
-    speed = min(speed_m_s, 0.9 * math.sqrt(accel_m_s2 * travel_m))
-    return sweep_duration_s(speed, accel_m_s2, travel_m)
+    speed = min(speed_m_per_s, 0.9 * math.sqrt(accel_m_per_s2 * travel_m))
+    return sweep_duration_s(speed, accel_m_per_s2, travel_m)
 
 
 def efb_gradient(points: int = 11, span_m: float = 2e-3, sweeps: int = 2, settle_s: float = 5.0,
@@ -240,8 +240,8 @@ def efb_gradient(points: int = 11, span_m: float = 2e-3, sweeps: int = 2, settle
         raise ValueError(f"settle_s must be a number >= 0, got {settle_s!r}")
     state = yield from cmd("servo", "state")
     z_w = float(state["z_ref_m"])
-    speed = (yield from cmd("servo", "param.get", name="gradient_speed_m_s"))["value"]
-    accel = (yield from cmd("servo", "param.get", name="gradient_accel_m_s2"))["value"]
+    speed = (yield from cmd("servo", "param.get", name="gradient_speed_m_per_s"))["value"]
+    accel = (yield from cmd("servo", "param.get", name="gradient_accel_m_per_s2"))["value"]
     positions = z_w + np.linspace(-0.5 * span_m, 0.5 * span_m, points)
     step_s = gradient_move_s(span_m / (points - 1), speed, accel)
     yield from estimate(2 * gradient_move_s(0.5 * span_m, speed, accel)

@@ -51,7 +51,7 @@ BANDS: tuple[Band, ...] = (
                                     "load feedforward and the loop gain are up to 10 % off as well"),
     Band("wheel.inertia_kg_m2", 1.0, 2.0, "hil_sim/nist4.toml: the nominal is 1/2 M R^2; a spoked wheel "
                                           "lies between 1/2 and 1 M R^2"),
-    Band("wheel.knife_stiffness_N_m_rad", -1.0, 2.0,
+    Band("wheel.knife_stiffness_N_m_per_rad", -1.0, 2.0,
          "through zero: the centre of mass from as far above the knife edge as it is below it "
          "nominally (unstable open loop) to twice as far below"),
     Band("suspension.freq_hz", 0.8, 1.2, "the five pendulum frequencies +-20 % (issue 13), each alone"),
@@ -159,7 +159,7 @@ def run(n: int = 20, seed: int = 2013, say: Callable[[str], None] = print) -> di
     bl0 = load_params("nist4")["coil.bl0_T_m"]
     for k, r in enumerate(results):
         say(f"  plant {k}: Bl x{r['plant']['coil.bl0_T_m'] / bl0:.3f}, k "
-            f"{r['plant']['wheel.knife_stiffness_N_m_rad']:+.3f} N m/rad: null {r['null_rms_m'] * 1e9:.4f} nm, "
+            f"{r['plant']['wheel.knife_stiffness_N_m_per_rad']:+.3f} N m/rad: null {r['null_rms_m'] * 1e9:.4f} nm, "
             f"peaks {', '.join(f'{p * 1e6:.3f}' for p in r['peaks_m'])} um"
             + (f"; MISSED {'; '.join(r['missed'])}" if r["missed"] else ""))
     figures = spread(results)

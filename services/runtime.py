@@ -135,7 +135,7 @@ def load_config(service: str, path: Path | str | None = None, **overrides: Any) 
         [services.damping]
         heartbeat_s = 1.0
         [services.damping.params]
-        gain_x_n_s_m = 2.0
+        gain_x_n_s_per_m = 2.0
         [services.damping.settings]
         dac_bits = 16
 

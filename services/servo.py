@@ -23,18 +23,18 @@ actuators produce now, as the last setpoint asked for it):
               lift itself and ramps the feedforward ``delta_m g`` over ``lift_ramp_s``). Entered
               with the coil farther than ``step_limit_m`` from ``z_ref`` (at its stops, after a
               trip), the reference does not step there: it starts where the coil is and slews to
-              ``z_ref`` (trajectory ``approach``: ``approach_speed_m_s``, ``approach_accel_m_s2``).
+              ``z_ref`` (trajectory ``approach``: ``approach_speed_m_per_s``, ``approach_accel_m_per_s2``).
 ``velocity``  track a trajectory with the velocity loop (command ``sweep`` or ``move``); the
               feedforward is inertia + knife-edge spring. The counter-mass motor takes the main
-              coil's force over while the main-coil current ramps to zero (``handover_slew_a_s``);
+              coil's force over while the main-coil current ramps to zero (``handover_slew_a_per_s``);
               then the switchbox opens the coil (current_source switches it only at zero current).
 ``erase``     the force loop tracks a damped sinusoid about ``z_ref`` (command ``erase``), then
               returns to ``force`` by itself.
 ``gradient``  EFB only (seed 000 section 3.1, capacitance-gradient mode): the same force loop holds
               the floating link with the auxiliary electrode (``hv_to_main`` off: the amplifier
               on the auxiliary electrode, the main cylinders on the capacitance bridge) at a
-              reference that command ``move`` slews (trapezoid of ``gradient_speed_m_s`` and
-              ``gradient_accel_m_s2``, never a step) within ``gradient_travel_m`` of ``z_ref``.
+              reference that command ``move`` slews (trapezoid of ``gradient_speed_m_per_s`` and
+              ``gradient_accel_m_per_s2``, never a step) within ``gradient_travel_m`` of ``z_ref``.
               Entered from ``force`` and left back to it only with the link held (within
               ``switch_tolerance_m`` of the reference), no trajectory running, the masses off and
               (back to ``force``) the reference at ``z_ref``. The handover keeps the loop's
@@ -108,35 +108,35 @@ class Servo(Service):
 
     # ---- the loop (force units; one PID, the mode picks the actuator)
     z_ref_m = Param(0.0, unit="m", min=-0.045, max=0.045, doc="weighing position held in force mode")
-    kp_n_m = Param(5.33e4, unit="N/m", min=0.0, max=1e7, doc="proportional gain")
-    ki_n_m_s = Param(2.78e5, unit="N/(m s)", min=0.0, max=1e8, doc="integral gain")
-    kd_n_s_m = Param(2.54e3, unit="N s/m", min=0.0, max=1e6, doc="derivative gain (on the measurement)")
+    kp_n_per_m = Param(5.33e4, unit="N/m", min=0.0, max=1e7, doc="proportional gain")
+    ki_n_per_m_s = Param(2.78e5, unit="N/(m s)", min=0.0, max=1e8, doc="integral gain")
+    kd_n_s_per_m = Param(2.54e3, unit="N s/m", min=0.0, max=1e6, doc="derivative gain (on the measurement)")
     derivative_filter_s = Param(3.2e-3, unit="s", min=0.0, max=1.0, doc="derivative low-pass time constant")
-    force_slew_n_s = Param(50.0, unit="N/s", min=1e-9, max=1e4, doc="slew limit of the loop force")
+    force_slew_n_per_s = Param(50.0, unit="N/s", min=1e-9, max=1e4, doc="slew limit of the loop force")
     step_limit_m = Param(1e-5, unit="m", min=0.0, max=0.09,
                          doc="farthest the coil may be from z_ref_m for force mode to take the reference "
                              "there at once (and for a restarted servo to resume force mode); from "
                              "farther the reference slews there from where the coil is")
-    approach_speed_m_s = Param(1e-3, unit="m/s", min=1e-7, max=0.01,
+    approach_speed_m_per_s = Param(1e-3, unit="m/s", min=1e-7, max=0.01,
                                doc="speed of the force-mode reference from where the coil is to z_ref_m "
                                    "(the current source's watchdog trips at 5 mm/s RMS)")
-    approach_accel_m_s2 = Param(5e-4, unit="m/s^2", min=1e-9, max=0.1,
+    approach_accel_m_per_s2 = Param(5e-4, unit="m/s^2", min=1e-9, max=0.1,
                                 doc="acceleration of the force-mode reference from where the coil is to z_ref_m")
     # ---- actuator maps and feedforward (calibrated constants of the instrument)
     bl_t_m = Param(710.2, unit="T m", min=1.0, max=5000.0, doc="main-coil Bl used to turn force into current")
     motor_bl_t_m = Param(20.0, unit="T m", min=0.01, max=500.0, doc="counter-mass motor force per ampere at the coil")
     effective_mass_kg = Param(89.6, unit="kg", min=1e-3, max=1000.0,
                               doc="wheel inertia referred to the coil (velocity feedforward)")
-    spring_n_m = Param(3.76, unit="N/m", min=-1e3, max=1e3,
+    spring_n_per_m = Param(3.76, unit="N/m", min=-1e3, max=1e3,
                        doc="knife-edge stiffness referred to the coil (velocity feedforward)")
-    kappa_f_m = Param(4.735e-10, unit="F/m", min=1e-15, max=1e-6, doc="EFB kappa = dC/dz / 2")
+    kappa_f_per_m = Param(4.735e-10, unit="F/m", min=1e-15, max=1e-6, doc="EFB kappa = dC/dz / 2")
     surface_potential_v = Param(0.0, unit="V", min=-10.0, max=10.0, doc="EFB surface potential estimate")
-    aux_kappa_f_m = Param(1.0e-10, unit="F/m", min=1e-15, max=1e-6,
+    aux_kappa_f_per_m = Param(1.0e-10, unit="F/m", min=1e-15, max=1e-6,
                           doc="EFB auxiliary electrode's dC/dz / 2 (gradient mode force to voltage)")
     aux_surface_potential_v = Param(0.0, unit="V", min=-10.0, max=10.0,
                                     doc="EFB auxiliary electrode's surface potential estimate")
-    gradient_speed_m_s = Param(5e-5, unit="m/s", min=1e-7, max=1e-3, doc="EFB gradient-mode move speed")
-    gradient_accel_m_s2 = Param(4e-6, unit="m/s^2", min=1e-9, max=1e-4,
+    gradient_speed_m_per_s = Param(5e-5, unit="m/s", min=1e-7, max=1e-3, doc="EFB gradient-mode move speed")
+    gradient_accel_m_per_s2 = Param(4e-6, unit="m/s^2", min=1e-9, max=1e-4,
                                 doc="EFB gradient-mode move acceleration: the electrodes only pull up, so "
                                     "the link's downward acceleration is at most (preload - spring force) "
                                     "/ mass, ~7.5e-6 m/s^2 at -1 mm for the simulated 0.5 kg link")
@@ -146,22 +146,22 @@ class Servo(Service):
     polarity = Param("+", choices=("+", "-"), doc="EFB electrode polarity (reversed between weighings)")
     tare_force_n = Param(0.0, unit="N", min=-10.0, max=10.0, doc="force feedforward at zero load (EFB preload)")
     current_lag_s = Param(1e-3, unit="s", min=0.0, max=1.0, doc="source lag cancelled by the load feedforward")
-    handover_slew_a_s = Param(5e-3, unit="A/s", min=1e-6, max=0.1,
+    handover_slew_a_per_s = Param(5e-3, unit="A/s", min=1e-6, max=0.1,
                               doc="NIST-4 velocity mode: ramp of the main-coil current to zero while the "
                                   "counter-mass motor takes its force over, before the switchbox opens; no "
                                   "faster than the motor can take it (current_source's 0.2 A/s through "
                                   "20 T m: 4 N/s, 5.6 mA/s of main-coil current)")
     # ---- masses and procedures
-    g_m_s2 = Param(9.801031394, unit="m/s^2", min=9.7, max=9.9, doc="local gravity at the mass centre")
+    g_m_per_s2 = Param(9.801031394, unit="m/s^2", min=9.7, max=9.9, doc="local gravity at the mass centre")
     test_mass_kg = Param(1.0, unit="kg", min=0.0, max=5.0, doc="test mass (NIST-4) or small artifact (EFB)")
     aux_mass_kg = Param(0.5, unit="kg", min=0.0, max=5.0, doc="auxiliary mass (NIST-4) or large artifact (EFB)")
     lift_ramp_s = Param(2.0, unit="s", min=0.01, max=100.0,
                         doc="duration of every mass-lift event's load ramp, whatever its mass (the "
                             "mass lift's own; the simulator's main_side.lift_ramp_s, EFB "
                             "masses.lift_ramp_s)")
-    sweep_speed_m_s = Param(1e-3, unit="m/s", min=1e-6, max=0.01, doc="velocity-mode speed")
-    sweep_accel_m_s2 = Param(5e-4, unit="m/s^2", min=1e-6, max=0.1, doc="velocity-mode acceleration")
-    sweep_jerk_m_s3 = Param(0.0, unit="m/s^3", min=0.0, max=100.0, doc="jerk limit of sweeps (0: none, trapezoid)")
+    sweep_speed_m_per_s = Param(1e-3, unit="m/s", min=1e-6, max=0.01, doc="velocity-mode speed")
+    sweep_accel_m_per_s2 = Param(5e-4, unit="m/s^2", min=1e-6, max=0.1, doc="velocity-mode acceleration")
+    sweep_jerk_m_per_s3 = Param(0.0, unit="m/s^3", min=0.0, max=100.0, doc="jerk limit of sweeps (0: none, trapezoid)")
     sweep_travel_m = Param(0.08, unit="m", min=1e-4, max=0.09, doc="sweep travel")
     erase_amplitude_m = Param(380e-6, unit="m", min=0.0, max=2e-3, doc="erase amplitude")
     erase_decay_s = Param(20.0, unit="s", min=0.1, max=1000.0, doc="erase decay time")
@@ -227,7 +227,7 @@ class Servo(Service):
             ref = core.ref[0].tolist()
             finite = math.isfinite(z)
             self.publish(t_frame, LoopFrame(frame=frame, mode=mode, values={
-                "z_ref_m": ref[0], "v_ref_m_s": ref[1], "z_m": z if finite else 0.0,
+                "z_ref_m": ref[0], "v_ref_m_per_s": ref[1], "z_m": z if finite else 0.0,
                 "error_m": ref[0] - z if finite else 0.0,
                 "force_n": core.force_n if mode != "idle" else 0.0, "feedforward_n": ff}))
 

@@ -82,7 +82,7 @@ class ActuatorMap:
 class CurrentMap(ActuatorMap):
     """NIST-4: force mode drives the main coil, ``I = F / Bl``; velocity mode hands the force
     to the counter-mass motor (``I = -F / Bl_m``) while the main-coil current ramps to zero at
-    ``handover_slew_a_s``, then opens the switchbox."""
+    ``handover_slew_a_per_s``, then opens the switchbox."""
 
     moving_mode = "velocity"
     sweeps = True
@@ -104,7 +104,7 @@ class CurrentMap(ActuatorMap):
             self.coil_connected = True
         elif mode == "velocity":
             # the main-coil current ramps to zero, the motor takes the rest of the force
-            step = values["handover_slew_a_s"] * self.dt_s
+            step = values["handover_slew_a_per_s"] * self.dt_s
             main = self.main_a = self.main_a - _clip(self.main_a, step)
             self.cm_a = _clip(-(force_n - values["bl_t_m"] * main) / values["motor_bl_t_m"], self.cm_limit)
             self.coil_connected = main != 0.0
@@ -130,7 +130,7 @@ class CurrentMap(ActuatorMap):
     def move_profile(self, kind: str, end_m: float, values: Mapping[str, Any]) -> tuple[float, float, float]:
         if abs(end_m) > 0.045:
             raise ValueError(f"{kind} would end at {end_m * 1e3:.1f} mm, beyond +-45 mm")
-        return values["sweep_speed_m_s"], values["sweep_accel_m_s2"], values["sweep_jerk_m_s3"] or math.inf
+        return values["sweep_speed_m_per_s"], values["sweep_accel_m_per_s2"], values["sweep_jerk_m_per_s3"] or math.inf
 
 
 class VoltageMap(ActuatorMap):
@@ -156,18 +156,18 @@ class VoltageMap(ActuatorMap):
         elif mode != "hold":
             self._v[0] = force_n
             if self.to_main:
-                kappa, v_s = values["kappa_f_m"], values["surface_potential_v"]
+                kappa, v_s = values["kappa_f_per_m"], values["surface_potential_v"]
                 sign = 1.0 if values["polarity"] == "+" else -1.0
             else:
-                kappa, v_s, sign = values["aux_kappa_f_m"], values["aux_surface_potential_v"], 1.0
+                kappa, v_s, sign = values["aux_kappa_f_per_m"], values["aux_surface_potential_v"], 1.0
             efb_force_to_voltage(self._v, kappa, v_s, sign, self.settings.hv_limit_v, self.v_out, self._v_out)
             self.v_out = float(self._v_out[0])
         return {"hv_voltage_v": self.v_out, "z_ref_m": float(self.ref[0, 0])}, {"hv_to_main": self.to_main}
 
     def force(self, values: Mapping[str, Any], motor_too: bool = False) -> float:
         if self.to_main:
-            return values["kappa_f_m"] * (self.v_out - values["surface_potential_v"]) ** 2
-        return values["aux_kappa_f_m"] * (self.v_out - values["aux_surface_potential_v"]) ** 2
+            return values["kappa_f_per_m"] * (self.v_out - values["surface_potential_v"]) ** 2
+        return values["aux_kappa_f_per_m"] * (self.v_out - values["aux_surface_potential_v"]) ** 2
 
     def switch(self, mode: str) -> None:
         if mode in ("force", "gradient"):
@@ -184,7 +184,7 @@ class VoltageMap(ActuatorMap):
         if not abs(end_m - z_ref) <= limit:
             raise ValueError(f"{kind} would end at {end_m * 1e3:.4f} mm, beyond +-{limit * 1e3:g} mm "
                              f"of the weighing position {z_ref * 1e3:g} mm (gradient_travel_m)")
-        return values["gradient_speed_m_s"], values["gradient_accel_m_s2"], math.inf
+        return values["gradient_speed_m_per_s"], values["gradient_accel_m_per_s2"], math.inf
 
 
 class ServoCore:
@@ -237,8 +237,8 @@ class ServoCore:
 
     def load_gains(self) -> None:
         par, v = self.pid_par, self.values
-        par[0, P.KP], par[0, P.KI], par[0, P.KD] = v["kp_n_m"], v["ki_n_m_s"], v["kd_n_s_m"]
-        par[0, P.TF_S], par[0, P.SLEW] = v["derivative_filter_s"], v["force_slew_n_s"]
+        par[0, P.KP], par[0, P.KI], par[0, P.KD] = v["kp_n_per_m"], v["ki_n_per_m_s"], v["kd_n_s_per_m"]
+        par[0, P.TF_S], par[0, P.SLEW] = v["derivative_filter_s"], v["force_slew_n_per_s"]
 
     def param_changed(self, name: str, new: Any) -> None:
         """Gains change between frames; the kernel absorbs the step (bumpless)."""
@@ -307,10 +307,10 @@ class ServoCore:
         """Force (N): announced load steps in force/erase modes, inertia + spring in velocity."""
         values = self.values
         if self.mode == "velocity":
-            return float(values["effective_mass_kg"] * self.ref[0, 2] + values["spring_n_m"] * self.ref[0, 0])
+            return float(values["effective_mass_kg"] * self.ref[0, 2] + values["spring_n_per_m"] * self.ref[0, 0])
         ff = values["tare_force_n"]
         if self.load_steps:
-            ramp, g, lag = values["lift_ramp_s"], values["g_m_s2"], values["current_lag_s"]
+            ramp, g, lag = values["lift_ramp_s"], values["g_m_per_s2"], values["current_lag_s"]
             for t0, dm in self.load_steps:  # load_step_feedforward, one sample in Python
                 ff += load_step_feedforward_at(t, t0, ramp, dm, g, 1.0, lag)
         return ff
@@ -359,7 +359,7 @@ class ServoCore:
             return
         self.ref[0] = (start, 0.0, 0.0)
         self._trajectory("approach", start, math.copysign(1.0, target - start), abs(target - start),
-                         self.values["approach_speed_m_s"], self.values["approach_accel_m_s2"], math.inf)
+                         self.values["approach_speed_m_per_s"], self.values["approach_accel_m_per_s2"], math.inf)
 
     # ---------------------------------------------------------------- restart
 
@@ -509,8 +509,8 @@ class ServoCore:
         self.traj = (kind, self.t_s + self.dt_s, duration, (start, direction, speed, accel, jerk, travel))
         self._event(kind, f"{kind} from {start * 1e3:.3f} mm to {end * 1e3:.3f} mm at {speed * 1e3:g} mm/s "
                           f"({duration:.1f} s) from frame {self.frame}",
-                    {"start_m": start, "end_m": end, "speed_m_s": speed, "frame": self.frame})
-        return {"start_m": start, "end_m": end, "speed_m_s": speed, "duration_s": duration,
+                    {"start_m": start, "end_m": end, "speed_m_per_s": speed, "frame": self.frame})
+        return {"start_m": start, "end_m": end, "speed_m_per_s": speed, "duration_s": duration,
                 "end_frame": self.frame + 1 + int(math.ceil(duration / self.dt_s))}
 
     def sweep(self, direction: Any) -> dict[str, Any]:

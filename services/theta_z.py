@@ -43,8 +43,8 @@ class ThetaZSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dac_bits: int = 16
     full_scale_v: float = 1000.0
     limit_v: float = 1000.0
-    slew_v_s: float = 2000.0
-    safe_slew_v_s: float = 500.0
+    slew_v_per_s: float = 2000.0
+    safe_slew_v_per_s: float = 500.0
     stale_after_s: float = 0.05
     pressure_limit_pa: float = 0.1
     watchdog_rms_rad: float = 1e-3
@@ -56,9 +56,9 @@ class ThetaZ(ActuatorService):
 
     theta_z_ref_rad = Param(0.0, unit="rad", min=-0.01, max=0.01, doc="theta-z held")
     bias_v = Param(500.0, unit="V", min=0.0, max=1000.0, doc="push-pull bias voltage")
-    kp_n_m_rad = Param(7.9, unit="N m/rad", min=0.0, max=1e4, doc="proportional gain")
-    ki_n_m_rad_s = Param(2.0, unit="N m/(rad s)", min=0.0, max=1e4, doc="integral gain")
-    kd_n_m_s_rad = Param(3.5, unit="N m s/rad", min=0.0, max=1e4, doc="derivative gain")
+    kp_n_m_per_rad = Param(7.9, unit="N m/rad", min=0.0, max=1e4, doc="proportional gain")
+    ki_n_m_per_rad_s = Param(2.0, unit="N m/(rad s)", min=0.0, max=1e4, doc="integral gain")
+    kd_n_m_s_per_rad = Param(3.5, unit="N m s/rad", min=0.0, max=1e4, doc="derivative gain")
     derivative_filter_s = Param(0.02, unit="s", min=0.0, max=10.0, doc="derivative low-pass")
 
     def setup(self) -> None:
@@ -69,7 +69,7 @@ class ThetaZ(ActuatorService):
         self.dac = Dac(s.dac_bits, s.full_scale_v)
         self.make_guard(GuardConfig(
             names=("electrode_a_v", "electrode_b_v"), limits=(s.limit_v,) * 2,
-            slew_per_s=(s.slew_v_s,) * 2, safe_slew_per_s=(s.safe_slew_v_s,) * 2,
+            slew_per_s=(s.slew_v_per_s,) * 2, safe_slew_per_s=(s.safe_slew_v_per_s,) * 2,
             frame_period_s=1.0 / s.frame_rate_hz, stale_after_s=s.stale_after_s, hold_s=0.0,
             watch_names=("coil_theta_z_rad",), watchdog_rms=(s.watchdog_rms_rad,),
             watchdog_window_s=s.watchdog_window_s))
@@ -92,7 +92,7 @@ class ThetaZ(ActuatorService):
 
     def _load_gains(self) -> None:
         par = self.pid_par
-        par[0, P.KP], par[0, P.KI], par[0, P.KD] = self.kp_n_m_rad, self.ki_n_m_rad_s, self.kd_n_m_s_rad
+        par[0, P.KP], par[0, P.KI], par[0, P.KD] = self.kp_n_m_per_rad, self.ki_n_m_per_rad_s, self.kd_n_m_s_per_rad
         par[0, P.TF_S] = self.derivative_filter_s
 
     def on_param_changed(self, name: str, old: Any, new: Any) -> None:

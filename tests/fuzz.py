@@ -639,7 +639,7 @@ class Campaign:
     def implausible(self, latest: dict[str, bytes], frame: int) -> list[Payload]:
         """Copies of the newest real sensor and DAQ frames with values no hardware produces
         (issue 17 finding 8): positions beyond the stops, huge velocities, pressures, counts."""
-        daq = [{"coil_z_m": 1.0}, {"coil_z_m": -1.0}, {"coil_z_m": 1e300}, {"coil_vz_m_s": 1e300},
+        daq = [{"coil_z_m": 1.0}, {"coil_z_m": -1.0}, {"coil_z_m": 1e300}, {"coil_vz_m_per_s": 1e300},
                {"coil_x_m": 1e300}, {"coil_theta_z_rad": 1e300}, {"pressure_pa": 1e308},
                {"main_coil_current_a": 1e300}, {"temperature_k": 1e308}]
         hw = [{"psd_v": "x1e300"}, {"fringe_count": "+2**40"}, {"pressure_pa": 1e308},

@@ -30,8 +30,8 @@ def _coverage(err, u, lo=0.85, ratio=1.3):
 
 # --- constants ------------------------------------------------------------------------------
 def test_constants():
-    assert an.H90_J_S * an.K_J90_HZ_V**2 * an.R_K90_OHM == pytest.approx(4.0, rel=1e-15)
-    assert an.K_J_HZ_V**2 * an.R_K_OHM * an.H_J_S == pytest.approx(4.0, rel=1e-15)
+    assert an.H90_J_S * an.K_J90_HZ_PER_V**2 * an.R_K90_OHM == pytest.approx(4.0, rel=1e-15)
+    assert an.K_J_HZ_PER_V**2 * an.R_K_OHM * an.H_J_S == pytest.approx(4.0, rel=1e-15)
     # h/h90 - 1 with the 2019 exact h: ~ +1.96e-7 (seed 001 measured 148(34)e-9 pre-2019)
     assert 1.9e-7 < an.H_J_S / an.H90_J_S - 1 < 2.0e-7
     assert an.ALPHA_NIST4_PER_A == pytest.approx(-2.351e-3)
@@ -43,7 +43,7 @@ Z_HALF = 0.01
 COEF = 1e3 * np.array([0.70, 2.1e-5, -3.4e-6, 8.0e-7, -1.5e-7, 4.0e-8])   # T m, x = z / Z_HALF
 
 
-def _sweeps(rng, n_s=30, n=93, noise=0.0, sweep_noise=0.0, thermal_v=2e-7, v_m_s=1e-3, jitter=True):
+def _sweeps(rng, n_s=30, n=93, noise=0.0, sweep_noise=0.0, thermal_v=2e-7, v_m_per_s=1e-3, jitter=True):
     """n_s sweeps, alternating, down first; arrays (n_s, n). Thermal voltage of the same sign in
     both directions, white voltage noise and a per-sweep offset (trajectory) noise."""
     dirs = ["down" if k % 2 == 0 else "up" for k in range(n_s)]
@@ -52,7 +52,7 @@ def _sweeps(rng, n_s=30, n=93, noise=0.0, sweep_noise=0.0, thermal_v=2e-7, v_m_s
     if jitter:
         z = np.clip(z + rng.uniform(-2e-5, 2e-5, (n_s, n)), -Z_HALF, Z_HALF)
     z[down] = z[down, ::-1]
-    v = np.where(down[:, None], -v_m_s, v_m_s) * np.ones((n_s, n))
+    v = np.where(down[:, None], -v_m_per_s, v_m_per_s) * np.ones((n_s, n))
     bl = C.chebval(z / Z_HALF, COEF)
     if sweep_noise:
         bl = bl + sweep_noise * rng.standard_normal((n_s, 1))
@@ -119,7 +119,7 @@ def test_velocity_noise_within_uncertainty():
     _coverage(errs, us)
 
 
-def _flux_sweeps(rng, n_s=30, n=400, rate_hz=50.0, v_m_s=1e-3, wobble=0.05, z_noise_m=0.0,
+def _flux_sweeps(rng, n_s=30, n=400, rate_hz=50.0, v_m_per_s=1e-3, wobble=0.05, z_noise_m=0.0,
                  u_noise_v=0.0, thermal_v=0.0):
     """Readings of n_s sweeps over [-Z_HALF, Z_HALF] (alternating, down first) the way the
     simulator's DAQ takes them: position z_i at t_i and the DVM reading integrated over
@@ -315,8 +315,8 @@ def test_h_and_mass_from_si_construction():
     bl_si, m, g, v = 710.3, 1.000000123, G, 1e-3
     i_si = m * g / bl_si                          # force mode (Bl(I) = Bl(0) here)
     u_si = bl_si * v                              # velocity mode
-    u_90 = u_si * an.K_J_HZ_V / an.K_J90_HZ_V     # what a K_J90-calibrated DVM/PJVS reads
-    i_90 = i_si * (an.K_J_HZ_V * an.R_K_OHM) / (an.K_J90_HZ_V * an.R_K90_OHM)
+    u_90 = u_si * an.K_J_HZ_PER_V / an.K_J90_HZ_PER_V     # what a K_J90-calibrated DVM/PJVS reads
+    i_90 = i_si * (an.K_J_HZ_PER_V * an.R_K_OHM) / (an.K_J90_HZ_PER_V * an.R_K90_OHM)
     bl_v, bl_f = u_90 / v, m * g / i_90           # Bl_F with the calibrated (true) mass
     assert an.h_from_lambda4(bl_f - bl_v, bl_v, an.H90_J_S) == pytest.approx(an.H_J_S, rel=1e-12)
     # measured in the SI (the daq's units) the same balance gives Bl_F = Bl_V and h_SI
@@ -383,7 +383,7 @@ def test_triplet_noise_within_uncertainty():
 CPOLY = np.array([12.0e-12, 0.947e-9, 3.0e-8, -5.0e-6, 2.0e-4, -1.0e-2, 4.0e-1])[:6]   # F, z in m
 
 
-def _gradient_data(rng, n_s=10, n=11, drift_f_s=(2e-17, 0.0), alternate=True, jitter=2e-7, noise=0.0):
+def _gradient_data(rng, n_s=10, n=11, drift_f_per_s=(2e-17, 0.0), alternate=True, jitter=2e-7, noise=0.0):
     z0 = np.linspace(-1e-3, 1e-3, n)                     # 11 equidistant points within 2 mm
     zs, cs, ts = [], [], []
     for k in range(n_s):
@@ -391,7 +391,7 @@ def _gradient_data(rng, n_s=10, n=11, drift_f_s=(2e-17, 0.0), alternate=True, ji
         if alternate and k % 2:
             zz = zz[::-1]
         tt = 400.0 * k + 30.0 * np.arange(n)
-        cc = _poly_eval(zz) + drift_f_s[0] * tt + drift_f_s[1] * (tt - 2000) ** 2
+        cc = _poly_eval(zz) + drift_f_per_s[0] * tt + drift_f_per_s[1] * (tt - 2000) ** 2
         cc = cc + noise * rng.standard_normal(n)
         zs.append(zz), cs.append(cc), ts.append(tt)
     return np.array(zs), np.array(cs), np.array(ts)
@@ -411,17 +411,17 @@ def test_gradient_noise_free_exact(alternate):
     z, c, t = _gradient_data(rng, alternate=alternate)
     z_w = 1.0e-4
     r = an.capacitance_gradient(z, c, t, z_weigh_m=z_w)
-    assert r.dcdz_f_m == pytest.approx(_poly_slope(z_w), rel=1e-12)
-    np.testing.assert_allclose(r.dcdz_sweep_f_m, _poly_slope(z_w), rtol=1e-12)
+    assert r.dcdz_f_per_m == pytest.approx(_poly_slope(z_w), rel=1e-12)
+    np.testing.assert_allclose(r.dcdz_sweep_f_per_m, _poly_slope(z_w), rtol=1e-12)
     assert r.drift_coef[0] == pytest.approx(2e-17, rel=1e-9)
     # quadratic drift with drift_order=2
-    z, c, t = _gradient_data(rng, drift_f_s=(2e-17, 3e-22))
+    z, c, t = _gradient_data(rng, drift_f_per_s=(2e-17, 3e-22))
     r2 = an.capacitance_gradient(z, c, t, z_weigh_m=z_w, drift_order=2)
-    assert r2.dcdz_f_m == pytest.approx(_poly_slope(z_w), rel=1e-12)
+    assert r2.dcdz_f_per_m == pytest.approx(_poly_slope(z_w), rel=1e-12)
     # without drift removal the linear drift biases the gradient far beyond 1e-6
     z, c, t = _gradient_data(rng, alternate=False)
     r0 = an.capacitance_gradient(z, c, t, z_weigh_m=z_w, drift_order=0)
-    assert abs(r0.dcdz_f_m / _poly_slope(z_w) - 1) > 1e-4
+    assert abs(r0.dcdz_f_per_m / _poly_slope(z_w) - 1) > 1e-4
 
 
 def test_gradient_noise_within_uncertainty():
@@ -430,8 +430,8 @@ def test_gradient_noise_within_uncertainty():
     for _ in range(N_SETS):
         z, c, t = _gradient_data(rng, noise=2e-18, alternate=False)
         r = an.capacitance_gradient(z, c, t)
-        errs.append(r.dcdz_f_m - _poly_slope(0.0))
-        us.append(r.u_dcdz_f_m)
+        errs.append(r.dcdz_f_per_m - _poly_slope(0.0))
+        us.append(r.u_dcdz_f_per_m)
     _coverage(errs, us)
 
 
@@ -445,7 +445,7 @@ M_MG = 1e-6                      # 1 mg in kg
 G_EFB = 9.80101
 
 
-def _efb_data(rng, n_p=40, v_s=0.04, drift_n_s=0.0, noise_v=0.0, f_u0=2.0e-5, sign=-1):
+def _efb_data(rng, n_p=40, v_s=0.04, drift_n_per_s=0.0, noise_v=0.0, f_u0=2.0e-5, sign=-1):
     """Sequence per trial: U+, U-, L+, L-, then a final U+; measured V = +-V_true + V_S, one
     voltage per reading (so its mean square is its square). Loaded, the force is m g higher
     (``sign=+1``, eq. 8) or lower (``sign=-1``, the printed eq. 17)."""
@@ -456,7 +456,7 @@ def _efb_data(rng, n_p=40, v_s=0.04, drift_n_s=0.0, noise_v=0.0, f_u0=2.0e-5, si
     def v2_meas(force, pol):
         return (pol * np.sqrt(force / KAPPA) + v_s + noise_v * rng.standard_normal(np.shape(force))) ** 2
 
-    fu = lambda tt: f_u0 + drift_n_s * tt  # noqa: E731
+    fu = lambda tt: f_u0 + drift_n_per_s * tt  # noqa: E731
     return dict(
         t_u_pos_s=t_up, v2_u_pos_v2=v2_meas(fu(t_up), +1),
         t_u_neg_s=t_un, v2_u_neg_v2=v2_meas(fu(t_un), -1),
@@ -473,7 +473,7 @@ def test_efb_mass_noise_free_exact():
     m_pos = KAPPA * (d["v2_u_pos_v2"][:-1] - d["v2_l_pos_v2"]) / G_EFB
     assert abs(m_pos.mean() / M_MG - 1) > 1e-4
     # linear drift of the restoring force, no surface potential: interpolation is exact
-    d = _efb_data(rng, v_s=0.0, drift_n_s=3e-12)
+    d = _efb_data(rng, v_s=0.0, drift_n_per_s=3e-12)
     r = an.efb_weighing(KAPPA, G_EFB, **d, sign=-1)
     np.testing.assert_allclose(r.mass_trial_kg, M_MG, rtol=1e-12)
     # the simulator's convention (loaded force higher, eq. 8), a kappa per trial: linear in it
@@ -498,7 +498,7 @@ def test_efb_mass_noise_within_uncertainty():
     rng = np.random.default_rng(10)
     errs, us = [], []
     for _ in range(N_SETS):
-        d = _efb_data(rng, n_p=40, noise_v=2e-5, drift_n_s=1e-12)
+        d = _efb_data(rng, n_p=40, noise_v=2e-5, drift_n_per_s=1e-12)
         r = an.efb_weighing(KAPPA, G_EFB, **d, sign=-1)
         errs.append(r.mass_trial_kg.mean() - M_MG)
         us.append(r.u_a_weighing_kg)

@@ -65,14 +65,14 @@ def _gradient_events(t0: float, dcdz: float, rng, noise_f: float = 2e-18) -> lis
     return events
 
 
-def _weighing_events(t0: float, kappa: float, mass: float, g: float, drift_n_s: float) -> list[dict]:
+def _weighing_events(t0: float, kappa: float, mass: float, g: float, drift_n_per_s: float) -> list[dict]:
     """One efb_weighing run: +U +L +U -U -L -U, voltages from F = kappa (V - V_s)^2 with a
     restoring force that drifts linearly."""
     events = []
     for j, (pol, idx, loaded) in enumerate([("+", 0, 0), ("+", 1, 1), ("+", 2, 0),
                                             ("-", 0, 0), ("-", 1, 1), ("-", 2, 0)]):
         t = t0 + 10.0 * j + np.arange(100) * 0.05
-        f = 4.735e-6 + drift_n_s * t + loaded * mass * g
+        f = 4.735e-6 + drift_n_per_s * t + loaded * mass * g
         v = 0.04 + (1 if pol == "+" else -1) * np.sqrt(f / kappa)
         events.append(_event({"polarity": pol, "index": idx, "loaded": bool(loaded)}, t, coil_voltage_v=v))
     return events
@@ -105,15 +105,15 @@ def test_each_trial_takes_the_determinations_bracketing_it_and_their_uncertainty
             weighs.append(_weighing_events(1000.0 * j + 500.0, kappa_true, mass, g, 1e-12))
 
     def run(gr):
-        return an.analyze_efb([e for w in weighs for e in w], g_m_s2=g,
+        return an.analyze_efb([e for w in weighs for e in w], g_m_per_s2=g,
                               gradients=[e for d in gr for e in d])
 
     res = run(grads)
-    d = np.array(res.dcdz_f_m)
+    d = np.array(res.dcdz_f_per_m)
     assert res.n_gradients == 4 and res.n_trials == 2
     assert d == pytest.approx(dcdz_in, rel=2e-5)
-    assert res.kappa_trial_f_m == pytest.approx([(d[0] + d[1]) / 4, (d[1] + d[2]) / 4], rel=1e-15)
-    kt = np.array(res.kappa_trial_f_m)
+    assert res.kappa_trial_f_per_m == pytest.approx([(d[0] + d[1]) / 4, (d[1] + d[2]) / 4], rel=1e-15)
+    kt = np.array(res.kappa_trial_f_per_m)
     assert res.mass_trial_kg == pytest.approx(mass * kt / kappa_true, rel=1e-9)
     # d mass / d dC/dz_j by finite differences: tilt determination j's capacitances by delta z
     delta = 1e-15
@@ -125,7 +125,7 @@ def test_each_trial_takes_the_determinations_bracketing_it_and_their_uncertainty
                      for e in grads[j]]
         sens.append((run(tilted).mass_kg - res.mass_kg) / delta)
     assert sens[3] == 0.0 and sens[1] == pytest.approx(sens[0] + sens[2], rel=1e-4)
-    u_expected = math.sqrt(sum((s * u) ** 2 for s, u in zip(sens, res.u_dcdz_f_m)))
+    u_expected = math.sqrt(sum((s * u) ** 2 for s, u in zip(sens, res.u_dcdz_f_per_m)))
     assert res.u_a_dcdz_kg == pytest.approx(u_expected, rel=1e-4)
     assert res.u_a_kg == pytest.approx(math.hypot(res.u_a_weighing_kg, u_expected), rel=1e-4)
 
@@ -135,9 +135,9 @@ def test_weighings_outside_the_gradient_determinations_are_refused():
     grads = _gradient_events(1000.0, 0.947e-9, rng)
     weighs = _weighing_events(0.0, 4.735e-10, 1e-6, 9.8, 0.0) + _weighing_events(2000.0, 4.735e-10, 1e-6, 9.8, 0.0)
     with pytest.raises(ValueError, match="trial 0 .* is not bracketed by gradient determinations"):
-        an.analyze_efb(weighs, g_m_s2=9.8, gradients=grads)
+        an.analyze_efb(weighs, g_m_per_s2=9.8, gradients=grads)
     with pytest.raises(ValueError, match="not both or neither"):
-        an.analyze_efb(weighs, g_m_s2=9.8, gradients=grads, kappa_f_m=4.7e-10)
+        an.analyze_efb(weighs, g_m_per_s2=9.8, gradients=grads, kappa_f_per_m=4.7e-10)
 
 
 def test_a_recorded_efb_run_is_analysed_with_its_measured_gradient(tmp_path):
@@ -146,9 +146,9 @@ def test_a_recorded_efb_run_is_analysed_with_its_measured_gradient(tmp_path):
     weighs = [_weighing_events(1000.0 * j + 500.0, 4.735e-10, 1e-6, 9.80101, 0.0) for j in range(3)]
     docs = _documents("efb_run", {"gradient": [e for g in grads for e in g],
                                   "weighing": [e for w in weighs for e in w]})
-    run = RecordedRun(tmp_path / "run.kbr", docs, {"servo": {"g_m_s2": 9.80101, "kappa_f_m": 1.0}})
+    run = RecordedRun(tmp_path / "run.kbr", docs, {"servo": {"g_m_per_s2": 9.80101, "kappa_f_per_m": 1.0}})
     result = analyze(run)
-    direct = an.analyze_efb([e for w in weighs for e in w], g_m_s2=9.80101,
+    direct = an.analyze_efb([e for w in weighs for e in w], g_m_per_s2=9.80101,
                             gradients=[e for g in grads for e in g])
     assert run.plans == ["efb_run"] and result.n_gradients == 4
     assert result.mass_kg == direct.mass_kg == pytest.approx(1e-6, rel=1e-5)
@@ -176,7 +176,7 @@ def _current_a(force_n: float) -> float:
     return i
 
 
-def _nist4_run_documents(rng, mass_kg: float, g_m_s2: float, noise_v: float = 1e-8) -> list[tuple[str, dict]]:
+def _nist4_run_documents(rng, mass_kg: float, g_m_per_s2: float, noise_v: float = 1e-8) -> list[tuple[str, dict]]:
     """A nist4_run as the plan records it: a velocity set (6 sweeps over 10 mm at 1 mm/s, 50 Hz,
     the DVM integrating over each frame), a force set (5 weighings, mass on first: the voltage
     across the 100 ohm resistor with Bl(I) I = +-m g / 2), a velocity set; the magnet at 300 K."""
@@ -198,7 +198,7 @@ def _nist4_run_documents(rng, mass_kg: float, g_m_s2: float, noise_v: float = 1e
     for k in range(5):
         t = t0 + np.arange(100) / 50.0
         on = k % 2 == 0
-        v = 100.0 * _current_a((0.5 if on else -0.5) * mass_kg * g_m_s2) + noise_v * rng.standard_normal(t.size)
+        v = 100.0 * _current_a((0.5 if on else -0.5) * mass_kg * g_m_per_s2) + noise_v * rng.standard_normal(t.size)
         weighings.append(_event({"index": k, "mass_on": on}, t, coil_voltage_v=v,
                                 temperature_k=np.full(t.size, 300.0)))
         t0 = t[-1] + 10.0
@@ -212,7 +212,7 @@ def test_a_nist4_run_built_from_an_analytic_bl_gives_h_si_within_its_uncertainty
     mass the balance measures is the true one; kibble analyze writes NIST-4's plots."""
     mass, g = 1.0, 9.801031394
     path = tmp_path / "nist4.kbrun"
-    _write_run(path, _nist4_run_documents(np.random.default_rng(7), mass, g), {"g_m_s2": g, "test_mass_kg": mass})
+    _write_run(path, _nist4_run_documents(np.random.default_rng(7), mass, g), {"g_m_per_s2": g, "test_mass_kg": mass})
     result = analyze(load_run(path))
     assert result.n_sweeps == 12 and result.n_weighings == 5 and result.n_triplets == 1
     assert result.n_bl_v == 6 and result.n_bl_f == 3
@@ -235,7 +235,7 @@ def test_a_nist4_run_built_from_an_analytic_bl_gives_h_si_within_its_uncertainty
 
 def test_a_run_that_cannot_be_analysed_is_refused_with_the_reason():
     weighs = [e for j in range(3) for e in _weighing_events(100.0 * j, 4.735e-10, 1e-6, 9.8, 0.0)]
-    servo = {"g_m_s2": 9.8, "kappa_f_m": 4.735e-10}
+    servo = {"g_m_per_s2": 9.8, "kappa_f_per_m": 4.735e-10}
     with pytest.raises(ValueError, match="no run documents"):
         an.analyze_run(an.RunDocuments(), servo)
     with pytest.raises(ValueError, match="the plan ended fail: a test"):
@@ -243,8 +243,8 @@ def test_a_run_that_cannot_be_analysed_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="no analysis for plan 'velocity_set'"):
         an.analyze_run(an.RunDocuments(_documents("velocity_set", {"sweep": []})), servo)
     docs = an.RunDocuments(_documents("efb_weighing", {"weighing": weighs}))
-    with pytest.raises(ValueError, match="servo's kappa_f_m, which is not known"):
-        an.analyze_run(docs, {"g_m_s2": 9.8})
+    with pytest.raises(ValueError, match="servo's kappa_f_per_m, which is not known"):
+        an.analyze_run(docs, {"g_m_per_s2": 9.8})
     with pytest.raises(ValueError, match="budget table3 is the nist4 budget, not one for the efb"):
         an.analyze_run(docs, servo, budget="table3")
     with pytest.raises(ValueError, match="unknown budget 'table2'"):
@@ -261,10 +261,10 @@ def test_kibble_analyze_writes_both_instruments_plots_without_the_simulator_or_t
     efb = tmp_path / "efb.kbrun"
     weighs = [e for j in range(3) for e in _weighing_events(100.0 * j, 4.735e-10, 1e-6, 9.80101, 0.0)]
     _write_run(efb, _documents("efb_weighing", {"weighing": weighs}),
-               {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
+               {"g_m_per_s2": 9.80101, "kappa_f_per_m": 4.735e-10})
     nist4 = tmp_path / "nist4.kbrun"
     _write_run(nist4, _nist4_run_documents(np.random.default_rng(8), 1.0, 9.8),
-               {"g_m_s2": 9.8, "test_mass_kg": 1.0})
+               {"g_m_per_s2": 9.8, "test_mass_kg": 1.0})
     code = (
         "import json, sys\n"
         "from kibble.services import cli\n"
@@ -287,15 +287,15 @@ def test_a_run_recorded_before_a_rename_reads_under_the_new_names(tmp_path, monk
     """A run file recorded before names were renamed to say their unit divides: the servo's
     parameters and the events' data are read under the new names, and the run analyses as the
     same run recorded after."""
-    monkeypatch.setattr(units, "RENAMED", {"g_before": "g_m_s2", "voltage_before": "coil_voltage_v"})
+    monkeypatch.setattr(units, "RENAMED", {"g_before": "g_m_per_s2", "voltage_before": "coil_voltage_v"})
     weighs = [e for j in range(3) for e in _weighing_events(100.0 * j, 4.735e-10, 1e-6, 9.80101, 0.0)]
     old = [dict(e, data={("voltage_before" if k == "coil_voltage_v" else k): v for k, v in e["data"].items()})
            for e in weighs]
     _write_run(tmp_path / "old.kbrun", _documents("efb_weighing", {"weighing": old}),
-               {"g_before": 9.80101, "kappa_f_m": 4.735e-10})
+               {"g_before": 9.80101, "kappa_f_per_m": 4.735e-10})
     _write_run(tmp_path / "new.kbrun", _documents("efb_weighing", {"weighing": weighs}),
-               {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10})
+               {"g_m_per_s2": 9.80101, "kappa_f_per_m": 4.735e-10})
     before, after = load_run(tmp_path / "old.kbrun"), load_run(tmp_path / "new.kbrun")
-    assert before.params == after.params == {"servo": {"g_m_s2": 9.80101, "kappa_f_m": 4.735e-10}}
+    assert before.params == after.params == {"servo": {"g_m_per_s2": 9.80101, "kappa_f_per_m": 4.735e-10}}
     assert before.events("weighing") == after.events("weighing")
     assert analyze(before).summary() == analyze(after).summary()

@@ -71,10 +71,10 @@ def test_efb_measured_kappa_matches_the_plant_within_its_uncertainty(results):
     uncertainty is in the mass's (u_a_dcdz_kg, the same relative size: the mass is linear in
     kappa)."""
     for r in results["efb"]:
-        d, u = np.array(r["dcdz_f_m"]), np.array(r["u_dcdz_f_m"])
+        d, u = np.array(r["dcdz_f_per_m"]), np.array(r["u_dcdz_f_per_m"])
         u_kappa_rel = math.hypot(*u) / d.sum()
         assert abs(r["kappa_rel_err"]) <= 3.0 * u_kappa_rel, r
-        assert r["kappa_trial_f_m"] == pytest.approx([d.sum() / 4] * 5, rel=1e-15)
+        assert r["kappa_trial_f_per_m"] == pytest.approx([d.sum() / 4] * 5, rel=1e-15)
         assert r["u_a_dcdz_kg"] / r["mass_kg"] == pytest.approx(u_kappa_rel, rel=0.05)
         assert r["u_a_kg"] == pytest.approx(math.hypot(r["u_a_weighing_kg"], r["u_a_dcdz_kg"]), rel=1e-12)
 

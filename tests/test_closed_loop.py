@@ -50,7 +50,7 @@ async def test_mass_exchange_excursion_settle_erase_and_current(nist4):
     # m g = Bl(I_on) I_on - Bl(I_off) I_off with the plant's Bl, not the servo's estimate
     (_, i_on, bl_on), (_, i_off, bl_off) = out["currents"]
     p = nist4.plant.params
-    m_g = p["main_side.test_mass_kg"] * p["sim.g_m_s2"]
+    m_g = p["main_side.test_mass_kg"] * p["sim.g_m_per_s2"]
     assert bl_on * i_on - bl_off * i_off == pytest.approx(m_g, rel=2e-6)
 
 
@@ -79,7 +79,7 @@ async def test_efb_holds_the_null_with_1_mg_loaded():
         assert abs(out["null_mean_m"]) <= 0.3e-9
         # the voltage that holds it: F = kappa (V - V_s)^2 with the plant's own kappa
         p = stack.plant.params
-        force = p["linkage.tare_force_N"] + p["masses.small_kg"] * p["sim.g_m_s2"]
+        force = p["linkage.tare_force_N"] + p["masses.small_kg"] * p["sim.g_m_per_s2"]
         v_expected = p["capacitor.surface_potential_V"] + math.sqrt(force / stack.plant.kappa(0.0))
         assert out["v_out_mean_v"] == pytest.approx(v_expected, rel=1e-4)
     finally:

@@ -23,7 +23,7 @@ def cs(tmp_path):
 
 def tick(svc, k, main_a=None, cm_a=0.0, vz=0.0, connected=None):
     svc.on_clock(HwSensorFrame(frame=k))
-    svc.on_daq_frame(DaqFrame(frame=k, coil_vz_m_s=vz))
+    svc.on_daq_frame(DaqFrame(frame=k, coil_vz_m_per_s=vz))
     if main_a is not None:
         values = {"main_coil_current_a": main_a, "counter_mass_current_a": cm_a}
         switches = {} if connected is None else {"main_coil_connected": connected}
@@ -126,7 +126,7 @@ def test_watchdog_trips_ramps_down_and_needs_reset(cs):
         tick(cs, k, main_a=0.004)
     for k in range(100, 1300):
         tick(cs, k, main_a=0.004, vz=0.02 * np.sin(k / 10))
-    assert cs.guard.state == "tripped" and "coil_vz_m_s" in cs.guard.trip_reason
+    assert cs.guard.state == "tripped" and "coil_vz_m_per_s" in cs.guard.trip_reason
     for k in range(1300, 2300):      # 4 mA at the 5 mA/s safe slew: 0.8 s
         tick(cs, k, main_a=0.004)
     assert main_current(cs) == 0.0

@@ -71,8 +71,8 @@ def _force(sp: Setpoint, servo) -> float:
     """The force the servo asks for, from its setpoint voltage and its own electrode constants."""
     v = sp.values["hv_voltage_v"]
     if sp.switches["hv_to_main"]:
-        return servo.kappa_f_m * (v - servo.surface_potential_v) ** 2
-    return servo.aux_kappa_f_m * (v - servo.aux_surface_potential_v) ** 2
+        return servo.kappa_f_per_m * (v - servo.surface_potential_v) ** 2
+    return servo.aux_kappa_f_per_m * (v - servo.aux_surface_potential_v) ** 2
 
 
 async def test_gradient_mode_hands_over_bumplessly_moves_slewed_and_refuses_bad_commands():
@@ -144,7 +144,7 @@ async def test_gradient_mode_hands_over_bumplessly_moves_slewed_and_refuses_bad_
         tr = await stack.run_seconds(move["duration_s"] + 2.0)
         ref = np.array([decode(p, Setpoint).values["z_ref_m"] for p in sp[n:]])
         # slewed, never a step: no reference change beyond the move's speed times a frame
-        assert np.abs(np.diff(ref)).max() <= move["speed_m_s"] / 1000.0 * (1 + 1e-9)
+        assert np.abs(np.diff(ref)).max() <= move["speed_m_per_s"] / 1000.0 * (1 + 1e-9)
         assert ref[-1] == pytest.approx(1e-4, abs=1e-15)
         # the loop follows the trajectory within a micrometre (its transient to the
         # trajectory's 4e-6 m/s^2 acceleration steps; the watchdog is at 100 um)

@@ -66,7 +66,7 @@ def test_tilt_force_has_the_gauss_markov_spectrum_through_the_travel_misalignmen
     plant, block = _run({"noise.tilt": True, "tilt.std_rad": sig}, 1600.0)
     force = _force_on_link(plant, block)
     f, psd = signal.welch(signal.decimate(force, 100, ftype="fir"), fs=FS / 100, nperseg=2048)
-    k = p["linkage.mass_kg"] * p["sim.g_m_s2"] * math.sqrt(2 * 7.3e-7)   # seed 000 Table 1
+    k = p["linkage.mass_kg"] * p["sim.g_m_per_s2"] * math.sqrt(2 * 7.3e-7)   # seed 000 Table 1
     expected = k ** 2 * 4 * sig ** 2 * tau / (1 + (2 * np.pi * f * tau) ** 2)
     for lo, hi in ((0.01, 0.05), (0.05, 0.2), (0.2, 1.0)):
         band = (f >= lo) & (f < hi)
@@ -130,8 +130,8 @@ def test_thermal_drift_follows_the_lagged_temperature_ramp():
     t = block.col("t")[1:]
     link = r * (t - (t1 + t2) + (t1 ** 2 * np.exp(-t / t1) - t2 ** 2 * np.exp(-t / t2)) / (t1 - t2))
     p = plant.params
-    assert np.allclose(_ifo_error(plant, block)[1:], p["thermal.ifo_path_m_K"] * link, rtol=2e-3, atol=1e-13)
-    assert np.allclose(_force_on_link(plant, block), p["thermal.force_coeff_N_K"] * link, rtol=2e-3, atol=1e-12)
+    assert np.allclose(_ifo_error(plant, block)[1:], p["thermal.ifo_path_m_per_K"] * link, rtol=2e-3, atol=1e-13)
+    assert np.allclose(_force_on_link(plant, block), p["thermal.force_coeff_N_per_K"] * link, rtol=2e-3, atol=1e-12)
 
 
 def test_the_default_loop_margins_against_python_control():

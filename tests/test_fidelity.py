@@ -49,7 +49,7 @@ def test_ground_tilt_tips_gravity_with_its_stated_spectrum():
     plant = Nist4Plant(_only(noise__tilt=True, tilt__flicker_asd_rad=asd, sim__frame_rate_hz=100.0),
                        seed=3, noise="off")
     block = plant.run(Nist4Actuators(), 100_000)
-    g = plant.params["sim.g_m_s2"]
+    g = plant.params["sim.g_m_per_s2"]
     tilt = block.col("agx") / g
     assert tilt[-1] == pytest.approx(plant.mechanisms()["tilt_x_rad"], rel=1e-12)
     f, pxx = welch(tilt, fs=100.0, nperseg=1 << 14)
@@ -84,7 +84,7 @@ def _dvm_ratio(overrides, frames, seed=4, amplitude_m=5e-3):
     swinging wheel in velocity mode (same first random stream: only the trajectory differs;
     a knife edge four times stiffer than the default halves the swing's period, ~15 s)."""
     out = []
-    stiff = {"wheel.knife_stiffness_N_m_rad": 4 * PUB["wheel.knife_stiffness_N_m_rad"]}
+    stiff = {"wheel.knife_stiffness_N_m_per_rad": 4 * PUB["wheel.knife_stiffness_N_m_per_rad"]}
     for ov in (overrides | stiff, stiff):
         plant = Nist4Plant(ov, seed=seed, noise="off")
         r = plant.params["wheel.radius_m"]
@@ -100,7 +100,7 @@ def test_trajectory_error_is_drawn_per_sweep_with_its_stated_spread():
     for the next, with the stated standard deviation."""
     sigma = PUB["trajectory.sweep_rel_std"]
     ratio, vz = _dvm_ratio(_only(noise__trajectory=True, trajectory__sweep_rel_std=sigma), 220_000)
-    vth = PUB["trajectory.speed_threshold_m_s"]
+    vth = PUB["trajectory.speed_threshold_m_per_s"]
     moving = vz > 2 * vth
     starts = np.flatnonzero(np.diff(moving.astype(int)) == 1) + 1
     ends = np.flatnonzero(np.diff(moving.astype(int)) == -1) + 1
@@ -168,7 +168,7 @@ def test_published_amplitudes_give_the_seed_001_figures_through_the_triplet_regr
     rng = np.random.default_rng(11)
     n_trip = 300
     s_sweep, s_set = PUB["trajectory.sweep_rel_std"], PUB["trajectory.set_rel_std"]
-    k, r, g = PUB["wheel.knife_stiffness_N_m_rad"], PUB["wheel.radius_m"], PUB["sim.g_m_s2"]
+    k, r, g = PUB["wheel.knife_stiffness_N_m_per_rad"], PUB["wheel.radius_m"], PUB["sim.g_m_per_s2"]
     coupling = PUB["wheel.gravity_fraction"] * k / r / (PUB["main_side.test_mass_kg"] * g)
     theta = _tilt_window_means(rng, n_trip, 17, spacing, window, PUB["tilt.flicker_asd_rad"])
     force_err = coupling * (theta[:, 1:-1] - 0.5 * (theta[:, :-2] + theta[:, 2:]))     # (n, 15)

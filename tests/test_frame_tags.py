@@ -158,7 +158,7 @@ def test_a_future_clock_frame_does_not_put_damping_or_theta_z_safe(tmp_path, cls
         if k == 300:
             svc.sensors(k + 10**6)
         svc.sensors(k)
-        svc.daq(k, coil_vx_m_s=1e-6, coil_theta_z_rad=1e-7)
+        svc.daq(k, coil_vx_m_per_s=1e-6, coil_theta_z_rad=1e-7)
         if k == 99:
             svc.arm()
     assert not svc.events("safe") and not svc.events("stale")
@@ -227,7 +227,7 @@ def test_the_daq_drops_a_frame_it_finds_implausible_like_a_missing_one(tmp_path)
         daq.sensors(k, fringe_count=[glitch] * 3 + [0] if k == 20 else [0] * 4, **raw)
     frames = daq.published(daq.topics.frame("daq"), DaqFrame)
     assert [f.frame for f in frames] == [k for k in range(40) if k != 20]
-    assert max(abs(f.coil_vz_m_s) for f in frames) == 0.0
+    assert max(abs(f.coil_vz_m_per_s) for f in frames) == 0.0
     assert "implausible: DaqFrame: $.coil_z_m is 0.2 m" in daq.events("rejected")[-1].text
     assert daq.svc.counters["frames_missed"] == 1
 
@@ -238,12 +238,12 @@ def test_implausible_daq_frames_in_a_row_are_stale_input(tmp_path):
     damping = InProcess(Damping, tmp_path)
     for k in range(200):
         damping.sensors(k)
-        damping.daq(k, coil_vx_m_s=1e-6)
+        damping.daq(k, coil_vx_m_per_s=1e-6)
         if k == 99:
             damping.arm()
     for k in range(200, 400):
         damping.sensors(k)
-        damping.daq(k, coil_vx_m_s=1e300)
+        damping.daq(k, coil_vx_m_per_s=1e300)
     assert damping.svc.guard.state == "safe" and not damping.svc.guard.out.any()
     assert damping.events("stale")[0].data["frame"] == 200 + damping.svc.stale_ticks
     assert damping.svc.counters["rejected"] == 200

@@ -97,7 +97,7 @@ async def test_gain_change_mid_run_makes_no_output_step(nist4):
     it does from frame to frame anyway."""
     _, loop = nist4
     await loop.command("servo", "mode", mode="force")
-    ki = (await loop.command("servo", "param.get", name="ki_n_m_s"))["value"]
+    ki = (await loop.command("servo", "param.get", name="ki_n_per_m_s"))["value"]
     forces: dict[int, float] = {}
     async with loop.bus.listen(loop.bus.topics.frame("servo"), qos=0) as sub:
         async def record(n: int) -> None:
@@ -106,10 +106,10 @@ async def test_gain_change_mid_run_makes_no_output_step(nist4):
                 forces[frame.frame] = frame.values["force_n"]
         await record(400)
         before = max(forces)
-        reply = await loop.command("servo", "param.set", name="ki_n_m_s", value=2 * ki)
+        reply = await loop.command("servo", "param.set", name="ki_n_per_m_s", value=2 * ki)
         assert reply["value"] == 2 * ki
         await record(len(forces) + 400)
-    await loop.command("servo", "param.set", name="ki_n_m_s", value=ki)
+    await loop.command("servo", "param.set", name="ki_n_per_m_s", value=ki)
     frames = sorted(forces)
     assert frames == list(range(frames[0], frames[-1] + 1)), "servo/frame lost frames"
     f = np.array([forces[k] for k in frames])

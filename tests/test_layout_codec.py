@@ -57,7 +57,7 @@ def test_nonfinite_rejected_with_field_name():
         decode(raw, DaqFrame)
 
 
-UNITS = {"_m": "m", "_rad": "rad", "_m_s": "m/s", "_rad_s": "rad/s", "_v": "V", "_a": "A",
+UNITS = {"_m": "m", "_rad": "rad", "_m_per_s": "m/s", "_rad_per_s": "rad/s", "_v": "V", "_a": "A",
          "_f": "F", "_k": "K", "_pa": "Pa"}
 
 
@@ -80,7 +80,7 @@ def test_the_limits_cover_what_the_modelled_instruments_produce():
     lim = field_limits(DaqFrame)
     stop_m = max(nist4["wheel.stop_rad"] * nist4["wheel.radius_m"], efb["linkage.stop_m"])
     assert stop_m + 0.05 <= lim["coil_z_m"].hi and stop_m <= lim["counter_mass_z_m"].hi
-    assert (2 * nist4["sim.g_m_s2"] * 2 * stop_m) ** 0.5 <= lim["coil_vz_m_s"].hi
+    assert (2 * nist4["sim.g_m_per_s2"] * 2 * stop_m) ** 0.5 <= lim["coil_vz_m_per_s"].hi
     assert nist4["main_source.full_scale_A"] < lim["main_coil_current_a"].hi
     assert nist4["cm_source.full_scale_A"] < lim["counter_mass_current_a"].hi
     assert max(nist4["dvm.range_V"] + 20.0, efb["dvm.range_V"]) <= lim["coil_voltage_v"].hi
@@ -96,7 +96,7 @@ def test_the_limits_cover_what_the_modelled_instruments_produce():
 @pytest.mark.parametrize("field, value, text", [
     ("coil_z_m", 1.0, "$.coil_z_m is 1 m, beyond its plausibility limits [-0.1, 0.1] m"),
     ("coil_z_m", 1e300, "$.coil_z_m is 1e+300 m, beyond its plausibility limits"),
-    ("coil_vz_m_s", math.nan, "$.coil_vz_m_s must be a finite number (got nan)"),
+    ("coil_vz_m_per_s", math.nan, "$.coil_vz_m_per_s must be a finite number (got nan)"),
     ("main_coil_current_a", -0.5, "$.main_coil_current_a is -0.5 A, beyond"),
 ])
 def test_an_implausible_reading_fails_decoding_naming_the_field_and_its_limits(field, value, text):

@@ -27,7 +27,7 @@ def test_nist4_load_follows_the_servo_feedforward(events, tmp_path):
     a ramp of its own mass over lift_ramp_s (the 0.5 kg auxiliary mass too), events at once a
     ramp of their net load."""
     servo = _servo("nist4", tmp_path)
-    ramp_s, g = servo.params.values["lift_ramp_s"], servo.params.values["g_m_s2"]
+    ramp_s, g = servo.params.values["lift_ramp_s"], servo.params.values["g_m_per_s2"]
     p = Nist4Plant(QUIET_NIST4, seed=1)
     load0 = p.truth().m_test + p.truth().m_aux
     delta = 0.0
@@ -47,7 +47,7 @@ def test_nist4_load_follows_the_servo_feedforward(events, tmp_path):
 
 def test_efb_load_follows_the_servo_feedforward(tmp_path):
     servo = _servo("efb", tmp_path)
-    ramp_s, g = servo.params.values["lift_ramp_s"], servo.params.values["g_m_s2"]
+    ramp_s, g = servo.params.values["lift_ramp_s"], servo.params.values["g_m_per_s2"]
     p = EfbPlant(QUIET_EFB, seed=1)
     delta = servo.params.values["aux_mass_kg"]
     p.place_mass("large")

@@ -51,8 +51,8 @@ async def started(model: str, noise: str = "published", **params) -> InProcessSt
     return stack
 
 
-SERVO_MOTION = {"sweep_speed_m_s": {"value": 1e-3}, "sweep_accel_m_s2": {"value": 5e-4},
-                "sweep_jerk_m_s3": {"value": 0.0}}
+SERVO_MOTION = {"sweep_speed_m_per_s": {"value": 1e-3}, "sweep_accel_m_per_s2": {"value": 5e-4},
+                "sweep_jerk_m_per_s3": {"value": 0.0}}
 """What the servo answers velocity_set's param.get with (its defaults)."""
 
 
@@ -85,7 +85,7 @@ def test_plans_are_readable_generators_with_the_papers_counts():
         if msg.command == "measure":
             sweeps.append((msg.args["info"]["direction"], msg.args["seconds"]))
         reply = (SERVO_MOTION.get(msg.args.get("name")) if msg.request == "param.get" else
-                 {"duration_s": 84.0, "speed_m_s": 1e-3, "delta_kg": 0.5}) if msg.command == "cmd" else None
+                 {"duration_s": 84.0, "speed_m_per_s": 1e-3, "delta_kg": 0.5}) if msg.command == "cmd" else None
     assert [d for d, _ in sweeps] == ["down", "up"] * 15
     # the windows are timed from the servo's reply: 84 s for 80 mm at 1 mm/s accelerates for
     # 4 s at either end; less the 1 s margins, 74 s of constant velocity
@@ -100,12 +100,12 @@ async def test_force_set_measures_mass_on_and_off_currents():
     try:
         engine = P.RunEngine(stack, emit=docs, progress=progress.append)
         stop = await engine.run("force_set", {"weighings": 3, "window_s": 2.0, "settle_s": 2.0},
-                                config={"servo": {"kp_n_m": 5.33e4}})
+                                config={"servo": {"kp_n_per_m": 5.33e4}})
     finally:
         stack.close()
     assert stop["exit_status"] == "success", stop["reason"]
     assert docs.names()[0] == "start" and docs.names()[-1] == "stop"
-    assert docs.docs[0][1]["config_hash"] == P.config_hash({"servo": {"kp_n_m": 5.33e4}})
+    assert docs.docs[0][1]["config_hash"] == P.config_hash({"servo": {"kp_n_per_m": 5.33e4}})
     events = docs.events("weighing")
     assert [e["info"]["mass_on"] for e in events] == [True, False, True]
     currents = [np.mean(e["data"]["main_coil_current_a"]) for e in events]
@@ -114,7 +114,7 @@ async def test_force_set_measures_mass_on_and_off_currents():
     # 1 kg on the pan: the DAQ's current moves by m g / Bl (the plant's Bl, not the servo's)
     p = stack.plant.params
     delta = currents[0] - currents[1]
-    assert delta == pytest.approx(p["main_side.test_mass_kg"] * p["sim.g_m_s2"] / 710.0, rel=2e-2)
+    assert delta == pytest.approx(p["main_side.test_mass_kg"] * p["sim.g_m_per_s2"] / 710.0, rel=2e-2)
     assert currents[0] == pytest.approx(currents[2], abs=1e-3 * abs(delta))
     assert progress[-1].sim_s == pytest.approx(stop["sim_s"])
     assert progress[-1].total_s > 0
@@ -132,7 +132,7 @@ async def test_velocity_set_sweeps_alternate_with_damping_open_at_constant_veloc
     events = docs.events("sweep")
     assert [e["info"]["direction"] for e in events] == ["down", "up"]
     for e, sign in zip(events, (-1.0, 1.0)):
-        v = np.array(e["data"]["coil_vz_m_s"])
+        v = np.array(e["data"]["coil_vz_m_per_s"])
         assert np.mean(v) == pytest.approx(sign * 1e-3, rel=1e-3)     # constant velocity only
         bl = np.array(e["data"]["coil_voltage_v"]) / v
         assert np.median(bl) == pytest.approx(710.0, rel=0.02)         # U / v is Bl
@@ -221,7 +221,7 @@ async def test_efb_weighing_both_polarities_give_the_surface_potential_and_the_m
     for pol in "+-":
         unloaded = (v[pol, 0] + v[pol, 2]) / 2
         m_g = kappa * ((v[pol, 1] - v_s) ** 2 - (unloaded - v_s) ** 2)
-        assert m_g / p["sim.g_m_s2"] == pytest.approx(p["masses.small_kg"], rel=2e-3)
+        assert m_g / p["sim.g_m_per_s2"] == pytest.approx(p["masses.small_kg"], rel=2e-3)
 
 
 def _drive(plan, answer):
@@ -240,7 +240,7 @@ def _efb_answer(msg):
     if msg.command != "cmd":
         return None
     return {"state": {"mode": "force", "z_ref_m": 1e-4, "trajectory": "", "trajectory_left_s": 0.0},
-            "param.get": {"value": 5e-5 if msg.args.get("name") == "gradient_speed_m_s" else 4e-6},
+            "param.get": {"value": 5e-5 if msg.args.get("name") == "gradient_speed_m_per_s" else 4e-6},
             "move": {"duration_s": 10.0}}.get(msg.request, {})
 
 
@@ -286,7 +286,7 @@ in test_efb_gradient.py)."""
 async def test_efb_gradient_plan_recovers_the_plants_dcdz_with_the_link_on_the_auxiliary_electrode():
     """The shortened determination (the paper's 11 points within 2 mm, 2 sweeps, 3 bridge readings
     per point) against the simulator's dC/dz at the weighing position, computed from efb.toml:
-    c1 = dcdz_F_m + temp_coeff (T - T_ref) (the profile is 1 at z = 0), T the balance
+    c1 = dcdz_F_per_m + temp_coeff (T - T_ref) (the profile is 1 at z = 0), T the balance
     thermometer; and its curvature d2C/dz2 = c1 a1 / profile_scale against the fit's
     second-order coefficient, with the fit's uncertainty propagated here from its residuals."""
     stack = InProcessStack("efb", rate_hz=GRADIENT_RATE_HZ, seed=9)
@@ -327,9 +327,9 @@ async def test_efb_gradient_plan_recovers_the_plants_dcdz_with_the_link_on_the_a
 
     (t0, t1, res), = an.efb_gradients(events)
     temp_c = np.mean([np.mean(e["data"]["temperature_k"]) for e in events]) - 273.15
-    c1 = p["capacitor.dcdz_F_m"] + p["capacitor.temp_coeff_F_m_K"] * (temp_c - p["capacitor.temp_ref_C"])
-    assert res.dcdz_f_m == pytest.approx(c1, abs=3.0 * res.u_dcdz_f_m)
-    assert 2e-7 < res.u_dcdz_f_m / c1 < 5e-6
+    c1 = p["capacitor.dcdz_F_per_m"] + p["capacitor.temp_coeff_F_per_m_K"] * (temp_c - p["capacitor.temp_ref_C"])
+    assert res.dcdz_f_per_m == pytest.approx(c1, abs=3.0 * res.u_dcdz_f_per_m)
+    assert 2e-7 < res.u_dcdz_f_per_m / c1 < 5e-6
     # curvature: d2C/dz2 = 2 a2 / zs^2 of the fit, a2 averaged over the sweeps
     zs = res.z_scale_m
     u_pts = np.array([[np.mean(an.efb_bridge_readings(np.array(e["data"]["sim_time_s"]),

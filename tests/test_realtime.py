@@ -153,12 +153,12 @@ def test_a_decimated_actuator_acts_once_per_loop_period_and_says_how_long_it_hol
     assert damping.decimation == 5
     for k in range(100):  # boot: the input flows, the guard is safe
         damping.on_clock(HwSensorFrame(frame=k))
-        damping.on_daq_frame(DaqFrame(frame=k, coil_vx_m_s=1e-6))
+        damping.on_daq_frame(DaqFrame(frame=k, coil_vx_m_per_s=1e-6))
     damping.cmd_arm(Command(command="arm", id="1"))
     sent.clear()
     for k in range(100, 200):
         damping.on_clock(HwSensorFrame(frame=k))
-        damping.on_daq_frame(DaqFrame(frame=k, coil_vx_m_s=1e-6))
+        damping.on_daq_frame(DaqFrame(frame=k, coil_vx_m_per_s=1e-6))
     assert damping.guard.state == "armed"
     assert [c.frame for c in sent] == list(range(100, 200, 5))
     assert {c.hold_frames for c in sent} == {5}

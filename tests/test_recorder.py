@@ -161,7 +161,7 @@ async def test_recorder_records_what_was_published(broker, tmp_path):
     async with running(Recorder(config)) as rec, BusClient(broker.url, instrument) as bus, raw:
         async def publish_all(tag: int) -> None:
             for k in range(20):
-                frame = DaqFrame(frame=k, seq=k, coil_z_m=1e-6 * k + 1e-3 * tag, coil_vz_m_s=-1e-3 * k)
+                frame = DaqFrame(frame=k, seq=k, coil_z_m=1e-6 * k + 1e-3 * tag, coil_vz_m_per_s=-1e-3 * k)
                 msgs = {f"{p}/daq/frame": encode(frame),
                         f"{p}/servo/setpoint": encode(Setpoint(frame=k, values={"main_coil_current_a": 0.01 * k})),
                         f"{p}/custom/blob": bytes([k, tag]) + b"\x00\xff not msgpack",
@@ -353,7 +353,7 @@ def test_export_values_units_configuration_and_parameters(tmp_path, capsys):
         for k in range(n):
             t = 2.0 + k * 1e-3
             w.append(f"kb/{inst}/daq/frame", encode(DaqFrame(
-                frame=k, coil_z_m=float(z[k]), coil_vz_m_s=1e-3, coil_voltage_v=0.5 + k,
+                frame=k, coil_z_m=float(z[k]), coil_vz_m_per_s=1e-3, coil_voltage_v=0.5 + k,
                 main_coil_current_a=0.01, temperature_k=295.0, pressure_pa=1e-4)), t)
             w.append(f"kb/{inst}/hw/sensors", encode(HwSensorFrame(
                 frame=k, fringe_count=[k, 2 * k, 3 * k], psd_v=[0.1, 0.2])), t)
@@ -369,7 +369,7 @@ def test_export_values_units_configuration_and_parameters(tmp_path, capsys):
         w.append(f"kb/{inst}/servo/event", encode(Event(service="servo", kind="trip",
                                                         data={"why": {"deep": 1}})), 3.7)
         w.append(f"kb/{inst}/sim/truth", encode(SimTruth(frame=49, model="nist4", values={
-            "bl_t_m": 693.2, "tau_hyst_n_m": 1e-6, "dcdz_f_m": 1e-9, "z_m": 1e-9})), 3.8)
+            "bl_t_m": 693.2, "tau_hyst_n_m": 1e-6, "dcdz_f_per_m": 1e-9, "z_m": 1e-9})), 3.8)
         w.append(run_document_topic(inst), encode_document("stop", {"exit_status": "success"}), 4.0)
         w.append(f"kb/{inst}/misc/raw", b"\xc1", 4.1)  # not MessagePack: counted, not fatal
     with open(run, "ab") as f:  # and a torn tail
@@ -392,8 +392,8 @@ def test_export_values_units_configuration_and_parameters(tmp_path, capsys):
         np.testing.assert_array_equal(daq["t_recv_s"][:], 2.0 + np.arange(n) * 1e-3)
         np.testing.assert_array_equal(daq["coil_voltage_v"][:], 0.5 + np.arange(n))
         units = {name: daq[name].attrs.get("unit", "") for name in daq}
-        assert units["coil_z_m"] == "m" and units["coil_vz_m_s"] == "m/s"
-        assert units["coil_theta_x_rad"] == "rad" and units["coil_wx_rad_s"] == "rad/s"
+        assert units["coil_z_m"] == "m" and units["coil_vz_m_per_s"] == "m/s"
+        assert units["coil_theta_x_rad"] == "rad" and units["coil_wx_rad_per_s"] == "rad/s"
         assert units["coil_voltage_v"] == "V" and units["main_coil_current_a"] == "A"
         assert units["temperature_k"] == "K" and units["pressure_pa"] == "Pa"
         assert units["capacitance_f"] == "F" and units["t_recv_s"] == "s" and units["frame"] == ""
@@ -415,11 +415,11 @@ def test_export_values_units_configuration_and_parameters(tmp_path, capsys):
         assert [s.decode() for s in f["documents/name"][:]] == ["start", "stop"]
         assert f["misc/raw"].attrs["undecodable"] == 1
         truth = f["sim/truth/values"]  # units from the table, not from suffixes ("m" for all three)
-        assert truth["bl_t_m"].attrs["unit"] == "T m" and truth["dcdz_f_m"].attrs["unit"] == "F/m"
+        assert truth["bl_t_m"].attrs["unit"] == "T m" and truth["dcdz_f_per_m"].attrs["unit"] == "F/m"
         assert truth["tau_hyst_n_m"].attrs["unit"] == "N m" and truth["z_m"].attrs["unit"] == "m"
         assert "unit" not in sp["cm_current_a"].attrs  # not a name of the bus: no unit guessed
         assert st["counters/frames_in"].attrs.get("unit", "") == ""
-    assert unit_of("seq") == "" and unit_of("_m") is None and unit_of("gain_x_n_s_m") is None
+    assert unit_of("seq") == "" and unit_of("_m") is None and unit_of("gain_x_n_s_per_m") is None
     assert unit_of("frames_in", "counters") == "" and unit_of("age_ms_p99", "timing") == "ms"
 
     # missing and corrupt files: a clear message and a non-zero status

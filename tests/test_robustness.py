@@ -25,7 +25,7 @@ def test_the_draws_fill_the_bands():
         assert band.low <= min(flat) and max(flat) <= band.high, band.name
         # spread over most of the band, not bunched at the nominal
         assert max(flat) - min(flat) >= 0.6 * (band.high - band.low), band.name
-    stiffness = [p["wheel.knife_stiffness_N_m_rad"] for p in plants]
+    stiffness = [p["wheel.knife_stiffness_N_m_per_rad"] for p in plants]
     assert min(stiffness) < 0 < max(stiffness)                 # through zero
 
 

@@ -48,7 +48,7 @@ def test_current_map_force_mode_is_force_over_bl_within_the_limit():
 
 
 def test_current_map_velocity_mode_hands_the_force_to_the_motor_at_the_handover_slew():
-    """Each frame the main-coil current drops by ``handover_slew_a_s dt``; the motor carries
+    """Each frame the main-coil current drops by ``handover_slew_a_per_s dt``; the motor carries
     the rest, so the two together produce the loop's force; the switchbox opens once the main
     current is zero, after ceil(I0 / (slew dt)) frames."""
     core = configured("nist4")
@@ -63,7 +63,7 @@ def test_current_map_velocity_mode_hands_the_force_to_the_motor_at_the_handover_
         assert m.force(v, motor_too=True) == pytest.approx(0.5, rel=1e-12)
         if not switches["main_coil_connected"]:
             break
-    assert frames == math.ceil(i0 / (v["handover_slew_a_s"] * core.dt_s) - 1e-9)
+    assert frames == math.ceil(i0 / (v["handover_slew_a_per_s"] * core.dt_s) - 1e-9)
     assert sp["main_coil_current_a"] == 0.0
     assert sp["counter_mass_current_a"] == pytest.approx(-0.5 / v["motor_bl_t_m"], rel=1e-12)
 
@@ -74,14 +74,14 @@ def test_voltage_map_meets_the_force_law_with_either_polarity(polarity):
     m, v = core.actuators, core.values
     f = 4.735e-6 + 1e-6 * 9.8
     volts = m.setpoint("force", f, v)[0]["hv_voltage_v"]
-    assert volts == pytest.approx(0.05 + (1 if polarity == "+" else -1) * math.sqrt(f / v["kappa_f_m"]), rel=1e-14)
+    assert volts == pytest.approx(0.05 + (1 if polarity == "+" else -1) * math.sqrt(f / v["kappa_f_per_m"]), rel=1e-14)
     assert m.force(v) == pytest.approx(f, rel=1e-12)
     assert m.setpoint("force", -1.0, v)[0]["hv_voltage_v"] == 0.05           # only pulls: zero force
     assert abs(m.setpoint("force", 1.0, v)[0]["hv_voltage_v"]) == core.settings.hv_limit_v
 
 
 def test_voltage_map_gradient_mode_drives_the_auxiliary_electrode_with_the_same_force():
-    core = configured("efb", aux_kappa_f_m=1.0e-10, aux_surface_potential_v=0.02)
+    core = configured("efb", aux_kappa_f_per_m=1.0e-10, aux_surface_potential_v=0.02)
     m, v = core.actuators, core.values
     m.setpoint("force", 4.735e-6, v)
     before = m.force(v)
@@ -128,7 +128,7 @@ def test_a_move_beyond_the_sweep_range_is_refused():
     with pytest.raises(ValueError, match="beyond"):
         core.move(0.05)
     reply = core.move(-0.01)
-    assert reply["end_m"] == -0.01 and reply["duration_s"] > 0.01 / core.values["sweep_speed_m_s"]
+    assert reply["end_m"] == -0.01 and reply["duration_s"] > 0.01 / core.values["sweep_speed_m_per_s"]
 
 
 def _run_nist4(core: ServoCore, plant_bl: float, seconds: float, z0: float = 0.0):
@@ -136,7 +136,7 @@ def _run_nist4(core: ServoCore, plant_bl: float, seconds: float, z0: float = 0.0
     the load as the lift ramps it (linear over ``lift_ramp_s``), two frames of delay from
     the current set to the force (the source's lag); positions per frame."""
     v = core.values
-    m, k, g, ramp = v["effective_mass_kg"], v["spring_n_m"], v["g_m_s2"], v["lift_ramp_s"]
+    m, k, g, ramp = v["effective_mass_kg"], v["spring_n_per_m"], v["g_m_per_s2"], v["lift_ramp_s"]
     dt = core.dt_s
     z, vz, zs, currents, loads = z0, 0.0, [], [0.0, 0.0], []
     frame0 = core.frame
@@ -168,7 +168,7 @@ def test_a_mass_exchange_ends_with_m_g_equal_to_bl_i():
     z, i = _run_nist4(core, plant_bl, 20.0)
     assert np.abs(z).max() < 10e-6                                   # the target's 10 um
     assert np.abs(z[-1000:]).max() < 1e-9
-    assert i[-1] == pytest.approx(1.0 * core.values["g_m_s2"] / plant_bl, rel=1e-6)
+    assert i[-1] == pytest.approx(1.0 * core.values["g_m_per_s2"] / plant_bl, rel=1e-6)
 
 
 def test_a_restarted_core_resumes_force_mode_from_the_readback():

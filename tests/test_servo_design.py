@@ -20,11 +20,11 @@ DT_S = 1e-3
 def servo_pid(model: str):
     """The PID parameter row of the servo as ``kibble up --sim MODEL`` configures it."""
     cfg = load_config("servo", instrument(model).config, restore=False)
-    specs = {name: Servo.__dict__[name].default for name in ("kp_n_m", "ki_n_m_s", "kd_n_s_m",
+    specs = {name: Servo.__dict__[name].default for name in ("kp_n_per_m", "ki_n_per_m_s", "kd_n_s_per_m",
                                                             "derivative_filter_s")}
     specs.update({k: v for k, v in cfg.params.items() if k in specs})
-    return P.pid_params(1, dt_s=DT_S, kp=specs["kp_n_m"], ki_per_s=specs["ki_n_m_s"],
-                        kd_s=specs["kd_n_s_m"], tf_s=specs["derivative_filter_s"])[0]
+    return P.pid_params(1, dt_s=DT_S, kp=specs["kp_n_per_m"], ki_per_s=specs["ki_n_per_m_s"],
+                        kd_s=specs["kd_n_s_per_m"], tf_s=specs["derivative_filter_s"])[0]
 
 
 def figures(plant_force_to_z, par_row):
@@ -49,7 +49,7 @@ def test_nist4_force_loop_margins():
 
 def test_efb_force_loop_margins():
     p = load_params("efb")
-    m, k = p["linkage.mass_kg"], p["linkage.stiffness_N_m"]
+    m, k = p["linkage.mass_kg"], p["linkage.stiffness_N_per_m"]
     w0 = math.sqrt(k / m)
     plant = ct.tf([1.0], [m, m * w0 / p["linkage.q"], k]) * ct.tf([1.0], [p["hv.tau_s"], 1.0])
     fig = figures(plant, servo_pid("efb"))

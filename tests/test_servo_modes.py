@@ -17,7 +17,7 @@ ACTUATORS = ("current_source", "damping", "theta_z")
 async def test_velocity_mode_hands_the_force_to_the_motor_before_the_switchbox_opens():
     """Build item 4 of issue 17, at 1 kHz: force mode holding a 0.5 N external force with the
     main coil (0.7 mA), then velocity mode. The main-coil current ramps to zero at
-    ``handover_slew_a_s`` (5 mA/s, what the counter-mass source's 0.2 A/s gives through the
+    ``handover_slew_a_per_s`` (5 mA/s, what the counter-mass source's 0.2 A/s gives through the
     motor) while the motor takes the force over; the switchbox opens at zero current, after
     140 frames. Measured: the coil moves 1 nm; when the switchbox opened at once (and the motor
     took the force at its slew) it went 7.5 mm and tripped the current source."""
@@ -89,7 +89,7 @@ async def test_the_documented_recovery_brings_the_coil_back_from_its_stops(cause
         stack.close()
     assert guards == dict.fromkeys(ACTUATORS, "armed")
     assert reply["trajectory"] == "approach" and 45.0 < reply["duration_s"] < 50.0
-    assert np.abs(tr["vz_m_s"]).max() < 1.1e-3              # the approach's 1 mm/s, no more
+    assert np.abs(tr["vz_m_per_s"]).max() < 1.1e-3              # the approach's 1 mm/s, no more
     assert np.abs(tr["z_m"][-200:]).max() < 10e-9           # held at the null
     assert state["mode"] == "force" and state["trajectory"] == ""
     assert state["test_mass_on"] and not state["aux_on"]

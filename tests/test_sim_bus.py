@@ -374,10 +374,10 @@ async def test_sim_control_commands_and_pause(broker):
                          == pytest.approx(300.0, abs=0.01)
                          and echo.frames[-1].temperature_k == pytest.approx(300.0, abs=0.01),
                          5, "the magnet and its sensor at 300 K")
-        vx0 = echo.truth[-1].values["vx_m_s"]
+        vx0 = echo.truth[-1].values["vx_m_per_s"]
         reply = await bus.request("sim", "inject_impulse", {"dof": "x", "impulse": 0.05})
         assert reply.ok
-        await wait_until(lambda: abs(echo.truth[-1].values["vx_m_s"] - vx0) > 1e-3, 5,
+        await wait_until(lambda: abs(echo.truth[-1].values["vx_m_per_s"] - vx0) > 1e-3, 5,
                          "the impulse in vx")
         for command, args, err in (
                 ("inject_force", {"dof": "q", "value": 1.0, "duration_s": 0.1}, "bad disturbance"),

@@ -20,11 +20,11 @@ def test_equilibrium_voltage(mass, tare, polarity):
     p = EfbPlant(pr, seed=1)
     p.place_mass(mass)
     p.env[1] = mass  # load fully on (skip the ramp)
-    g = pr["sim.g_m_s2"]
-    kappa = pr["capacitor.dcdz_F_m"] / 2
+    g = pr["sim.g_m_per_s2"]
+    kappa = pr["capacitor.dcdz_F_per_m"] / 2
     vs = pr["capacitor.surface_potential_V"]
     # the grounded auxiliary electrode still pulls through its surface potential
-    f_aux = 0.5 * pr["capacitor.aux_dcdz_F_m"] * pr["capacitor.aux_surface_potential_V"] ** 2
+    f_aux = 0.5 * pr["capacitor.aux_dcdz_F_per_m"] * pr["capacitor.aux_surface_potential_V"] ** 2
     v = vs + polarity * math.sqrt((mass * g + tare - f_aux) / kappa)
     p.act = p.decode(EfbActuators(hv_code=v / p._V_per_code, hv_to_main=True, hv_enable=True))
     p.set_state(z=0.0, vz=0.0, v_amp=p.act[0])
@@ -49,7 +49,7 @@ def test_ringdown_matches_linearization():
     assert abs(sim) == pytest.approx(abs(lam), rel=0.01)
     assert -sim.real / abs(sim) == pytest.approx(-lam.real / abs(lam), rel=0.01)
     # stiffness includes the electrostatic term -1/2 d2C/dz2 (V - Vs)^2
-    k_mech = p.params["linkage.stiffness_N_m"]
+    k_mech = p.params["linkage.stiffness_N_per_m"]
     a1 = p.params["capacitor.profile_coeffs"][0] / p.params["capacitor.profile_scale_m"]
     k_el = -p.kappa() * a1 * (p.act[0] - p.params["capacitor.surface_potential_V"]) ** 2
     assert -sys.A[1, 0] * p.params["linkage.mass_kg"] == pytest.approx(k_mech + k_el, rel=1e-5)
@@ -74,8 +74,8 @@ def test_gradient_mode_aux_electrode_and_bridge():
     p = EfbPlant(QUIET_EFB, seed=4)
     pr = p.params
     # aux electrode alone holds the tare: V_aux = Vs_aux + sqrt(2 F / dC_aux/dz)
-    F = pr["linkage.tare_force_N"] - 0.5 * pr["capacitor.dcdz_F_m"] * pr["capacitor.surface_potential_V"] ** 2
-    v = pr["capacitor.aux_surface_potential_V"] + math.sqrt(2 * F / pr["capacitor.aux_dcdz_F_m"])
+    F = pr["linkage.tare_force_N"] - 0.5 * pr["capacitor.dcdz_F_per_m"] * pr["capacitor.surface_potential_V"] ** 2
+    v = pr["capacitor.aux_surface_potential_V"] + math.sqrt(2 * F / pr["capacitor.aux_dcdz_F_per_m"])
     act = EfbActuators(hv_code=v / p._V_per_code, hv_to_main=False, hv_enable=True)
     p.act = p.decode(act)
     p.set_state(v_amp=p.act[0])
@@ -87,7 +87,7 @@ def test_gradient_mode_aux_electrode_and_bridge():
     assert b.sensors[-1, 3] == pytest.approx(b.col("capacitance")[-1] * 1e12, abs=1e-6)
     c0 = pr["capacitor.c0_pF"]
     dz = b.col("z")[-1]
-    assert (b.col("capacitance")[-1] * 1e12 - c0) / (dz * 1e12) == pytest.approx(pr["capacitor.dcdz_F_m"], rel=1e-3)
+    assert (b.col("capacitance")[-1] * 1e12 - c0) / (dz * 1e12) == pytest.approx(pr["capacitor.dcdz_F_per_m"], rel=1e-3)
 
 
 def test_dcdz_temperature_coefficient():
@@ -116,10 +116,10 @@ def test_negative_linkage_stiffness_departs_at_the_analytic_rate(k):
     electrodes' own stiffness and c = sqrt(k_nom m) / q the damping of the nominal stiffness
     (the flexures', which the tuning does not change); the Iwan elements keep their positive
     stiffness of the nominal one too."""
-    p = EfbPlant(NOHYST | {"linkage.stiffness_N_m": k}, seed=7)
+    p = EfbPlant(NOHYST | {"linkage.stiffness_N_per_m": k}, seed=7)
     pr = p.params
     m, kappa, vs = pr["linkage.mass_kg"], p.kappa(), pr["capacitor.surface_potential_V"]
-    f_aux = 0.5 * pr["capacitor.aux_dcdz_F_m"] * pr["capacitor.aux_surface_potential_V"] ** 2
+    f_aux = 0.5 * pr["capacitor.aux_dcdz_F_per_m"] * pr["capacitor.aux_surface_potential_V"] ** 2
     v = vs + math.sqrt((pr["linkage.tare_force_N"] - f_aux) / kappa)
     act = EfbActuators(hv_code=v / p._V_per_code, hv_to_main=True, hv_enable=True)
     p.act = p.decode(act)
@@ -127,7 +127,7 @@ def test_negative_linkage_stiffness_departs_at_the_analytic_rate(k):
     p.set_state(z=z0, vz=0.0, v_amp=p.act[0])
     a1 = pr["capacitor.profile_coeffs"][0] / pr["capacitor.profile_scale_m"]
     k_total = k - kappa * a1 * (v - vs) ** 2
-    a = math.sqrt(pr["linkage.nominal_stiffness_N_m"] * m) / pr["linkage.q"] / (2 * m)
+    a = math.sqrt(pr["linkage.nominal_stiffness_N_per_m"] * m) / pr["linkage.q"] / (2 * m)
     lam1, lam2 = -a + math.sqrt(a * a - k_total / m), -a - math.sqrt(a * a - k_total / m)
     pole = max(np.linalg.eigvals(p.linearize(act).A[:2, :2]).real)
     assert pole == pytest.approx(lam1, rel=1e-4)
@@ -136,6 +136,6 @@ def test_negative_linkage_stiffness_departs_at_the_analytic_rate(k):
     assert np.max(np.abs(b.col("z") - expect)) <= 1e-6 * np.max(np.abs(expect))
     assert b.col("z")[-1] > 1.5 * z0
     nominal = EfbPlant(QUIET_EFB, seed=7)
-    tuned = EfbPlant(QUIET_EFB | {"linkage.stiffness_N_m": k}, seed=7)
+    tuned = EfbPlant(QUIET_EFB | {"linkage.stiffness_N_per_m": k}, seed=7)
     assert np.array_equal(tuned.hyk, nominal.hyk) and np.all(nominal.hyk > 0)
     assert tuned.P[3] == nominal.P[3] > 0                      # P_C, the link's damping

@@ -51,7 +51,7 @@ def test_wheel_ringdown_matches_linearization():
     sys = p.linearize(Nist4Actuators())
     (fl, zl), = _modes(np.linalg.eigvals(sys.A[0:2, 0:2]))
     # independent check of the linearization: k / J
-    k = p.params["wheel.knife_stiffness_N_m_rad"]
+    k = p.params["wheel.knife_stiffness_N_m_per_rad"]
     assert 2 * np.pi * fl == pytest.approx(math.sqrt(k / p.inertia), rel=1e-6)
     b = p.run(Nist4Actuators(), 150_000, record_truth=True)  # 150 s, ~5 periods
     t, th = b.col("t")[::50], b.col("theta")[::50]
@@ -97,7 +97,7 @@ def test_static_balance_current(mass_on):
     ov = NOHYST | {"initial.aux_on": False, "initial.test_mass_on": mass_on}
     params = load_params("nist4", ov)
     p = Nist4Plant(params, seed=4)
-    g = params["sim.g_m_s2"]
+    g = params["sim.g_m_per_s2"]
     m_net = (params["main_side.tare_mass_kg"] + (params["main_side.test_mass_kg"] if mass_on else 0.0)
              - params["counter_side.mass_kg"])  # +0.5 kg (mass on) / -0.5 kg (off)
     temp = params["temperature.initial_C"]
@@ -158,7 +158,7 @@ def test_hysteresis_grows_with_excursion_and_erase_reduces_it():
     ov = QUIET_NIST4 | {"wheel.q": 1.0}
     p = Nist4Plant(ov, seed=6)
     lsb = p._dac["cm_source"][2]
-    k_z = p.params["wheel.knife_stiffness_N_m_rad"] / p.params["wheel.radius_m"] ** 2
+    k_z = p.params["wheel.knife_stiffness_N_m_per_rad"] / p.params["wheel.radius_m"] ** 2
 
     def excursion(z_peak):
         # push with the counter-mass motor (F = -Bl_cm I at the counter side), release, settle
@@ -223,10 +223,10 @@ def test_negative_knife_stiffness_departs_at_the_analytic_rate(k):
     wheel leaves the null as J theta'' = -k theta - c theta' with the damping of the nominal
     stiffness, c = sqrt(k_nom J) / q, so at the rate -c/2J + sqrt((c/2J)^2 - k/J), about
     sqrt(-k/J); the linearization's unstable pole is that root."""
-    p = Nist4Plant(NOHYST | {"wheel.knife_stiffness_N_m_rad": k}, seed=7)
+    p = Nist4Plant(NOHYST | {"wheel.knife_stiffness_N_m_per_rad": k}, seed=7)
     params = p.params
     J = p.inertia
-    a = math.sqrt(params["wheel.nominal_stiffness_N_m_rad"] * J) / params["wheel.q"] / (2 * J)
+    a = math.sqrt(params["wheel.nominal_stiffness_N_m_per_rad"] * J) / params["wheel.q"] / (2 * J)
     lam1, lam2 = -a + math.sqrt(a * a - k / J), -a - math.sqrt(a * a - k / J)
     theta0 = 1e-7
     p.set_state(theta=theta0)
@@ -243,15 +243,15 @@ def test_knife_stiffness_sign_keeps_the_losses_and_flips_the_ground_lever():
     the (positive) Iwan element stiffnesses stay those of the nominal stiffness. The
     gravitational part f k = M g d sets the lever d of the horizontal ground acceleration, so
     the torque per m/s^2, M d = f k / g, follows the sign of k."""
-    plants = {k: Nist4Plant(QUIET_NIST4 | {"wheel.knife_stiffness_N_m_rad": k}, seed=8)
+    plants = {k: Nist4Plant(QUIET_NIST4 | {"wheel.knife_stiffness_N_m_per_rad": k}, seed=8)
               for k in (0.35, 0.0, -0.35)}
     nominal = plants[0.35]
-    k_nom = nominal.params["wheel.nominal_stiffness_N_m_rad"]
+    k_nom = nominal.params["wheel.nominal_stiffness_N_m_per_rad"]
     hyk = nominal.params["hysteresis.stiffness_fraction"] * k_nom / len(nominal.hyk)
     agx = INPUT_NAMES.index("agx")
     for k, p in plants.items():
         assert p.P[4] == nominal.P[4] > 0                      # P_C, the wheel's damping
         assert np.array_equal(p.hyk, np.full(len(nominal.hyk), hyk)) and hyk > 0
         torque_per_accel = p.linearize(Nist4Actuators()).B[1, agx] * p.inertia
-        lever = p.params["wheel.gravity_fraction"] * k / p.params["sim.g_m_s2"]
+        lever = p.params["wheel.gravity_fraction"] * k / p.params["sim.g_m_per_s2"]
         assert torque_per_accel == pytest.approx(lever, rel=1e-6, abs=1e-12)

@@ -75,7 +75,7 @@ def test_the_simulators_truth_and_sensors_have_declared_units(model):
     adapter = adapter_for(PLANTS[model](seed=0))
     names = [name for name, _, _ in adapter.truth_columns]
     assert not [n for n in names if unit_of(n, "values") is None]
-    assert unit_of("bl_t_m") == "T m" and unit_of("dcdz_f_m") == "F/m"   # "m" by their suffixes
+    assert unit_of("bl_t_m") == "T m" and unit_of("dcdz_f_per_m") == "F/m"   # "m" by their suffixes
     assert unit_of("tau_hyst_n_m") == "N m"
 
 
@@ -90,8 +90,8 @@ OLD = "gain_saved_before_a_rename"
 def renamed_kp(monkeypatch):
     """The servo's proportional gain renamed from :data:`OLD` (the table as the renames script
     writes it, with this one entry)."""
-    monkeypatch.setattr(units, "RENAMED", {OLD: "kp_n_m"})
-    return "kp_n_m"
+    monkeypatch.setattr(units, "RENAMED", {OLD: "kp_n_per_m"})
+    return "kp_n_per_m"
 
 
 def _servo(state_dir, restore=True, **config):
@@ -161,7 +161,7 @@ def test_no_renamed_name_is_declared_any_more_and_every_new_one_says_it_divides(
     """The table the renames script writes: none of its old names is a unit-table name, a
     parameter, a setting or a simulator parameter any more, and every new name says ``per``."""
     declared = _declared_names()
-    assert {"kp_n_m", "main_limit_a", "q"} <= declared
+    assert {"kp_n_per_m", "main_limit_a", "q"} <= declared
     assert not sorted(set(units.RENAMED) & declared)
     assert all("_per_" in new.lower() for new in units.RENAMED.values())
 

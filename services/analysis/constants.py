@@ -10,20 +10,20 @@ conventional units.
 
 from __future__ import annotations
 
-__all__ = ["H_J_S", "E_C", "K_J90_HZ_V", "R_K90_OHM", "H90_J_S", "K_J_HZ_V", "R_K_OHM", "N_A_PER_MOL",
+__all__ = ["H_J_S", "E_C", "K_J90_HZ_PER_V", "R_K90_OHM", "H90_J_S", "K_J_HZ_PER_V", "R_K_OHM", "N_A_PER_MOL",
            "ATOMIC_MASS_CONSTANT_KG"]
 
 H_J_S = 6.62607015e-34
 """Planck constant, J s (exact in the SI since 2019)."""
 E_C = 1.602176634e-19
 """Elementary charge, C (exact)."""
-K_J90_HZ_V = 483597.9e9
+K_J90_HZ_PER_V = 483597.9e9
 """Conventional Josephson constant K_J-90, Hz/V (seed 001, text before eq. 6)."""
 R_K90_OHM = 25812.807
 """Conventional von Klitzing constant R_K-90, ohm (seed 001, text before eq. 6)."""
-H90_J_S = 4.0 / (K_J90_HZ_V**2 * R_K90_OHM)
+H90_J_S = 4.0 / (K_J90_HZ_PER_V**2 * R_K90_OHM)
 """h90 = 4 / (K_J-90^2 R_K-90), J s (seed 001 eqs. 5, 6: K_J^2 R_K = 4 / h)."""
-K_J_HZ_V = 2.0 * E_C / H_J_S
+K_J_HZ_PER_V = 2.0 * E_C / H_J_S
 """SI Josephson constant 2e/h, Hz/V."""
 R_K_OHM = H_J_S / E_C**2
 """SI von Klitzing constant h/e^2, ohm."""

@@ -30,9 +30,9 @@ class EfbAnalysis:
 
     mass_kg, u_mass_kg (combined), u_a_kg (type A: u_a_weighing_kg, the trials' scatter, and
     u_a_dcdz_kg, the gradient determinations' uncertainty, in quadrature), u_b_kg (the budget,
-    if given), u_mass_rel; mass_trial_kg the eq. (17) trials and kappa_trial_f_m the kappa each
-    used (the bracketing average of the measured dC/dz / 2, or the given kappa), kappa_f_m
-    their mean; dcdz_f_m, u_dcdz_f_m, t_dcdz_s: the gradient determinations (dC/dz at the
+    if given), u_mass_rel; mass_trial_kg the eq. (17) trials and kappa_trial_f_per_m the kappa each
+    used (the bracketing average of the measured dC/dz / 2, or the given kappa), kappa_f_per_m
+    their mean; dcdz_f_per_m, u_dcdz_f_per_m, t_dcdz_s: the gradient determinations (dC/dz at the
     weighing position, its type A uncertainty, mean time); surface_potential_v the estimate
     (V+ + V-) / 2 of the unloaded readings (a check: the polarity reversal cancels it); counts
     of weighings, trials, determinations. The analysis objects (the uncertainty, the gradient
@@ -47,10 +47,10 @@ class EfbAnalysis:
     u_a_dcdz_kg: float
     u_mass_rel: float
     mass_trial_kg: list[float]
-    kappa_f_m: float
-    kappa_trial_f_m: list[float]
-    dcdz_f_m: list[float]
-    u_dcdz_f_m: list[float]
+    kappa_f_per_m: float
+    kappa_trial_f_per_m: list[float]
+    dcdz_f_per_m: list[float]
+    u_dcdz_f_per_m: list[float]
     t_dcdz_s: list[float]
     surface_potential_v: float
     n_weighings: int
@@ -110,12 +110,12 @@ def _bracketing(dets: list[tuple[float, float, CapacitanceGradientResult]],
     return out
 
 
-def analyze_efb(weighings: list[dict], *, g_m_s2: float, kappa_f_m: float | None = None,
+def analyze_efb(weighings: list[dict], *, g_m_per_s2: float, kappa_f_per_m: float | None = None,
                 gradients: list[dict] | None = None, budget: Mapping[str, float] | None = None,
                 order: int = 5) -> EfbAnalysis:
     """The EFB analysis of the ``weighing`` events of consecutive ``efb_weighing`` runs, with
     dC/dz measured by the ``gradient`` events of ``efb_gradient`` determinations bracketing
-    them (an ``efb_run``), or with a given ``kappa_f_m`` (a calibration constant; one of the
+    them (an ``efb_run``), or with a given ``kappa_f_per_m`` (a calibration constant; one of the
     two).
 
     Each run's window is a reading: its mean time and its mean squared DVM voltage
@@ -133,13 +133,13 @@ def analyze_efb(weighings: list[dict], *, g_m_s2: float, kappa_f_m: float | None
 
     Type A: eq. (17) is linear in kappa, m_p = kappa_p s_p. The weighing part is the standard
     deviation of the mean of kappa_bar s_p (the trials' scatter without the dC/dz noise); the
-    dC/dz part carries each determination's type A uncertainty (``u_dcdz_f_m`` of the fit)
+    dC/dz part carries each determination's type A uncertainty (``u_dcdz_f_per_m`` of the fit)
     into the mean mass, d mean(m) / d(dC/dz)_j = sum of s_p / (4 n) over the trials that
-    determination j brackets; the two in quadrature. A given ``kappa_f_m`` has no uncertainty.
+    determination j brackets; the two in quadrature. A given ``kappa_f_per_m`` has no uncertainty.
     Type B from ``budget``.
     """
-    if (kappa_f_m is None) == (not gradients):
-        raise ValueError("give either the gradient events (measured dC/dz) or kappa_f_m, not both or neither")
+    if (kappa_f_per_m is None) == (not gradients):
+        raise ValueError("give either the gradient events (measured dC/dz) or kappa_f_per_m, not both or neither")
     runs = split_at(weighings, lambda info: info["polarity"] == "+" and info["index"] == 0)
     if len(runs) < 2:
         raise ValueError("need at least two efb_weighing runs (n runs give n - 1 trials)")
@@ -165,12 +165,12 @@ def analyze_efb(weighings: list[dict], *, g_m_s2: float, kappa_f_m: float | None
     t_ln = np.array([r["-", 1][0] for r in trials])
     v2_ln = np.array([r["-", 1][1] for r in trials])
     dets = efb_gradients(gradients, order=order) if gradients else []
-    dcdz = np.array([d[2].dcdz_f_m for d in dets])
-    u_dcdz = np.array([d[2].u_dcdz_f_m for d in dets])
+    dcdz = np.array([d[2].dcdz_f_per_m for d in dets])
+    u_dcdz = np.array([d[2].u_dcdz_f_per_m for d in dets])
     bracket = _bracketing(dets, trials) if gradients else []
     kappa = (efb_kappa_bracketing(dcdz[[b for b, _ in bracket]], dcdz[[a for _, a in bracket]])
-             if gradients else float(kappa_f_m))
-    w = efb_weighing(kappa, g_m_s2, t_up, v2_up, t_un, v2_un, t_lp, v2_lp, t_ln, v2_ln, sign=+1)
+             if gradients else float(kappa_f_per_m))
+    w = efb_weighing(kappa, g_m_per_s2, t_up, v2_up, t_un, v2_un, t_lp, v2_lp, t_ln, v2_ln, sign=+1)
     # d mean(m) / d(dC/dz)_j: each trial's mass per unit kappa / 4n for both its determinations
     sens = np.zeros(len(dets))
     for p, (b, a) in enumerate(bracket):
@@ -181,8 +181,8 @@ def analyze_efb(weighings: list[dict], *, g_m_s2: float, kappa_f_m: float | None
     return EfbAnalysis(
         mass_kg=unc.value, u_mass_kg=unc.u_c, u_a_kg=unc.u_a, u_b_kg=unc.u_b,
         u_a_weighing_kg=w.u_a_weighing_kg, u_a_dcdz_kg=u_kappa, u_mass_rel=unc.u_c_rel,
-        mass_trial_kg=w.mass_trial_kg.tolist(), kappa_f_m=float(w.kappa_trial_f_m.mean()),
-        kappa_trial_f_m=w.kappa_trial_f_m.tolist(), dcdz_f_m=dcdz.tolist(),
-        u_dcdz_f_m=u_dcdz.tolist(), t_dcdz_s=[0.5 * (d[0] + d[1]) for d in dets],
+        mass_trial_kg=w.mass_trial_kg.tolist(), kappa_f_per_m=float(w.kappa_trial_f_per_m.mean()),
+        kappa_trial_f_per_m=w.kappa_trial_f_per_m.tolist(), dcdz_f_per_m=dcdz.tolist(),
+        u_dcdz_f_per_m=u_dcdz.tolist(), t_dcdz_s=[0.5 * (d[0] + d[1]) for d in dets],
         surface_potential_v=v_s, n_weighings=len(weighings), n_trials=n, n_gradients=len(dets),
         uncertainty=unc, gradients=[d[2] for d in dets])

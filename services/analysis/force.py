@@ -65,7 +65,7 @@ class ForceSetResult:
     u_bl_mean_t_m: float
 
 
-def force_mode_bl(time_s, current_a, mass_on, mass_kg: float, g_m_s2: float, *,
+def force_mode_bl(time_s, current_a, mass_on, mass_kg: float, g_m_per_s2: float, *,
                   alpha_per_a: float = ALPHA_NIST4_PER_A, beta_per_a2: float = BETA_NIST4_PER_A2,
                   sign: int = +1) -> ForceSetResult:
     """Flux integral Bl(0) from the mass-on / mass-off weighings of one force set (seed 001,
@@ -89,7 +89,7 @@ def force_mode_bl(time_s, current_a, mass_on, mass_kg: float, g_m_s2: float, *,
         Averaged coil current of each weighing (:func:`currents_from_voltage`).
     mass_on : array_like of bool, shape (n,)
         True where the test mass is on; must alternate.
-    mass_kg, g_m_s2 : float
+    mass_kg, g_m_per_s2 : float
         Test mass (kg) and local g (m/s^2) (tide, pressure, polar motion corrected).
     alpha_per_a, beta_per_a2 : float
         Current coefficients of eq. (16) in 1/A and 1/A^2 (defaults: seed 001's values).
@@ -117,7 +117,7 @@ def force_mode_bl(time_s, current_a, mass_on, mass_kg: float, g_m_s2: float, *,
     ibar = 0.5 * (i_on + i_off)
     di = 0.5 * (i_on - i_off) * (1 if sign >= 0 else -1)
     fac = bl_current_factor(ibar, di, alpha_per_a, beta_per_a2)
-    bl = mass_kg * g_m_s2 / (2.0 * di * fac)
+    bl = mass_kg * g_m_per_s2 / (2.0 * di * fac)
     # type A with the overlap: d(Bl_k)/d(I_j) to first order, white reading noise sigma_I
     a = np.zeros((n - 2, n))
     s_on = np.where(mid_on, 1.0, -1.0) * (1 if sign >= 0 else -1)  # d(dI)/d(I_mid) * 2

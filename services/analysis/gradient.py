@@ -22,17 +22,17 @@ __all__ = ["CapacitanceGradientResult", "efb_bridge_readings", "capacitance_grad
 class CapacitanceGradientResult:
     """One dC/dz determination (seed 000 section 4.1, figure 4).
 
-    dcdz_sweep_f_m (n_s,): dC/dz at the weighing position per sweep; dcdz_f_m: their mean (the
-    value of the measurement); u_dcdz_f_m: its standard uncertainty propagated through the
+    dcdz_sweep_f_per_m (n_s,): dC/dz at the weighing position per sweep; dcdz_f_per_m: their mean (the
+    value of the measurement); u_dcdz_f_per_m: its standard uncertainty propagated through the
     (linear) drift removal and polynomial fits with the pooled residual variance;
     coef_sweep (n_s, order + 1): power-series coefficients in u = (z - z_weigh) / z_scale_m, F;
     drift_coef (drift_order,): drift polynomial in (t - t_ref_s) (F/s, F/s^2, ...);
     residual_f (n_s, n): residuals; sigma_f the pooled residual standard deviation, F.
     """
 
-    dcdz_sweep_f_m: np.ndarray
-    dcdz_f_m: float
-    u_dcdz_f_m: float
+    dcdz_sweep_f_per_m: np.ndarray
+    dcdz_f_per_m: float
+    u_dcdz_f_per_m: float
     coef_sweep: np.ndarray
     z_scale_m: float
     z_weigh_m: float
@@ -142,7 +142,7 @@ def capacitance_gradient(z_m, capacitance_f, time_s, *, z_weigh_m: float = 0.0, 
                                      float(z_weigh_m), drift_coef, t_ref, resid, sigma)
 
 
-def efb_kappa_bracketing(dcdz_before_f_m, dcdz_after_f_m):
+def efb_kappa_bracketing(dcdz_before_f_per_m, dcdz_after_f_per_m):
     """kappa = (dC/dz) / 2 (seed 000 eq. 1) with dC/dz the average of the gradient determinations
     before and after the weighing (seed 000 section 4.1), F/m."""
-    return 0.25 * (np.asarray(dcdz_before_f_m, dtype=float) + np.asarray(dcdz_after_f_m, dtype=float))
+    return 0.25 * (np.asarray(dcdz_before_f_per_m, dtype=float) + np.asarray(dcdz_after_f_per_m, dtype=float))

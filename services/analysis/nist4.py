@@ -111,7 +111,7 @@ def _starts_a_set(info: Mapping[str, Any]) -> bool:
     return info["index"] == 0
 
 
-def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, g_m_s2: float,
+def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, g_m_per_s2: float,
                   resistance_ohm: float = 100.0, alpha_per_a: float = ALPHA_NIST4_PER_A,
                   beta_per_a2: float = BETA_NIST4_PER_A2, z_weigh_m: float = 0.0,
                   order: int = 6, budget: Mapping[str, float] | None = None,
@@ -184,7 +184,7 @@ def analyze_nist4(sweeps: list[dict], weighings: list[dict], *, mass_kg: float, 
                               * _temp_factor(event_arrays(e)["temperature_k"], t_ref_k, temp_coeff_per_k))
                       for e in ev])
         on = [bool(e["info"]["mass_on"]) for e in ev]
-        fres.append(force_mode_bl(t, i, on, mass_kg, g_m_s2, alpha_per_a=alpha_per_a,
+        fres.append(force_mode_bl(t, i, on, mass_kg, g_m_per_s2, alpha_per_a=alpha_per_a,
                                   beta_per_a2=beta_per_a2))
     triplets = []
     for k, fr in enumerate(fres):

@@ -4,11 +4,11 @@ The plan named in the start document picks the analysis:
 
 - ``nist4_run`` (velocity sets bracketing force sets): h and the mass
   (:func:`~kibble.services.analysis.nist4.analyze_nist4`), with the servo's ``test_mass_kg``
-  and ``g_m_s2``;
-- ``efb_weighing`` (one or more runs of it): the artifact's mass with the servo's ``kappa_f_m``
-  and ``g_m_s2`` (:func:`~kibble.services.analysis.efb.analyze_efb`);
+  and ``g_m_per_s2``;
+- ``efb_weighing`` (one or more runs of it): the artifact's mass with the servo's ``kappa_f_per_m``
+  and ``g_m_per_s2`` (:func:`~kibble.services.analysis.efb.analyze_efb`);
 - ``efb_run`` (gradient determinations bracketing weighings): the artifact's mass with the
-  measured dC/dz and the servo's ``g_m_s2``.
+  measured dC/dz and the servo's ``g_m_per_s2``.
 
 ``kibble analyze`` takes the servo's parameters from the recording (as the servo published
 them when the run started), the offline campaign gives the plant's mass and g.
@@ -52,8 +52,8 @@ def analyze_run(documents: RunDocuments, servo_params: Mapping[str, Any], *,
                 budget: str | None = None, **options: Any) -> Nist4Analysis | EfbAnalysis:
     """The result of the run in ``documents``: h and the mass (NIST-4) or the mass (EFB).
 
-    ``servo_params``: the servo's parameters the run is analysed with, by name (``g_m_s2``;
-    ``test_mass_kg`` for a ``nist4_run``, ``kappa_f_m`` for ``efb_weighing``). ``budget``: the
+    ``servo_params``: the servo's parameters the run is analysed with, by name (``g_m_per_s2``;
+    ``test_mass_kg`` for a ``nist4_run``, ``kappa_f_per_m`` for ``efb_weighing``). ``budget``: the
     name of a type B budget (``table3``, ``table1``, None; :func:`~kibble.services.analysis.
     uncertainty.budget_named`). ``options``: keyword arguments of the instrument's analysis
     (:func:`~kibble.services.analysis.nist4.analyze_nist4`: ``order``, ``resistance_ohm``,
@@ -66,11 +66,11 @@ def analyze_run(documents: RunDocuments, servo_params: Mapping[str, Any], *,
     if failed:
         raise ValueError(f"the plan ended {failed[0]['exit_status']}: {failed[0]['reason']}")
     table = budget_named(budget, instrument)
-    g_m_s2 = _servo(servo_params, "g_m_s2", plan)
+    g_m_per_s2 = _servo(servo_params, "g_m_per_s2", plan)
     if plan == "nist4_run":
         return analyze_nist4(documents.events("sweep"), documents.events("weighing"),
-                             mass_kg=_servo(servo_params, "test_mass_kg", plan), g_m_s2=g_m_s2,
+                             mass_kg=_servo(servo_params, "test_mass_kg", plan), g_m_per_s2=g_m_per_s2,
                              budget=table, **options)
     kappa = ({"gradients": documents.events("gradient")} if plan == "efb_run"
-             else {"kappa_f_m": _servo(servo_params, "kappa_f_m", plan)})
-    return analyze_efb(documents.events("weighing"), g_m_s2=g_m_s2, budget=table, **kappa, **options)
+             else {"kappa_f_per_m": _servo(servo_params, "kappa_f_per_m", plan)})
+    return analyze_efb(documents.events("weighing"), g_m_per_s2=g_m_per_s2, budget=table, **kappa, **options)

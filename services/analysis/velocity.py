@@ -49,7 +49,7 @@ def velocity_from_positions(time_s, z_m):
 
     Returns
     -------
-    t_mid_s, z_mid_m, velocity_m_s : ndarray, shape (n - 1,)
+    t_mid_s, z_mid_m, velocity_m_per_s : ndarray, shape (n - 1,)
         Mid times (s), mid positions (m) and finite-difference velocities (m/s).
     """
     t = np.asarray(time_s, dtype=float)
@@ -113,7 +113,7 @@ class VelocitySetResult:
         return _cheb.chebval(self.x_of(z_m), c)
 
 
-def velocity_mode_bl(z_m, voltage_v, velocity_m_s, direction, *, time_s=None,
+def velocity_mode_bl(z_m, voltage_v, velocity_m_per_s, direction, *, time_s=None,
                      z_weigh_m: float = 0.0, order: int = 11,
                      z_range_m: tuple[float, float] | None = None,
                      master_coef=None) -> VelocitySetResult:
@@ -135,7 +135,7 @@ def velocity_mode_bl(z_m, voltage_v, velocity_m_s, direction, *, time_s=None,
     z_m : sequence of n_s arrays (or 2-D array (n_s, n)), m
         Coil position (optical centre) of each reading of each sweep, already corrected to the
         weighing-position reference (the paper's suspension-stretch correction is the caller's).
-    voltage_v, velocity_m_s : same shapes as ``z_m``, V and m/s
+    voltage_v, velocity_m_per_s : same shapes as ``z_m``, V and m/s
         Induced voltage (DVM reading with the PJVS voltage added back) and vertical velocity
         of the optical centre.
     direction : sequence of n_s str, 'up' or 'down'
@@ -161,7 +161,7 @@ def velocity_mode_bl(z_m, voltage_v, velocity_m_s, direction, *, time_s=None,
     direction = _check_directions(direction)
     zs = _as_list(z_m, n_s, "z_m")
     us = _as_list(voltage_v, n_s, "voltage_v")
-    vs = _as_list(velocity_m_s, n_s, "velocity_m_s")
+    vs = _as_list(velocity_m_per_s, n_s, "velocity_m_per_s")
     ts = [np.asarray(float(k)) for k in range(n_s)] if time_s is None else _as_list(time_s, n_s, "time_s")
     bls = [u / v for u, v in zip(us, vs)]
     if z_range_m is None:

@@ -27,7 +27,7 @@ def _interp_strict(t_s: np.ndarray, tp_s: np.ndarray, fp: np.ndarray, name: str)
 
 
 def efb_masses_eq17(t_u_pos_s, f_u_pos_n, t_u_neg_s, f_u_neg_n, t_l_pos_s, f_l_pos_n,
-                    t_l_neg_s, f_l_neg_n, g_m_s2: float, *, sign: int = +1):
+                    t_l_neg_s, f_l_neg_n, g_m_per_s2: float, *, sign: int = +1):
     """Per-trial masses of seed 000 eq. (17), kg:
 
     ``m_p = [F_U-,p - F_U+(t_U-,p) - F_L+,p + F_U+(t_L+,p) - F_L-,p + F_U+(t_L-,p)] / 2g``
@@ -47,7 +47,7 @@ def efb_masses_eq17(t_u_pos_s, f_u_pos_n, t_u_neg_s, f_u_neg_n, t_l_pos_s, f_l_p
         time).
     t_u_neg_s, f_u_neg_n, t_l_pos_s, f_l_pos_n, t_l_neg_s, f_l_neg_n : array_like, shape (n_p,)
         Unloaded negative, loaded positive and loaded negative readings of the n_p trials.
-    g_m_s2 : float
+    g_m_per_s2 : float
     sign : +1 or -1
 
     Returns
@@ -64,7 +64,7 @@ def efb_masses_eq17(t_u_pos_s, f_u_pos_n, t_u_neg_s, f_u_neg_n, t_l_pos_s, f_l_p
     s = (np.asarray(f_u_neg_n, dtype=float) - fi(t_u_neg_s, "t_u_neg_s")
          - np.asarray(f_l_pos_n, dtype=float) + fi(t_l_pos_s, "t_l_pos_s")
          - np.asarray(f_l_neg_n, dtype=float) + fi(t_l_neg_s, "t_l_neg_s"))
-    printed = s / (2.0 * g_m_s2)
+    printed = s / (2.0 * g_m_per_s2)
     return -printed if sign == 1 else printed
 
 
@@ -74,18 +74,18 @@ class EfbMassResult:
 
     mass_trial_kg (n_p,): eq. (17) per trial with its kappa; mass_per_kappa_kg_m_per_f (n_p,):
     eq. (17) per unit kappa (with kappa = 1 F/m), kg m/F, the mass's sensitivity to the
-    trial's kappa; kappa_trial_f_m (n_p,) the kappa of each trial; u_a_weighing_kg the
+    trial's kappa; kappa_trial_f_per_m (n_p,) the kappa of each trial; u_a_weighing_kg the
     standard deviation of the mean of the trials at the mean kappa (their scatter without the
     scatter of the kappas).
     """
 
     mass_trial_kg: np.ndarray
     mass_per_kappa_kg_m_per_f: np.ndarray
-    kappa_trial_f_m: np.ndarray
+    kappa_trial_f_per_m: np.ndarray
     u_a_weighing_kg: float
 
 
-def efb_weighing(kappa_f_m, g_m_s2: float, t_u_pos_s, v2_u_pos_v2, t_u_neg_s, v2_u_neg_v2,
+def efb_weighing(kappa_f_per_m, g_m_per_s2: float, t_u_pos_s, v2_u_pos_v2, t_u_neg_s, v2_u_neg_v2,
                  t_l_pos_s, v2_l_pos_v2, t_l_neg_s, v2_l_neg_v2, *, sign: int = +1) -> EfbMassResult:
     """The masses of the trials of an EFB weighing: F = kappa V^2 (eq. 1) and eq. (17).
 
@@ -98,10 +98,10 @@ def efb_weighing(kappa_f_m, g_m_s2: float, t_u_pos_s, v2_u_pos_v2, t_u_neg_s, v2
 
     Parameters
     ----------
-    kappa_f_m : float or array_like, shape (n_p,), F/m
+    kappa_f_per_m : float or array_like, shape (n_p,), F/m
         kappa of every trial, or of each (e.g. the bracketing averages of
         :func:`~kibble.services.analysis.gradient.efb_kappa_bracketing`).
-    g_m_s2 : float
+    g_m_per_s2 : float
     t_u_pos_s, v2_u_pos_v2 : array_like, shape (n_u,), s and V^2
         Unloaded positive readings: times and windows' mean squared voltages (increasing times
         that bracket every other reading).
@@ -115,7 +115,7 @@ def efb_weighing(kappa_f_m, g_m_s2: float, t_u_pos_s, v2_u_pos_v2, t_u_neg_s, v2
     EfbMassResult
     """
     per_kappa = efb_masses_eq17(t_u_pos_s, v2_u_pos_v2, t_u_neg_s, v2_u_neg_v2, t_l_pos_s,
-                                v2_l_pos_v2, t_l_neg_s, v2_l_neg_v2, g_m_s2, sign=sign)
-    kappa = np.array(np.broadcast_to(np.asarray(kappa_f_m, dtype=float), per_kappa.shape))
+                                v2_l_pos_v2, t_l_neg_s, v2_l_neg_v2, g_m_per_s2, sign=sign)
+    kappa = np.array(np.broadcast_to(np.asarray(kappa_f_per_m, dtype=float), per_kappa.shape))
     mass = kappa * per_kappa
     return EfbMassResult(mass, per_kappa, kappa, std_of_mean(kappa.mean() * per_kappa))
