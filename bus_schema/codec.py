@@ -6,7 +6,7 @@ type, the field and what was wrong with it. Whether a payload decodes depends on
 alone: a field typed ``Any`` (``Reply.result``, ``Event.data``) is accepted at most
 :data:`MAX_ANY_DEPTH` levels deep, because msgspec counts nesting against Python's recursion
 limit, so without a bound of its own the same reply nested ~980 deep decoded at the top of a
-stack and was refused 20 calls further down (issue 17, found by ``tests/test_fuzz_bus.py``).
+stack and was refused 20 calls further down (issue 17, found by ``tests/services/harness/test_fuzz_bus.py``).
 """
 
 from __future__ import annotations

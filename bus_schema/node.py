@@ -20,7 +20,7 @@ the I/O, once for everyone:
   (:meth:`~kibble.bus_schema.topics.Topics.check_reply_to`); a command whose arguments do not
   decode (a NaN, a wrong type) is answered with what was wrong when its id can be read.
 
-The owner (``kibble.services.runtime.Service``, ``kibble.hil_sim.server.SimServer``) subclasses
+The owner (``kibble.services.runtime.service.Service``, ``kibble.hil_sim.server.SimServer``) subclasses
 it, builds its :class:`~kibble.bus_schema.messages.Status`, says what it subscribes to and how
 messages are received (a :class:`~kibble.bus_schema.transport.Receiver`), and fills
 :attr:`BusNode.commands`.

@@ -1,6 +1,6 @@
 """Shared fixtures: a real MQTT broker on a free loopback port, started once per test session.
 
-The broker is mosquitto when it is on PATH, else amqtt (``kibble.services.broker.Broker``
+The broker is mosquitto when it is on PATH, else amqtt (``kibble.services.harness.broker.Broker``
 decides). It runs in a thread of its own with its own event loop, so synchronous tests,
 subprocess tests and every asyncio test (each on its own loop) can share it, and a test can
 restart it on the same port with :meth:`BrokerHandle.restart`.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kibble.services.broker import Broker
-from kibble.services.inprocess import compile_kernels
+from kibble.services.harness.broker import Broker
+from kibble.services.harness.inprocess import compile_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 

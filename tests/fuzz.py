@@ -1,4 +1,4 @@
-"""Seeded payload generators for the bus fuzz campaign (``tests/test_fuzz_bus.py``, issue 17
+"""Seeded payload generators for the bus fuzz campaign (``tests/services/harness/test_fuzz_bus.py``, issue 17
 item 9).
 
 The campaign's topics are not listed here: :func:`targets_of` reads them from the daemons and

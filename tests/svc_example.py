@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from kibble.bus_schema.messages import Command, DaqFrame, Setpoint
-from kibble.services.params import Param
-from kibble.services.runtime import Service, command
+from kibble.services.runtime.params import Param
+from kibble.services.runtime.service import Service, command
 
 
 class ExampleService(Service):

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kibble.services.bus import BusClient, result_of
-from kibble.services.up import Stack
+from kibble.services.runtime.client import BusClient, result_of
+from kibble.services.harness.up import Stack
 
 RATE_HZ = 200.0
 

@@ -1,6 +1,6 @@
 """The documents of a run: what the analysis reads.
 
-A plan run by the :class:`~kibble.services.plans.RunEngine` emits bluesky-style documents:
+A plan run by the :class:`~kibble.services.plans.engine.RunEngine` emits bluesky-style documents:
 ``start`` (the plan's name and arguments), a ``descriptor`` per stream (``sweep``,
 ``weighing``, ``gradient``), an ``event`` per measurement (``info`` from the plan, ``data``:
 the DAQ frames of the window, one list per field, SI units as the field names say) and

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from kibble.bus_schema.instruments import INSTRUMENTS
-from kibble.services.daq_core import SensorMap
-from kibble.services.plans import Plan, with_safe_ending
-from kibble.services.servo_core import ActuatorMap
+from kibble.services.daemons.daq_core import SensorMap
+from kibble.services.plans.engine import Plan, with_safe_ending
+from kibble.services.daemons.servo_core import ActuatorMap
 
 __all__ = ["DEFINITIONS", "Instrument", "PLANS", "instrument"]
 
@@ -36,7 +36,7 @@ class Instrument:
     name: str
     """Its id (:data:`kibble.bus_schema.instruments.INSTRUMENTS`), also the simulated model's."""
     daemons: tuple[str, ...]
-    """Its daemons (:data:`kibble.services.registry.SERVICES`), in start order."""
+    """Its daemons (:data:`kibble.services.runtime.registry.SERVICES`), in start order."""
     actuators: tuple[str, ...]
     """The daemons that drive hardware and must be armed."""
     drives: Mapping[str, tuple[str, ...]]
@@ -53,7 +53,7 @@ class Instrument:
     sensor_map: type[SensorMap]
     """The daq's conversions of the raw sensor channels."""
     plans: tuple[Callable[..., Plan], ...]
-    """Its measurement plans (:mod:`kibble.services.plans`)."""
+    """Its measurement plans (:mod:`kibble.services.plans.engine`)."""
     safe_ending: Callable[[], Plan]
     """What a failed or aborted plan of it ends with."""
     simulated: Mapping[str, Mapping[str, str]]
@@ -68,9 +68,9 @@ class Instrument:
 
     @property
     def config(self) -> Path:
-        """The configuration of its daemons (``services/<name>.toml``), which ``kibble up``
+        """The configuration of its daemons (``services/instruments/<name>.toml``), which ``kibble up``
         passes them (a lab copies it to /etc/kibble/kibble.toml and adjusts)."""
-        return Path(__file__).parent.parent / f"{self.name}.toml"
+        return Path(__file__).parent / f"{self.name}.toml"
 
 
 def _instruments() -> dict[str, Instrument]:
@@ -96,5 +96,5 @@ def instrument(name: str) -> Instrument:
 PLANS: dict[str, Callable[..., Plan]] = {
     fn.__name__: with_safe_ending(fn, inst.safe_ending) for inst in DEFINITIONS.values() for fn in inst.plans}
 """Plan name -> the plan as the engine runs it: wrapped in its instrument's safe ending
-(:func:`~kibble.services.plans.safe_ending_wrapper`; the plain plans compose into larger ones
+(:func:`~kibble.services.plans.engine.safe_ending_wrapper`; the plain plans compose into larger ones
 without it)."""

@@ -2,10 +2,10 @@
 (main and auxiliary electrodes), the daq's one interferometer, the weighings and the
 capacitance-gradient sets."""
 
-from kibble.services import plans
-from kibble.services.daq_core import EfbSensors
+from kibble.services.plans import engine as plans
+from kibble.services.daemons.daq_core import EfbSensors
 from kibble.services.instruments import Instrument
-from kibble.services.servo_core import VoltageMap
+from kibble.services.daemons.servo_core import VoltageMap
 
 EFB = Instrument(
     name="efb",

@@ -1,10 +1,10 @@
 """The NIST-4 wheel balance (seed 001): five daemons, the servo's current map, the daq's
 interferometer and PSD conversions, the velocity and force sets."""
 
-from kibble.services import plans
-from kibble.services.daq_core import Nist4Sensors
+from kibble.services.plans import engine as plans
+from kibble.services.daemons.daq_core import Nist4Sensors
 from kibble.services.instruments import Instrument
-from kibble.services.servo_core import CurrentMap
+from kibble.services.daemons.servo_core import CurrentMap
 
 NIST4 = Instrument(
     name="nist4",

@@ -1,6 +1,6 @@
 """``kibble bench --only views``: what the operator's views cost a running stack.
 
-A NIST-4 stack in lockstep at 1 kHz in force mode (:class:`~kibble.services.up.Stack`, private
+A NIST-4 stack in lockstep at 1 kHz in force mode (:class:`~kibble.services.harness.up.Stack`, private
 broker) runs ``seconds`` paced by a script reading ``sim/truth`` as ``hil_fullstack_steps_per_s``
 of the ``loop`` group is measured, first alone, then with ``kibble dashboard`` (one browser's
 websocket reading its pushes) and ``kibble epics`` (a Channel Access client monitoring the z PV)
@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import aiohttp
 
-from kibble.services.busloop import BusLoop
-from kibble.services.rtbench import proc_cpu_s
-from kibble.services.up import Stack
+from kibble.services.plans.mqtt_loop import BusLoop
+from kibble.services.bench.realtime import proc_cpu_s
+from kibble.services.harness.up import Stack
 
 RATE_HZ = 1000.0
 
@@ -41,7 +41,7 @@ async def _steps_per_s(loop: BusLoop, seconds: float) -> float:
 
 
 async def _start(*argv: str, env: dict[str, str], word: str) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "kibble.services.cli", *argv, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "kibble.services.cli.main", *argv, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
     while True:

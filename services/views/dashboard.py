@@ -167,7 +167,7 @@ class Dashboard:
     async def _param(self, request: web.Request) -> web.Response:
         """``{"service", "name", "value"}``: ``param.set`` with the value as ``kibble param set``
         reads it from text; the reply as ``{"ok", "result", "error"}``."""
-        from kibble.services.cli import parse_value
+        from kibble.services.cli.main import parse_value
 
         body = await self._body(request, "service", "name", "value")
         value = body["value"]

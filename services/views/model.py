@@ -1,7 +1,7 @@
 """The bus as an operator's views see it: one follower shared by the dashboard and the EPICS
 server.
 
-:class:`BusView` follows an instrument's tree with :func:`kibble.services.bus.follow` (across
+:class:`BusView` follows an instrument's tree with :func:`kibble.services.runtime.client.follow` (across
 lost brokers; the retained statuses and parameters arrive again on every connection) and keeps,
 in memory, what a view shows: every daemon's last status and parameter list, the newest frame
 of every ``<service>/frame`` topic, the events (newest last, bounded), and the traces of
@@ -30,7 +30,7 @@ from kibble.bus_schema.messages import Event, ParamList, Status
 from kibble.bus_schema.topics import Topics, message_type_for
 from kibble.bus_schema.units import unit_of
 from kibble.bus_schema.transport import connect_error_text, deliver_directly, make_client
-from kibble.services.bus import BusClient, BusError, follow, new_client_id
+from kibble.services.runtime.client import BusClient, BusError, follow, new_client_id
 
 STALE_AFTER_S = 3.0
 """A daemon whose last status (heartbeat) is older than this is shown stale, as ``kibble

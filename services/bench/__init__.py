@@ -1,0 +1,1 @@
+"""kibble bench: the benchmark groups."""

@@ -1,0 +1,1 @@
+"""The kibble command line."""

@@ -1,0 +1,1 @@
+"""Measurement procedures as plans, the engine that runs them, and the Loop over MQTT."""
