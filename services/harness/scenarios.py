@@ -45,9 +45,18 @@ def decay_time_s(x: np.ndarray, fs_hz: float) -> float:
     return -1.0 / slope
 
 
+async def force_mode(loop: Loop) -> dict[str, Any]:
+    """The servo in force mode at rest: an approach to ``z_ref_m`` that the mode starts (where
+    the coil was away from it) is waited out, as the plans' ``force_mode`` does. The reply."""
+    reply = await loop.command("servo", "mode", mode="force")
+    if reply.get("trajectory"):
+        await loop.run_seconds(reply["duration_s"] + 0.5, record=False)
+    return reply
+
+
 async def force_null(loop: Loop, seconds: float, settle_s: float = 10.0) -> dict[str, Any]:
     """Force mode at the null: z RMS in 0.1 Hz bandwidth (m) over ``seconds`` after settling."""
-    await loop.command("servo", "mode", mode="force")
+    await force_mode(loop)
     await loop.run_seconds(settle_s, record=False)
     tr = await loop.run_seconds(seconds)
     z = tr["z_m"]
@@ -64,7 +73,7 @@ async def mass_exchanges(loop: Loop, cycles: int = 1, window_s: float = 12.0,
     excursion (m) and the settling time to 1 um (s) of each, in that order; ``currents`` the
     mean current and Bl at the end of each 1 kg window and ``erase_end_m`` the largest |z| over
     the last second after each erase (m)."""
-    await loop.command("servo", "mode", mode="force")
+    await force_mode(loop)
     names, peaks, settles, ends, erase_end = [], [], [], [], []
 
     async def exchange(name: str, **masses: bool) -> dict[str, np.ndarray]:
@@ -97,7 +106,7 @@ async def velocity_sweeps(loop: Loop, travel_m: float = 0.08, directions=("down"
     damping, sweep each way; the velocity error RMS relative to the speed over the
     constant-velocity part of each sweep (1 s of margin after the acceleration and before the
     deceleration). Ends back at the null in force mode, damping closed."""
-    await loop.command("servo", "mode", mode="force")
+    await force_mode(loop)
     await loop.command("servo", "mass", aux=True, test=False)
     await loop.run_seconds(settle_s, record=False)
     await loop.command("servo", "mode", mode="velocity")
@@ -117,7 +126,7 @@ async def velocity_sweeps(loop: Loop, travel_m: float = 0.08, directions=("down"
         errors.append(float(np.sqrt(np.mean((tr["vz_m_per_s"][cruise] - v) ** 2)) / speed_m_per_s))
     back = await loop.command("servo", "move", z_m=0.0)
     await loop.run_seconds(back["duration_s"] + 1.0, record=False)
-    await loop.command("servo", "mode", mode="force")
+    await force_mode(loop)
     return {"velocity_err_rel_rms": errors}
 
 
@@ -154,7 +163,7 @@ async def damping_ratios(loop: Loop, record_s: float = 8.0) -> dict[str, Any]:
 async def efb_null(loop: Loop, seconds: float, settle_s: float = 20.0) -> dict[str, Any]:
     """EFB: null held with the 1 mg artifact loaded; z RMS in 0.1 Hz bandwidth (m) and the mean
     electrode voltage (V)."""
-    await loop.command("servo", "mode", mode="force")
+    await force_mode(loop)
     await loop.run_seconds(settle_s, record=False)
     await loop.command("servo", "mass", test=True)
     await loop.run_seconds(settle_s, record=False)

@@ -103,6 +103,17 @@ def estimate(seconds: float) -> Plan:
     yield Msg("estimate", args={"seconds": float(seconds)})
 
 
+def force_mode() -> Plan:
+    """The servo in force mode, with the coil (link) at ``z_ref_m``: where it was away from it,
+    the servo approaches from where it is (its reply names the ``approach`` and its
+    ``duration_s``), and the plan waits that out, since a mass exchange or an erase needs force
+    mode at rest. The plan gets the reply."""
+    reply = yield from cmd("servo", "mode", mode="force")
+    if reply.get("trajectory"):
+        yield from wait(reply["duration_s"] + 0.5)
+    return reply
+
+
 # ================================================================================ NIST-4 plans
 
 
@@ -121,7 +132,7 @@ def velocity_set(sweeps: int = 30, travel_m: float = 0.08, margin_s: float = 1.0
     if sweep_s - 2 * (sweep_s - travel_m / speed) - 2 * margin_s <= 0:
         raise ValueError(f"a {travel_m} m sweep has no constant-velocity part to measure")
     yield from estimate(sweeps * (sweep_s + 1.0) + 2 * travel_m / speed)
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
     lift = yield from cmd("servo", "mass", aux=True)
     if lift["delta_kg"]:
         # the force loop carries the auxiliary mass's load ramp; only then may the counter-mass
@@ -144,7 +155,7 @@ def velocity_set(sweeps: int = 30, travel_m: float = 0.08, margin_s: float = 1.0
         yield from cmd("damping", "close")
     back = yield from cmd("servo", "move", z_m=0.0)
     yield from wait(back["duration_s"] + 0.5)
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
 
 
 def force_set(weighings: int = 17, window_s: float = 58.0, settle_s: float = 5.0,
@@ -153,7 +164,7 @@ def force_set(weighings: int = 17, window_s: float = 58.0, settle_s: float = 5.0
     mass on / mass off, on first (9 on, 8 off for 17), an erase after every exchange, each
     weighing averaging over ``window_s`` (the paper: 78 readings in 58 s). Stream ``weighing``."""
     yield from estimate(settle_s + weighings * (window_s + settle_s + (erase_s if erase else 0.0)))
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
     yield from cmd("servo", "mass", aux=False)
     yield from wait(settle_s)
     for k in range(weighings):
@@ -188,7 +199,7 @@ def nist4_safe_ending() -> Plan:
     if state["mode"] == "velocity":
         back = yield from cmd("servo", "move", z_m=state["z_ref_m"])
         yield from wait(back["duration_s"] + 0.5)
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
 
 
 # ================================================================================ EFB plans
@@ -198,7 +209,7 @@ def efb_weighing(settle_s: float = 10.0, window_s: float = 20.0) -> Plan:
     """EFB weighing: unloaded, loaded, unloaded, for each polarity (+ then -); stream
     ``weighing``."""
     yield from estimate(2 * 3 * (settle_s + window_s))
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
     for polarity in ("+", "-"):
         yield from cmd("servo", "param.set", name="polarity", value=polarity)
         for k, loaded in enumerate((False, True, False)):
@@ -248,7 +259,7 @@ def efb_gradient(points: int = 11, span_m: float = 2e-3, sweeps: int = 2, settle
                         + sweeps * (points - 1) * step_s + (sweeps * points + 1) * settle_s
                         + sweeps * points * window_s)
     if state["mode"] != "force":
-        yield from cmd("servo", "mode", mode="force")
+        yield from force_mode()
         yield from wait(settle_s)
     yield from cmd("servo", "mode", mode="gradient")
     for s in range(sweeps):
@@ -263,7 +274,7 @@ def _efb_back_to_weighing(z_w: float, settle_s: float) -> Plan:
     """Gradient mode -> the link at the weighing position ``z_w``, then force mode."""
     back = yield from cmd("servo", "move", z_m=z_w)
     yield from wait(back["duration_s"] + settle_s)
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
 
 
 def efb_run(runs: int = 6, gradient_every: int = 3, gradient: Mapping[str, Any] | None = None,
@@ -295,7 +306,7 @@ def efb_safe_ending() -> Plan:
     if state["mode"] == "gradient":
         yield from _efb_back_to_weighing(float(state["z_ref_m"]), 5.0)
     yield from cmd("servo", "param.set", name="z_ref_m", value=0.0)
-    yield from cmd("servo", "mode", mode="force")
+    yield from force_mode()
 
 
 def safe_ending_wrapper(plan: Plan, ending: Callable[[], Plan]) -> Plan:

@@ -400,3 +400,24 @@ async def test_the_bus_loop_on_a_daemon_counts_the_daq_frames_that_arrive_after_
     assert sent[0] == ("servo", "mode", {"mode": "force"})
     with pytest.raises(BusError, match="no DAQ frame for 0.2 s"):
         await loop.run_seconds(0.01)
+
+
+@pytest.mark.parametrize("approach", [False, True])
+def test_force_mode_waits_out_the_approach_it_starts_before_the_first_mass_exchange(approach):
+    """Where the link had drifted from z_ref_m (the published plant's tilt and thermal drift do
+    that while the servo idles), ``mode force`` starts an approach and the servo refuses a mass
+    exchange until it ends: the weighing waits the approach out, and only then exchanges."""
+    plan = P.efb_weighing(settle_s=1.0, window_s=1.0)
+    assert next(plan).command == "estimate"
+    msg = plan.send(None)
+    assert (msg.command, msg.obj, msg.request, dict(msg.args)) == ("cmd", "servo", "mode", {"mode": "force"})
+    reply = {"mode": "force", "frame": 100}
+    if approach:
+        reply |= {"trajectory": "approach", "duration_s": 2.0, "end_frame": 501}
+    msg = plan.send(reply)
+    if approach:
+        assert msg.command == "wait" and msg.args["seconds"] == pytest.approx(2.5)
+        msg = plan.send(None)
+    assert (msg.command, msg.request) == ("cmd", "param.set")
+    msg = plan.send({"name": "polarity", "value": "+"})
+    assert (msg.command, msg.request, dict(msg.args)) == ("cmd", "mass", {"test": False})

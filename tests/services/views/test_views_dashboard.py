@@ -82,7 +82,7 @@ async def test_a_daemon_panel_shows_armed(page):
 async def param_get(stack, name: str) -> float:
     """``kibble param get servo NAME`` as a user types it (the CLI's main, in a thread: it runs
     its own event loop), its printed value."""
-    from kibble.services.cli import main
+    from kibble.services.cli.main import main
 
     out = io.StringIO()
 
