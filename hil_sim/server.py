@@ -110,7 +110,7 @@ class _SimReceiver:
         self.sim.timing.batch_end(self.messages, self.intake.skipped - self.skipped_at)
 
 
-class SimServer(BusNode):
+class SimServer(BusNode[Callable[[CommandArgs], dict[str, Any]]]):
     """The HIL simulator as a bus participant (a :class:`~kibble.bus_schema.node.BusNode`).
 
     ::
@@ -204,7 +204,7 @@ class SimServer(BusNode):
         self._last_ok = dataclasses.replace(self.adapter.held)
         self._frame_seq = 0
         self._truth_seq = 0
-        self._session = int(time.time())
+        self.session = int(time.time())
         self.loop_timer = LoopTimer()
         """Period of the published sensor frames."""
         self._last_timing = Timing()
@@ -540,7 +540,7 @@ class SimServer(BusNode):
             state = "running"
         self.counters["commands_skipped"] = self.intake.skipped
         return Status(
-            service=SERVICE_NAME, state=state, online=online, session=self._session,
+            service=SERVICE_NAME, state=state, online=online, session=self.session,
             client_id=self.client_id, heartbeat=self.heartbeats,
             uptime_s=now - self.t_start_s,
             counters={k: saturating_add(v, 0) for k, v in self.counters.items()},

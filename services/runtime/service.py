@@ -40,7 +40,7 @@ from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Iterable, Type
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Command, Message, ParamList, State, Status, Timing
-from kibble.bus_schema.node import BusNode
+from kibble.bus_schema.node import BusNode, CommandHandler
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
 from kibble.bus_schema.topics import check_name, topic_matches
 from kibble.bus_schema.transport import DEFAULT_BROKER, Receiver, parse_broker_url, with_options
@@ -182,7 +182,7 @@ def command(name: str) -> Callable[[Callable], Callable]:
 Handler = Callable[[Any], Any]
 
 
-class Service(BusNode):
+class Service(BusNode[CommandHandler]):
     """Base of every daemon. Subclasses set ``name``, declare Params, and override hooks.
 
     Hooks (all optional): :meth:`setup` (register subscriptions), :meth:`on_connected`,
