@@ -488,8 +488,8 @@ def _tx_for(client: aiomqtt.Client) -> _Tx:
     paho_client: paho.Client = client._client
     tx = getattr(paho_client, "_kibble_tx", None)
     if tx is None:
-        tx = _Tx(paho_client)
-        setattr(paho_client, "_kibble_tx", tx)
+        # our own attribute on paho's client (see the module's docstring), unknown to its types
+        tx = paho_client._kibble_tx = _Tx(paho_client)  # type: ignore[attr-defined]
     return tx
 
 
