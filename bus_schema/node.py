@@ -35,7 +35,7 @@ import logging
 import math
 import signal
 import time
-from typing import Any, Awaitable, Callable, Coroutine, Generic, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Generic, Iterable, TypeVar
 
 import aiomqtt
 import msgspec
@@ -128,7 +128,7 @@ class BusNode(Generic[H]):
     ``handler_errors``, ``publish_failed``, ``events_suppressed``, ``reconnects``.
     """
 
-    name: str = "node"
+    name: ClassVar[str] = "node"
 
     def __init__(self, instrument: str, broker: str, client_id: str, *, heartbeat_s: float = 1.0,
                  reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0,
