@@ -244,7 +244,7 @@ class ActuatorService(Service):
                        severity="alarm", data={"reason": reason, "frame": frame.frame},
                        rate_limited=False)
 
-    def drive(self, frame: int, request: Sequence[float] | None,
+    def drive(self, frame: int, request: Sequence[float] | np.ndarray | None,
               taken: Callable[[], None] | None = None) -> None:
         """A fresh request for ``frame`` (None: the input arrived but asks for nothing new).
         ``taken`` commits what else the input asks for (a relay, a reference); it is called
