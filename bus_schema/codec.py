@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TypeVar
+from typing import Any, Iterable, TypeVar, cast
 
 import msgspec
 
@@ -72,7 +72,7 @@ class _BoundedDecoder:
     __slots__ = ("_dec", "_fields")
 
     def __init__(self, msg_type: type, fields: tuple[str, ...]) -> None:
-        self._dec = msgspec.msgpack.Decoder(msg_type)
+        self._dec: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(msg_type)
         self._fields = fields
 
     def decode(self, data: bytes | bytearray | memoryview) -> Message:
@@ -94,6 +94,7 @@ def _new_decoder(msg_type: type[M]) -> "msgspec.msgpack.Decoder | _BoundedDecode
 def _too_deep(value: object, limit: int) -> bool:
     """Whether lists and maps nest deeper than ``limit`` in ``value`` (iterative: no recursion)."""
     stack = [(value, 0)]
+    children: Iterable[Any]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict):
@@ -108,7 +109,7 @@ def _too_deep(value: object, limit: int) -> bool:
     return False
 
 
-def _name_array_fields(text: str, msg_type: type) -> str:
+def _name_array_fields(text: str, msg_type: type[Message]) -> str:
     """Rewrite the ``$[i]`` path of an array-encoded frame as ``$.field_name``."""
     head, sep, path = text.rpartition(" - at `")
     if not sep:
@@ -120,7 +121,7 @@ def _name_array_fields(text: str, msg_type: type) -> str:
     return f"{head} - at `{path}"
 
 
-def _beyond_limits(text: str, data: bytes | bytearray | memoryview, msg_type: type) -> str | None:
+def _beyond_limits(text: str, data: bytes | bytearray | memoryview, msg_type: type[Message]) -> str | None:
     """The rejection text for a value beyond a field's plausibility limits (or None if ``text``
     is about something else): the field, the value and the limits with their unit."""
     match = _BOUND.match(text)
@@ -175,4 +176,4 @@ def decode(data: bytes | bytearray | memoryview, msg_type: type[M]) -> M:
             msg_type.__name__,
             f"$.schema is {msg.schema}, this software speaks schema {SCHEMA_VERSION}",
         )
-    return msg
+    return cast(M, msg)  # _decoders[msg_type] decodes to msg_type: a lookup mypy cannot follow

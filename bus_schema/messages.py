@@ -81,6 +81,8 @@ def field_limits(msg_type: type["Message"]) -> dict[str, Limits]:
         for meta in get_args(t)[1:]:
             extra = getattr(meta, "extra", None)
             if isinstance(meta, msgspec.Meta) and extra and "source" in extra:
+                # only limits() writes a "source", and it sets both bounds
+                assert meta.ge is not None and meta.le is not None
                 out[f.name] = Limits(meta.ge, meta.le, extra["unit"], extra["source"])
     return out
 

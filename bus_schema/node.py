@@ -35,7 +35,7 @@ import logging
 import math
 import signal
 import time
-from typing import Any, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Generic, Iterable, TypeVar
 
 import aiomqtt
 import msgspec
@@ -53,6 +53,10 @@ CommandHandler = Callable[[Command], Any]
 """A command's handler: takes the :class:`Command`, returns the reply's ``result`` (a dict or
 None), synchronously or as an awaitable; ``ValueError``/``TypeError`` is a refusal, its text
 the reply's error."""
+
+H = TypeVar("H", bound=Callable[..., Any])
+"""The type of a node's command handlers: :data:`CommandHandler` unless the node's
+:meth:`BusNode.call_command` calls them with something else."""
 
 
 class RateLimiter:
@@ -115,7 +119,7 @@ def _first_non_finite(value: Any, where: str) -> str | None:
     return None
 
 
-class BusNode:
+class BusNode(Generic[H]):
     """One named MQTT client of an instrument's tree; subclasses fill in the hooks.
 
     ``name`` is the node's topic level (``kb/<instrument>/<name>/...``), set by the subclass
@@ -124,7 +128,7 @@ class BusNode:
     ``handler_errors``, ``publish_failed``, ``events_suppressed``, ``reconnects``.
     """
 
-    name: str = "node"
+    name: ClassVar[str] = "node"
 
     def __init__(self, instrument: str, broker: str, client_id: str, *, heartbeat_s: float = 1.0,
                  reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0,
@@ -141,10 +145,12 @@ class BusNode:
         self.client_id = client_id
         self.heartbeat_s = heartbeat_s
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self.session = 0
+        """The node's session, in its :class:`Status` (the subclass numbers its starts)."""
         self.counters: dict[str, int] = {
             "commands": 0, "rejected": 0, "replies_refused": 0, "handler_errors": 0,
             "publish_failed": 0, "events_suppressed": 0, "reconnects": 0}
-        self.commands: dict[str, CommandHandler] = {}
+        self.commands: dict[str, H] = {}
         """The node's commands by name (see :data:`CommandHandler`)."""
         self.connected = asyncio.Event()
         """Set while connected and subscribed."""
@@ -197,7 +203,7 @@ class BusNode:
     async def stopping(self) -> None:
         """A clean stop, while still connected: go to the safe state."""
 
-    def call_command(self, handler: CommandHandler, cmd: Command) -> Any:
+    def call_command(self, handler: H, cmd: Command) -> Any:
         """Call a command's handler (an owner with its own handler signature overrides)."""
         return handler(cmd)
 
@@ -436,7 +442,8 @@ class BusNode:
             log.error("%s: offline status failed (%s); publishing the will's", self.name, inner)
             with contextlib.suppress(Exception):
                 self.publish(self._t_status, Status(service=self.name, state="offline",
-                                                    online=False, client_id=self.client_id,
+                                                    online=False, session=self.session,
+                                                    client_id=self.client_id,
                                                     detail={"exit": reason[:500]}),
                              qos=1, retain=True)
 
@@ -462,8 +469,8 @@ class BusNode:
             if self._tasks:  # commands in progress finish (their replies may go out)
                 await asyncio.wait(list(self._tasks), timeout=5.0)
         for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
         if self._stop.is_set():
             await self.stopping()
             self.publish(self._t_status, decodable_status(self.status(online=False)), qos=1, retain=True)

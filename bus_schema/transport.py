@@ -60,11 +60,14 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Protocol, cast
 from urllib.parse import parse_qsl, quote, unquote, urlparse
 
 import aiomqtt
 import paho.mqtt.client as paho
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 KEEPALIVE_S = 2
@@ -341,14 +344,14 @@ def _keep_writer_in_step(client: aiomqtt.Client) -> None:
             if not client._disconnected.done():
                 client._disconnected.set_exception(exc)
 
-    def add_if_wanted(sock: socket.socket) -> None:
+    def add_if_wanted(sock: SocketLike) -> None:
         if paho_client.socket() is sock and sock.fileno() >= 0 and paho_client.want_write():
             loop.add_writer(sock.fileno(), writable)
 
-    def on_register(_client: paho.Client, _userdata: object, sock: socket.socket) -> None:
+    def on_register(_client: paho.Client, _userdata: object, sock: SocketLike) -> None:
         loop.call_soon_threadsafe(add_if_wanted, sock)
 
-    def on_unregister(_client: paho.Client, _userdata: object, sock: socket.socket) -> None:
+    def on_unregister(_client: paho.Client, _userdata: object, sock: SocketLike) -> None:
         fd = sock.fileno()
         if fd < 0:
             return
@@ -485,7 +488,8 @@ def _tx_for(client: aiomqtt.Client) -> _Tx:
     paho_client: paho.Client = client._client
     tx = getattr(paho_client, "_kibble_tx", None)
     if tx is None:
-        tx = paho_client._kibble_tx = _Tx(paho_client)
+        # our own attribute on paho's client (see the module's docstring), unknown to its types
+        tx = paho_client._kibble_tx = _Tx(paho_client)  # type: ignore[attr-defined]
     return tx
 
 
@@ -577,7 +581,11 @@ def deliver_directly(client: aiomqtt.Client,
     connection); ``client.messages`` stays empty but still raises ``MqttError`` when the
     connection drops.
     """
-    receiver: Receiver = on_message if hasattr(on_message, "batch_end") else _PlainReceiver(on_message)  # type: ignore[arg-type,assignment]
+    receiver: Receiver
+    if hasattr(on_message, "batch_end"):
+        receiver = cast(Receiver, on_message)  # it has a Receiver's methods: a test mypy cannot narrow on
+    else:
+        receiver = _PlainReceiver(on_message)
     deliver = receiver.message
     loop = client._loop
     paho_client: paho.Client = client._client
@@ -591,7 +599,9 @@ def deliver_directly(client: aiomqtt.Client,
 
     def on_paho_message(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
         # Runs inside paho's callback lock, where publishing would deadlock: only collect.
-        received.append((message.topic, message.payload))
+        # paho types payload bytes | bytearray (a message it sends may hold a bytearray); one it
+        # received was sliced from the bytes read off the socket
+        received.append((message.topic, cast(bytes, message.payload)))
 
     def paho_read(data: bytes, end: BaseException | bool = False) -> None:
         """Let paho read ``data`` (whole packets), then ``end`` (see :class:`_Feed`), as if
@@ -705,8 +715,9 @@ def deliver_directly(client: aiomqtt.Client,
             receiver.batch_flushed()
 
     aiomqtt_on_open = paho_client.on_socket_open
+    assert aiomqtt_on_open is not None  # aiomqtt.Client's constructor set it
 
-    def on_open(pc: paho.Client, userdata: object, sock: socket.socket) -> None:
+    def on_open(pc: paho.Client, userdata: object, sock: SocketLike) -> None:
         keep(b"", 0)
         aiomqtt_on_open(pc, userdata, sock)  # schedules aiomqtt's reader and its keepalive task
         loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)  # then replaces the reader

@@ -26,6 +26,7 @@ class _Adapter:
     """What the two plant adapters share: the plant-level control commands."""
 
     plant: Any
+    held: Any
 
     def set_temperature(self, args: "CommandArgs") -> dict[str, Any]:
         temperature_k = args.get("temperature_k", float)
@@ -39,6 +40,10 @@ class _Adapter:
         pressure_pa = args.get("pressure_pa", float)
         self.plant.set_pressure(pressure_pa)
         return {"pressure_pa": pressure_pa}
+
+    def run_held(self, n_frames: int, record_truth: bool) -> Any:
+        """The plant's next ``n_frames`` under the held commands (its own Block type)."""
+        return self.plant.run(self.held, n_frames, record_truth=record_truth)
 
 
 class _Nist4Adapter(_Adapter):

@@ -387,6 +387,8 @@ class EfbBlock:
     truth: np.ndarray | None
 
     def col(self, name: str) -> np.ndarray:
+        if self.truth is None:
+            raise ValueError(f"no truth column {name!r}: the block was run with record_truth=False")
         return self.truth[:, TRUTH_FIELDS.index(name)]
 
 
@@ -595,7 +597,9 @@ class EfbPlant:
     def place_mass(self, mass: str | float = "small") -> None:
         """Load an artifact: "small" (1 mg), "large" (20 mg) or a mass in kg; ramped over
         masses.lift_ramp_s."""
-        m = {"small": self.params["masses.small_kg"], "large": self.params["masses.large_kg"]}.get(mass, mass)
+        m = mass
+        if isinstance(mass, str):
+            m = {"small": self.params["masses.small_kg"], "large": self.params["masses.large_kg"]}.get(mass, mass)
         if isinstance(m, str) or not math.isfinite(float(m)) or float(m) < 0:
             raise ValueError(f"bad mass {mass!r}")
         self.env[E_MT] = float(m)

@@ -791,7 +791,7 @@ class NormalDraws:
 
     def __init__(self) -> None:
         self._rng: np.random.Generator | None = None
-        self._mark: dict | None = None
+        self._mark: Mapping[str, Any] | None = None
         self._since = 0
         self.used = np.zeros(1, dtype=np.int64)
         """The kernel writes how many of the values it took here (-1: too few were given)."""
@@ -805,6 +805,7 @@ class NormalDraws:
     def rewind(self, rng: np.random.Generator, drawn: int, taken: int) -> None:
         """The generator as if only ``taken`` of the last ``drawn`` values had been drawn."""
         n = self._since - drawn + taken
+        assert self._mark is not None  # draw() marks before the first values it gives
         rng.bit_generator.state = self._mark
         while n > 0:
             k = min(n, 1 << 20)
@@ -988,6 +989,8 @@ class Nist4Block:
     truth: np.ndarray | None
 
     def col(self, name: str) -> np.ndarray:
+        if self.truth is None:
+            raise ValueError(f"no truth column {name!r}: the block was run with record_truth=False")
         return self.truth[:, TRUTH_FIELDS.index(name)]
 
 

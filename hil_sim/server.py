@@ -48,7 +48,7 @@ from typing import Any, Callable, Coroutine, Mapping, Sequence
 import aiomqtt
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import (
-    Command, HwActuatorCommand, Message, Reply, SimTruth, Status, Timing,
+    Command, HwActuatorCommand, Message, Reply, SimTruth, State, Status, Timing,
 )
 from kibble.bus_schema.node import BusNode
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
@@ -110,7 +110,7 @@ class _SimReceiver:
         self.sim.timing.batch_end(self.messages, self.intake.skipped - self.skipped_at)
 
 
-class SimServer(BusNode):
+class SimServer(BusNode[Callable[[CommandArgs], dict[str, Any]]]):
     """The HIL simulator as a bus participant (a :class:`~kibble.bus_schema.node.BusNode`).
 
     ::
@@ -204,7 +204,7 @@ class SimServer(BusNode):
         self._last_ok = dataclasses.replace(self.adapter.held)
         self._frame_seq = 0
         self._truth_seq = 0
-        self._session = int(time.time())
+        self.session = int(time.time())
         self.loop_timer = LoopTimer()
         """Period of the published sensor frames."""
         self._last_timing = Timing()
@@ -284,12 +284,12 @@ class SimServer(BusNode):
         k = self.frame + 1
         want_truth = self.truth_every and k % self.truth_every == 0
         try:
-            block = self.plant.run(adapter.held, 1, record_truth=bool(want_truth))
+            block = adapter.run_held(1, record_truth=bool(want_truth))
         except ActuatorError as exc:
             # the device checks mirror the plant's; should one differ, fall back to the last
             # command set the plant accepted and say so
             self._reject_held(exc)
-            block = self.plant.run(adapter.held, 1, record_truth=bool(want_truth))
+            block = adapter.run_held(1, record_truth=bool(want_truth))
         except PlantError as exc:
             self.counters["plant_errors"] += 1
             self.event("plant_error", f"frame {k}: {exc}; simulation paused", severity="alarm",
@@ -532,6 +532,7 @@ class SimServer(BusNode):
                 self._steps_per_s = (self.counters["frames_out"] - f_mark) / (now - t_mark)
             self._rate_mark = (now, self.counters["frames_out"])
         lat = self.latency.summary()
+        state: State
         if not online:
             state = "offline"
         elif self.paused or (self.clock == "lockstep" and not self._gate_open):
@@ -540,7 +541,7 @@ class SimServer(BusNode):
             state = "running"
         self.counters["commands_skipped"] = self.intake.skipped
         return Status(
-            service=SERVICE_NAME, state=state, online=online, session=self._session,
+            service=SERVICE_NAME, state=state, online=online, session=self.session,
             client_id=self.client_id, heartbeat=self.heartbeats,
             uptime_s=now - self.t_start_s,
             counters={k: saturating_add(v, 0) for k, v in self.counters.items()},

@@ -54,6 +54,7 @@ def fit_damped_sine(t: np.ndarray, y: np.ndarray, f0: float, zeta0: float = 0.01
                           x_scale=[2 * np.pi * f0, max(zeta0, 1e-4), a0, 1.0, a0])
         if best is None or r.cost < best.cost:
             best = r
+    assert best is not None  # the loop above ran eight times
     wn, ze = best.x[0], best.x[1]
     return wn / (2 * np.pi), ze
 

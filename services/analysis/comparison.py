@@ -204,6 +204,7 @@ class ComparisonResult:
             lines.append(f"{p['name']:<24} {p['delta_mg']:>+9.4f} {p['u_mg']:>8.4f} {p['weight']:>7.3f} "
                          f"{p['doe_mg']:>+9.4f} {p['u_doe_mg']:>8.4f} {p['U_doe_mg']:>8.4f}{flag}")
         if self.reference_doe_mg is not None:
+            assert self.u_reference_doe_mg is not None  # kcrv() sets the two together
             lines.append(f"{'reference (as maintained)':<24} {'':>9} {'':>8} {'':>7} {self.reference_doe_mg:>+9.4f} "
                          f"{self.u_reference_doe_mg:>8.4f} {2 * self.u_reference_doe_mg:>8.4f}")
         lines.append(f"KCRV = {self.kcrv_mg:+.4f} mg, u = {self.u_kcrv_mg:.4f} mg")
@@ -270,6 +271,7 @@ def largest_consistent_subset(means: Sequence[ParticipantMean], *,
         passing = [r for r in results if r.passes_95]
         if passing or drop == len(candidates) - 1:
             return min(passing or results, key=lambda r: r.chi2)
+    raise AssertionError("unreachable: the last drop count returns")
 
 
 @dataclass(frozen=True)

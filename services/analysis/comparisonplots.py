@@ -54,6 +54,7 @@ def plot_degrees_of_equivalence(result: ComparisonResult, path, *, k: float = 1.
     e = [k * p["u_doe_mg"] for p in rows]
     inside = [p["in_kcrv"] for p in rows]
     if result.reference_doe_mg is not None:
+        assert result.u_reference_doe_mg is not None  # kcrv() sets the two together
         names.append("reference (h via IPK)")
         y.append(result.reference_doe_mg)
         e.append(k * result.u_reference_doe_mg)

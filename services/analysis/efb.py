@@ -168,8 +168,11 @@ def analyze_efb(weighings: list[dict], *, g_m_per_s2: float, kappa_f_per_m: floa
     dcdz = np.array([d[2].dcdz_f_per_m for d in dets])
     u_dcdz = np.array([d[2].u_dcdz_f_per_m for d in dets])
     bracket = _bracketing(dets, trials) if gradients else []
-    kappa = (efb_kappa_bracketing(dcdz[[b for b, _ in bracket]], dcdz[[a for _, a in bracket]])
-             if gradients else float(kappa_f_per_m))
+    if gradients:
+        kappa = efb_kappa_bracketing(dcdz[[b for b, _ in bracket]], dcdz[[a for _, a in bracket]])
+    else:
+        assert kappa_f_per_m is not None  # checked above: the gradients or kappa_f_per_m
+        kappa = float(kappa_f_per_m)
     w = efb_weighing(kappa, g_m_per_s2, t_up, v2_up, t_un, v2_un, t_lp, v2_lp, t_ln, v2_ln, sign=+1)
     # d mean(m) / d(dC/dz)_j: each trial's mass per unit kappa / 4n for both its determinations
     sens = np.zeros(len(dets))

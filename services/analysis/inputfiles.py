@@ -21,7 +21,7 @@ import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, overload
 
 import numpy as np
 
@@ -91,10 +91,10 @@ class TomlDocument:
                 current = tuple(path)
                 self.lines.setdefault(current, number)
                 continue
-            key = _KEY.match(line)
-            if key:
-                self.lines[current + (key.group(1).strip('"'),)] = number
-                depth = _depth(line[key.end():])
+            key_match = _KEY.match(line)
+            if key_match:
+                self.lines[current + (key_match.group(1).strip('"'),)] = number
+                depth = _depth(line[key_match.end():])
 
     def line_of(self, where: tuple) -> int:
         """The line of the key or table at ``where``, or of its nearest enclosing one."""
@@ -185,6 +185,11 @@ class Table:
         if nonnegative and v < 0:
             raise self.error(key, f"must not be negative, not {v!r}")
         return float(v)
+
+    @overload
+    def measured(self, key: str, *, required: Literal[True] = True) -> tuple[float, float]: ...
+    @overload
+    def measured(self, key: str, *, required: bool) -> tuple[float, float] | None: ...
 
     def measured(self, key: str, *, required: bool = True) -> tuple[float, float] | None:
         """A quantity ``{ value = X, u = U }``: (value, standard uncertainty); refused without
@@ -328,7 +333,7 @@ def load_sphere(path: str | Path) -> Sphere:
     top.only(("sphere", "point_defect", "investigation", "correlation"))
     head = top.sub("sphere")
     head.only(_SPHERE)
-    defects = []
+    defects: list[PointDefect] = []
     for t in top.tables("point_defect", required=False):
         t.only(_DEFECT)
         name = t.string("name")
@@ -337,7 +342,7 @@ def load_sphere(path: str | Path) -> Sphere:
         defects.append(PointDefect(name, _quantity(t, "concentration_per_cm3", f"defect.{name}", "1/m^3",
                                                    1e6, "point defects"),
                                    t.number("site_mass_u", nonnegative=True)))
-    investigations = []
+    investigations: list[Investigation] = []
     for t in top.tables("investigation"):
         t.only(_INVESTIGATION)
         name = t.string("name")

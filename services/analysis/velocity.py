@@ -26,7 +26,7 @@ __all__ = ["VelocitySetResult", "velocity_from_positions", "velocity_mode_bl",
 def _as_list(x, n: int, name: str) -> list[np.ndarray]:
     """Per-sweep arrays: a sequence of n arrays, a 2-D array with n rows, or a scalar."""
     if np.isscalar(x):
-        return [np.asarray(float(x))] * n
+        return [np.asarray(x, dtype=float)] * n
     if isinstance(x, np.ndarray) and x.ndim == 1 and x.size == n:
         # one value per sweep
         return [np.asarray(float(v)) for v in x]

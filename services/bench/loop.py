@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -93,7 +94,7 @@ async def _sim_counters(stack_cls: type[Stack], run_dir: str, seconds: float,
                         clock: str) -> tuple[float, dict[str, Any]]:
     """(steps/s, the simulator's stats) of a stack in force mode, from the simulator's own
     counters (no other subscriber on the bus)."""
-    async with stack_cls("nist4", clock=clock, rate_hz=RATE_HZ, run_dir=run_dir,
+    async with stack_cls("nist4", clock=clock, rate_hz=RATE_HZ, run_dir=Path(run_dir),
                          progress=lambda s: None) as stack:
         assert stack.broker_url is not None
         async with BusClient(stack.broker_url, stack.instrument) as bus:
@@ -134,7 +135,7 @@ async def _over_the_bus(say: Callable[[str], None], seconds: float) -> dict[str,
             f"steps/s, latency p50 {out['hil_chain_latency_p50_ms']:.2f} ms")
         out.update(await _chain(tmp, seconds, "realtime"))
         say(f"  realtime chain latency p99 {out['hil_chain_realtime_latency_p99_ms']:.2f} ms")
-        async with Stack("nist4", clock="lockstep", rate_hz=RATE_HZ, run_dir=f"{tmp}/lockstep",
+        async with Stack("nist4", clock="lockstep", rate_hz=RATE_HZ, run_dir=Path(tmp) / "lockstep",
                          progress=lambda s: None) as stack:
             assert stack.broker_url is not None
             async with BusLoop(stack.broker_url, stack.instrument, RATE_HZ) as loop:

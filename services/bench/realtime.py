@@ -259,7 +259,8 @@ def _observer_main(host: str, port: int, instrument: str, devices: Sequence[str]
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
     client.on_subscribe = on_subscribe
-    client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+    # paho annotates the delays int; it keeps and sleeps them as floats
+    client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)  # type: ignore[arg-type]
     t_start = time.monotonic()
     try:
         client.connect(host, port, keepalive=10)

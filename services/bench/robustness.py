@@ -21,9 +21,11 @@ from typing import Any, Callable
 import numpy as np
 
 from kibble.hil_sim.params import load_params
+from kibble.services.daemons.servo import Servo
 from kibble.services.harness import scenarios as S
 from kibble.services.harness.inprocess import InProcessStack
 from kibble.services.instruments import instrument
+from kibble.services.runtime.actuator import ActuatorService
 
 RATE_HZ = 1000.0
 
@@ -102,11 +104,17 @@ async def run_plant(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         null = await S.force_null(stack, NULL_S, settle_s=SETTLE_S)
         z = null["truth"]["z_m"]
         ex = await S.mass_exchanges(stack, cycles=1, window_s=WINDOW_S, erase=False)
-        tripped = [name for name in instrument("nist4").actuators
-                   if stack.services[name].guard.state != "armed"]
+        tripped = []
+        for name in instrument("nist4").actuators:
+            actuator = stack.services[name]
+            assert isinstance(actuator, ActuatorService) and actuator.guard is not None  # started
+            if actuator.guard.state != "armed":
+                tripped.append(name)
+        servo = stack.services["servo"]
+        assert isinstance(servo, Servo)
         return {"null_rms_m": float(np.sqrt(np.mean(z * z))), "null_mean_m": null["null_mean_m"],
                 "exchanges": ex["exchanges"], "peaks_m": ex["peaks_m"], "settle_s": ex["settle_s"],
-                "tripped": tripped, "servo_mode": stack.services["servo"].mode}
+                "tripped": tripped, "servo_mode": servo.mode}
     finally:
         stack.close()
 

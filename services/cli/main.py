@@ -319,8 +319,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
         def lost(text: str) -> None:
             print(f"up: {text}; reconnecting (the table rows go stale)", flush=True)
 
+        broker_url = stack.broker_url  # not None (asserted above), kept so for the closure
+
         async def follow_statuses() -> None:
-            async for topic, payload in follow(stack.broker_url, stack.instrument,
+            async for topic, payload in follow(broker_url, stack.instrument,
                                                Topics(stack.instrument).all_of("status"), on_lost=lost):
                 with contextlib.suppress(DecodeError):
                     statuses[topic] = decode(payload, Status)

@@ -33,7 +33,6 @@ import time
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, DaqFrame, HwSensorFrame
@@ -89,10 +88,12 @@ class Daq(Service):
         self.dt_s = 1.0 / s.frame_rate_hz
         self.sensors = instrument(s.kind).sensor_map(s)
         """The instrument's conversions (:mod:`kibble.services.daemons.daq_core`)."""
-        self.pose = np.zeros(6)
+        # lists of floats: a frame handles six numbers, plain floats cost a fraction of what
+        # 6-element arrays do
+        self.pose: list[float] = [0.0] * 6
         """Last raw pose (x, y, z, theta_x, theta_y, theta_z) before zeroing."""
-        self.vel = np.zeros(6)
-        self._last_pose: np.ndarray | None = None
+        self.vel: list[float] = [0.0] * 6
+        self._last_pose: list[float] | None = None
         """The pose of the last frame published (None: none yet)."""
         self._pose_frame: int | None = None
         """Its frame (None: not of the present numbering of the frames)."""
@@ -113,12 +114,7 @@ class Daq(Service):
     """Constants of the frame path, built at the first frame (:meth:`_frame_constants`)."""
 
     def _frame_constants(self) -> tuple:
-        """The per-frame constants, and the pose and velocity as lists of floats (a frame
-        handles six numbers: plain floats cost a fraction of what 6-element arrays do)."""
-        self.pose = np.asarray(self.pose, dtype=float).tolist()
-        self.vel = np.asarray(self.vel, dtype=float).tolist()
-        if self._last_pose is not None:
-            self._last_pose = np.asarray(self._last_pose, dtype=float).tolist()
+        """The per-frame constants."""
         sensors = self.sensors
         self._fast = (sensors.convert, sensors.n_fringe, sensors.n_psd, 0.5 * self.settings.wavelength_m,
                       2 * math.pi, self.topics.hw("sensors"), self.topics.frame(self.name), self.params.values)
@@ -205,4 +201,4 @@ class Daq(Service):
 
     def status_detail(self) -> dict[str, Any]:
         return {"frame": self.clock.frame, "session": self.clock.session,
-                "coil_z_m": float(self.pose[2] - self.params.values["zero_coil_z_m"])}
+                "coil_z_m": float(self.pose[2] - self.zero_coil_z_m)}

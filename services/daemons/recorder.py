@@ -125,10 +125,10 @@ class Recorder(Service):
         start with: it decodes, and names the service of its topic."""
         service, _, leaf = topic[len(self.topics.prefix) + 1:].partition("/")
         try:
-            msg = decode(payload, ParamList if leaf == "params" else Status)
+            named = decode(payload, ParamList).service if leaf == "params" else decode(payload, Status).service
         except DecodeError:
             return False
-        return msg.service == service
+        return named == service
 
     def _write_failed(self, exc: OSError) -> None:
         """A full or failing disk: close what can be closed and say so loudly."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from kibble.bus_schema.messages import Command, DaqFrame, Reply
+from kibble.bus_schema.messages import Command, DaqFrame, Reply, Severity
 from kibble.services.plans import engine as P
 from kibble.services.plans.mqtt_loop import BusLoop
 from kibble.services.instruments import PLANS
@@ -146,7 +146,7 @@ class Sequencer(Service):
                                severity="alarm")
                     return
             self.last_stop = await self.engine.run(name, args, config={"plan": name, "args": args})
-            severity = "info" if self.last_stop["exit_status"] == "success" else "warning"
+            severity: Severity = "info" if self.last_stop["exit_status"] == "success" else "warning"
             self.event("run_end", f"{name}: {self.last_stop['exit_status']} {self.last_stop['reason']}",
                        severity=severity, data={"exit_status": self.last_stop["exit_status"]})
         finally:

@@ -317,9 +317,12 @@ class Servo(Service):
         """Move the reference to ``z_m`` along a sweep-shaped (trapezoidal) profile: the NIST-4
         coil in velocity mode, the EFB floating link in gradient mode (within
         ``gradient_travel_m`` of the weighing position)."""
+        z_m = cmd.args.get("z_m")
         try:
-            target = float(cmd.args["z_m"])
-        except (KeyError, TypeError, ValueError):
+            if not isinstance(z_m, (int, float, str)):  # missing, None or a list
+                raise TypeError
+            target = float(z_m)
+        except (TypeError, ValueError):
             raise ValueError("move needs z_m=<position in m>") from None
         return self._run(self.core.move, target)
 

@@ -224,7 +224,7 @@ class ServoCore:
                 self.mode = "hold"
         self.load_steps: list[tuple[float, float]] = []
         """(start time s, delta mass kg) of every announced load change since force mode began."""
-        self.traj: tuple[str, float, float, tuple] | None = None
+        self.traj: tuple[str, float, float, tuple[float, ...]] | None = None
         """(kind, start time s, duration s, arguments) of the running trajectory."""
         self.ref = np.zeros((1, 3))
         self.ref[0, 0] = values["z_ref_m"]
@@ -290,12 +290,17 @@ class ServoCore:
         return *self.actuators.setpoint(mode, f, self.values), ff
 
     def _advance_reference(self, t: float) -> None:
+        assert self.traj is not None  # the caller checked
         kind, t0, duration, args = self.traj
         self._t[0] = t - t0
+        # unpacked by name: the kernels' signatures are typed, a tuple of any length is not
         if kind == "erase":
-            erase_eval(self._t, *args, self.ref)
+            centre_m, amplitude_m, decay_s, freq_hz, duration_s = args
+            erase_eval(self._t, centre_m, amplitude_m, decay_s, freq_hz, duration_s, self.ref)
         else:
-            sweep_eval(self._t, *args, self.ref)
+            start_m, direction, speed_m_per_s, accel_m_per_s2, jerk_m_per_s3, travel_m = args
+            sweep_eval(self._t, start_m, direction, speed_m_per_s, accel_m_per_s2, jerk_m_per_s3, travel_m,
+                       self.ref)
         if t - t0 >= duration:
             self.traj = None
             self._event("trajectory_done", f"{kind} finished at frame {self.frame}",
@@ -375,6 +380,7 @@ class ServoCore:
         """First DAQ frame after a start with a persisted state: hold what the actuators produce,
         then resume force mode if that is safe (see :mod:`kibble.services.daemons.servo`)."""
         saved, self.resume = self.resume, None
+        assert saved is not None  # the caller checked
         s = self.settings
         if daq.frame < saved["frame"]:
             self.mode = "idle"

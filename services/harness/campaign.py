@@ -23,11 +23,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Coroutine, Mapping
 
 from kibble.services import analysis as an
 from kibble.services.plans import engine as P
 from kibble.hil_sim.params import DEFAULT_NOISE
+from kibble.hil_sim.efb import EfbPlant
+from kibble.services.analysis.efb import EfbAnalysis
+from kibble.services.analysis.nist4 import Nist4Analysis
+from kibble.services.daemons.daq import Daq
 from kibble.services.harness.inprocess import InProcessStack
 
 __all__ = ["NistResult", "EfbResult", "offline_nist4", "offline_efb", "cli_measure_offline",
@@ -175,13 +179,16 @@ async def offline_nist4(seed: int, *, rate_hz: float = 200.0, velocity: Mapping[
                           "force": dict(force or {})})
         p = stack.plant.params
         mass, g = float(p["main_side.test_mass_kg"]), float(p["sim.g_m_per_s2"])
-        resistance = float(stack.services["daq"].settings.std_resistor_ohm)
+        daq = stack.services["daq"]
+        assert isinstance(daq, Daq)  # the NIST-4 stack's "daq"
+        resistance = float(daq.settings.std_resistor_ohm)
     finally:
         stack.close()
     analysis = an.analyze_run(docs, {"test_mass_kg": mass, "g_m_per_s2": g}, budget=budget,
                               resistance_ohm=resistance, order=order,
                               temp_coeff_per_k=temp_coeff_per_k,
                               velocity_regression=velocity_regression)
+    assert isinstance(analysis, Nist4Analysis)  # the documents are a NIST-4 run's
     return NistResult(seed, rate_hz, mass, float(stop["sim_s"]), time.perf_counter() - t0,
                       stop["exit_status"], analysis)
 
@@ -211,12 +218,14 @@ async def offline_efb(seed: int, *, rate_hz: float = 200.0, runs: int = 6, settl
             "efb_run", {"runs": runs, "gradient_every": gradient_every,
                         "gradient": dict(gradient or {}),
                         "weighing": {"settle_s": settle_s, "window_s": window_s}})
+        assert isinstance(stack.plant, EfbPlant)  # InProcessStack("efb") built one
         kappa_true = float(stack.plant.kappa(0.0))
         p = stack.plant.params
         mass, g = float(p["masses.small_kg"]), float(p["sim.g_m_per_s2"])
     finally:
         stack.close()
     analysis = an.analyze_run(docs, {"g_m_per_s2": g}, budget=budget)
+    assert isinstance(analysis, EfbAnalysis)  # the documents are an EFB run's
     return EfbResult(seed, rate_hz, mass, kappa_true, float(stop["sim_s"]),
                      time.perf_counter() - t0, stop["exit_status"], analysis)
 
@@ -227,7 +236,9 @@ def offline_summary(kind: str, seed: int, kwargs: Mapping[str, Any] | None = Non
     returning the JSON-able summary: a picklable unit of work for a process pool (the seeds of
     a campaign in parallel). With ``progress_prefix`` the progress lines go to stderr, each
     after the prefix."""
-    fn = {"nist4": offline_nist4, "efb": offline_efb}[kind]
+    fns: dict[str, Callable[..., Coroutine[Any, Any, NistResult | EfbResult]]] = {
+        "nist4": offline_nist4, "efb": offline_efb}
+    fn = fns[kind]
     progress = (None if progress_prefix is None
                 else lambda line: print(f"{progress_prefix}{line}", file=sys.stderr, flush=True))
     return asyncio.run(fn(seed, progress=progress, **dict(kwargs or {}))).summary()
@@ -262,6 +273,7 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
     """
     params = {k: _coerce(v) for k, v in (params or {}).items()}
     say = lambda s: print(s, flush=True)  # noqa: E731
+    res: NistResult | EfbResult
     try:
         if plan in ("nist4", "nist4_run"):
             kw: dict[str, Any] = {"velocity": {}, "force": {}, "servo": {}}
@@ -280,7 +292,7 @@ def cli_measure_offline(plan: str, params: dict, seed: int, json_out: str | None
                 else:
                     raise ValueError(f"unknown parameter {k!r} for plan nist4")
             say(f"offline NIST-4 run, seed {seed}")
-            res: NistResult | EfbResult = asyncio.run(offline_nist4(seed, progress=say, noise=noise, **kw))
+            res = asyncio.run(offline_nist4(seed, progress=say, noise=noise, **kw))
             r = res.analysis
             say(f"h = {r.h_j_s:.12e} J s, u = {r.u_h_j_s:.2e} J s (rel. {r.u_h_rel:.2e}; "
                 f"type A {r.u_a_h_j_s / r.h_j_s:.2e}, type B {r.u_b_h_j_s / r.h_j_s:.2e})")

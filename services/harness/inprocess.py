@@ -42,7 +42,7 @@ from kibble.services.plans.engine import daq_arrays
 from kibble.services.runtime.registry import service_class
 from kibble.services.runtime.service import Service, load_config
 
-PLANTS = {"nist4": Nist4Plant, "efb": EfbPlant}
+PLANTS: dict[str, type[Nist4Plant] | type[EfbPlant]] = {"nist4": Nist4Plant, "efb": EfbPlant}
 
 
 class InProcessStack:
@@ -71,8 +71,12 @@ class InProcessStack:
                                    noise=noise)
         self.adapter = adapter_for(self.plant)
         self.topics = Topics(model)
-        self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="kibble-inproc-")
-        state = Path(state_dir) if state_dir is not None else Path(self._tmp.name)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if state_dir is not None:
+            state = Path(state_dir)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="kibble-inproc-")
+            state = Path(self._tmp.name)
         self.queue: deque[tuple[str, bytes]] = deque()
         self.routes: dict[str, list[Service]] = {}
         self.services: dict[str, Service] = {}
@@ -171,17 +175,18 @@ class InProcessStack:
         t_sensors = self.t_sensors
         for i in range(n):
             k = self.frame + 1
-            block = self.plant.run(self.adapter.held, 1, record_truth=record)
+            block = self.adapter.run_held(1, record_truth=record)
             self.frame = k
             msg = self.adapter.sensor_frame(k, block.sensors[0].tolist())
             self._post(t_sensors, encode(msg))
             await self._drain()
             if record:
+                assert rows is not None  # allocated above when recording
                 tr = block.truth[0]
                 rows[i, 0] = msg.sim_time_s
                 for j, (_, col, off) in enumerate(self.adapter.truth_columns):
                     rows[i, j + 1] = tr[col] + off
-        if not record:
+        if rows is None:
             return {}
         names = ["t_s"] + [name for name, _, _ in self.adapter.truth_columns]
         return {name: rows[:, j] for j, name in enumerate(names)}

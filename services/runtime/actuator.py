@@ -43,7 +43,7 @@ from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, HwS
 from kibble.bus_schema.realtime import SLACK_FRAMES, FrameClock
 from kibble.bus_schema.units import renamed_to
 from kibble.services.runtime.service import Service, ServiceConfig, command
-from kibble.services.runtime.safety import ActuatorGuard, GuardConfig
+from kibble.services.runtime.safety import ActuatorGuard, GuardConfig, GuardState
 
 HELLO_AFTER_S = 1.0
 """With no hardware frame for this long (wall clock), the actuator says hello again (frame -1,
@@ -244,7 +244,7 @@ class ActuatorService(Service):
                        severity="alarm", data={"reason": reason, "frame": frame.frame},
                        rate_limited=False)
 
-    def drive(self, frame: int, request: Sequence[float] | None,
+    def drive(self, frame: int, request: Sequence[float] | np.ndarray | None,
               taken: Callable[[], None] | None = None) -> None:
         """A fresh request for ``frame`` (None: the input arrived but asks for nothing new).
         ``taken`` commits what else the input asks for (a relay, a reference); it is called
@@ -368,7 +368,7 @@ class ActuatorService(Service):
         self._hello_t_s = now_s
         self.write_outputs(-1, self.guard.out.copy())
 
-    def _state_name(self) -> str:
+    def _state_name(self) -> GuardState:
         assert self.guard is not None
         return self.guard.state
 

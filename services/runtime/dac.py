@@ -15,7 +15,7 @@ Values beyond the range clamp to the end codes; a non-finite value raises ``Valu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def _clamp_code(code: int, bits: int) -> int:
@@ -34,11 +34,15 @@ class Dac:
 
     bits: int
     full_scale: float
+    # per-frame constants, derived in __post_init__ (the conversions run for every channel of
+    # every frame): not arguments, not in repr or comparisons
+    _lsb: float = field(init=False, repr=False, compare=False)
+    _lo: int = field(init=False, repr=False, compare=False)
+    _hi: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (2 <= self.bits <= 32) or not (math.isfinite(self.full_scale) and self.full_scale > 0):
             raise ValueError(f"DAC needs 2..32 bits and a positive full scale, got {self.bits}, {self.full_scale}")
-        # per-frame constants (the conversions run for every channel of every frame)
         object.__setattr__(self, "_lsb", self.full_scale / (1 << (self.bits - 1)))
         object.__setattr__(self, "_lo", -(1 << (self.bits - 1)))
         object.__setattr__(self, "_hi", (1 << (self.bits - 1)) - 1)
@@ -65,6 +69,13 @@ class CoarseFineDac:
     coarse_bits: int = 16
     fine_bits: int = 16
     fine_span_lsb: float = 4.0
+    # derived in __post_init__, as Dac's
+    _coarse_lsb: float = field(init=False, repr=False, compare=False)
+    _fine_lsb: float = field(init=False, repr=False, compare=False)
+    _clo: int = field(init=False, repr=False, compare=False)
+    _chi: int = field(init=False, repr=False, compare=False)
+    _flo: int = field(init=False, repr=False, compare=False)
+    _fhi: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         Dac(self.coarse_bits, self.full_scale)

@@ -14,6 +14,7 @@ persists the values.
 
 from __future__ import annotations
 
+import builtins
 import math
 import os
 import tempfile
@@ -23,10 +24,10 @@ from typing import Any, Callable, Iterable
 
 import msgspec
 
-from kibble.bus_schema.messages import ParamSpec, Scalar
+from kibble.bus_schema.messages import ParamSpec, ParamType, Scalar
 from kibble.bus_schema.units import renamed_to
 
-_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
+_TYPES: dict[type, ParamType] = {bool: "bool", int: "int", float: "float", str: "str"}
 
 
 class ParamError(ValueError):
@@ -212,7 +213,8 @@ class ParamRegistry:
 
     # ----------------------------------------------------------------- persistence
 
-    def load(self, restore_values: bool = True) -> list[str]:
+    # builtins.list: in the class body, `list` is the method above
+    def load(self, restore_values: bool = True) -> builtins.list[str]:
         """Read the state file: the session number and (``restore_values``) the tuned values,
         each validated again, and the operating state.
 

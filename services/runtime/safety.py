@@ -179,9 +179,10 @@ class ActuatorGuard:
 
     # ------------------------------------------------------------------ per frame
 
-    def request(self, frame: int, values: Sequence[float]) -> None:
+    def request(self, frame: int, values: Sequence[float] | np.ndarray) -> None:
         """Accept a requested output vector for ``frame``; ``ValueError`` if any is bad."""
         arr = None
+        vals: Sequence[float] | None
         if type(values) is list or type(values) is tuple:
             vals = values
             for v in vals:

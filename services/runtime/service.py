@@ -40,7 +40,7 @@ from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Iterable, Type
 
 from kibble.bus_schema.codec import DecodeError, decode
 from kibble.bus_schema.messages import Command, Message, ParamList, State, Status, Timing
-from kibble.bus_schema.node import BusNode
+from kibble.bus_schema.node import BusNode, CommandHandler
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
 from kibble.bus_schema.topics import check_name, topic_matches
 from kibble.bus_schema.transport import DEFAULT_BROKER, Receiver, parse_broker_url, with_options
@@ -174,7 +174,7 @@ def command(name: str) -> Callable[[Callable], Callable]:
     async; raising ``ValueError`` sends an error reply with its text.
     """
     def mark(fn: Callable) -> Callable:
-        fn.__kibble_command__ = name
+        fn.__kibble_command__ = name  # type: ignore[attr-defined]  # our marker on the function
         return fn
     return mark
 
@@ -182,7 +182,7 @@ def command(name: str) -> Callable[[Callable], Callable]:
 Handler = Callable[[Any], Any]
 
 
-class Service(BusNode):
+class Service(BusNode[CommandHandler]):
     """Base of every daemon. Subclasses set ``name``, declare Params, and override hooks.
 
     Hooks (all optional): :meth:`setup` (register subscriptions), :meth:`on_connected`,
@@ -640,10 +640,10 @@ async def run_together(services: list[Service]) -> None:
         tasks = [asyncio.create_task(svc.run(install_signal_handlers=False)) for svc in services]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
-            if task.exception() is not None:  # one failed: stop the others cleanly, then raise
+            if (exc := task.exception()) is not None:  # one failed: stop the others cleanly, then raise
                 stop_all()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                raise task.exception()
+                raise exc
         await asyncio.gather(*tasks)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,6 +22,7 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -66,7 +67,8 @@ async def _measure(seconds: float, say: Callable[[str], None]) -> dict[str, Any]
           "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1"}
     env = {**os.environ, **ca, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="kibble-viewsbench-") as tmp:
-        async with Stack("nist4", clock="lockstep", rate_hz=RATE_HZ, run_dir=tmp, progress=lambda s: None) as stack:
+        async with Stack("nist4", clock="lockstep", rate_hz=RATE_HZ, run_dir=Path(tmp),
+                         progress=lambda s: None) as stack:
             assert stack.broker_url is not None
             bus = ["--broker", stack.broker_url, "--instrument", stack.instrument]
             async with BusLoop(stack.broker_url, stack.instrument, RATE_HZ) as loop:

@@ -179,7 +179,8 @@ class BusView:
     async def __aenter__(self) -> "BusView":
         self._requests = await self._exits.enter_async_context(
             BusClient(self.url, self.instrument, client_id=self.client_id))
-        leaves = {"status": self._on_status, "params": self._on_params, "event": self._on_event}
+        leaves: dict[str, Callable[[str, str, Any], None]] = {
+            "status": self._on_status, "params": self._on_params, "event": self._on_event}
         self._tasks = [asyncio.create_task(self._follow(self.topics.all_of(leaf), handler))
                        for leaf, handler in leaves.items()]
         self._tasks.append(asyncio.create_task(self._follow_frames(self.topics.all_of("frame"))))

@@ -180,3 +180,29 @@ async def test_crash_is_seen_as_an_offline_status_with_the_reason(kind, broker, 
             status = await sub.expect(Status, timeout_s=5)
     assert status.state == "offline" and not status.online
     assert "RuntimeError: a bug in the" in status.detail["exit"]
+
+
+@pytest.mark.parametrize("kind", ["service", "sim"])
+async def test_crash_with_a_failing_status_still_publishes_offline(kind, broker, instrument, tmp_path):
+    """When building the node's own status is what fails, the fallback offline status (with
+    the node's session) still goes out: it lacked the required ``session`` before, so its
+    construction raised inside the suppressing block and nothing was published."""
+    node = make_node(kind, broker, instrument, tmp_path)
+
+    def broken_status(online: bool = True, interval: bool = False) -> Status:
+        raise RuntimeError("status is broken")
+
+    async def boom() -> None:
+        await asyncio.sleep(0.3)
+        node.status = broken_status
+        raise RuntimeError("a bug in the node")
+    node.serve_tasks = lambda: [boom()]
+    async with BusClient(broker.url, instrument) as bus:
+        task = asyncio.create_task(node.run(install_signal_handlers=False))
+        with pytest.raises(RuntimeError, match="a bug in the node"):
+            await asyncio.wait_for(task, 10)
+        async with bus.listen(bus.topics.status(node.name)) as sub:
+            status = await sub.expect(Status, timeout_s=5)
+    assert status.state == "offline" and not status.online
+    assert status.session == node.session
+    assert "RuntimeError: a bug in the node" in status.detail["exit"]
