@@ -19,7 +19,7 @@ from . import efb as efb_model
 from . import nist4 as nist4_model
 from .devices import TRUTH_COLUMNS, ZERO_C_K, efb_devices, nist4_devices
 
-__all__ = ["PLANT_COMMANDS", "CommandArgs", "adapter_for", "plant_control"]
+__all__ = ["PLANTS", "PLANT_COMMANDS", "CommandArgs", "adapter_for", "plant_control"]
 
 
 class _Adapter:
@@ -211,6 +211,10 @@ class _EfbAdapter(_Adapter):
         self.plant.inject_impulse(impulse)
         return {"dof": dof, "impulse": impulse}
 
+
+PLANTS: dict[str, type[nist4_model.Nist4Plant] | type[efb_model.EfbPlant]] = {
+    "nist4": nist4_model.Nist4Plant, "efb": efb_model.EfbPlant}
+"""Each instrument's plant model (the simulator on the bus and the in-process stack build it)."""
 
 PLANT_COMMANDS = ("place_mass", "remove_mass", "lift_aux", "set_temperature", "set_pressure",
                   "inject_force", "inject_impulse")

@@ -54,9 +54,7 @@ from kibble.bus_schema.node import BusNode
 from kibble.bus_schema.realtime import FrameIntake, FrameTiming, LoopTimer, saturating_add
 from kibble.bus_schema.transport import DEFAULT_BROKER, corked, publish_now
 
-from . import efb as efb_model
-from . import nist4 as nist4_model
-from .adapter import PLANT_COMMANDS, CommandArgs, adapter_for
+from .adapter import PLANT_COMMANDS, PLANTS, CommandArgs, adapter_for
 from .clock import LatencyTracker, LockstepGate, RealtimeSchedule
 from .devices import DeviceSpec
 from .errors import ActuatorError, PlantError
@@ -158,8 +156,7 @@ class SimServer(BusNode[Callable[[CommandArgs], dict[str, Any]]]):
         self.clock = clock
         self.rate_hz = float(rate_hz)
         self.seed = seed
-        plant_class = nist4_model.Nist4Plant if model == "nist4" else efb_model.EfbPlant
-        self.plant = plant_class(overrides, seed=seed, noise=noise)
+        self.plant = PLANTS[model](overrides, seed=seed, noise=noise)
         self.adapter = adapter_for(self.plant)
         self.devices = self.adapter.devices
         for device in expect:

@@ -32,9 +32,7 @@ import numpy as np
 from kibble.bus_schema.codec import DecodeError, decode, encode
 from kibble.bus_schema.messages import Command, DaqFrame, HwActuatorCommand, Reply
 from kibble.bus_schema.topics import Topics
-from kibble.hil_sim.adapter import adapter_for, plant_control
-from kibble.hil_sim.efb import EfbPlant
-from kibble.hil_sim.nist4 import Nist4Plant
+from kibble.hil_sim.adapter import PLANTS, adapter_for, plant_control
 from kibble.hil_sim.params import DEFAULT_NOISE, frame_overrides
 from kibble.services.runtime.client import result_of
 from kibble.services.instruments import DEFINITIONS, instrument
@@ -42,7 +40,6 @@ from kibble.services.plans.engine import daq_arrays
 from kibble.services.runtime.registry import service_class
 from kibble.services.runtime.service import Service, load_config
 
-PLANTS: dict[str, type[Nist4Plant] | type[EfbPlant]] = {"nist4": Nist4Plant, "efb": EfbPlant}
 
 
 class InProcessStack:

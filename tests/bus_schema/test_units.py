@@ -16,10 +16,10 @@ from kibble.bus_schema import units
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.topics import message_type_for
 from kibble.bus_schema.units import unit_of
-from kibble.hil_sim.adapter import adapter_for
+from kibble.hil_sim.adapter import PLANTS, adapter_for
 from kibble.hil_sim.params import ParamError as SimParamError, load_params
 from kibble.services.daemons.current_source import CurrentSource
-from kibble.services.harness.inprocess import PLANTS, InProcessStack
+from kibble.services.harness.inprocess import InProcessStack
 from kibble.services.runtime.params import ParamError, declared_params
 from kibble.services.runtime.registry import SERVICES, service_class
 from kibble.services.runtime.service import ServiceConfig
