@@ -139,8 +139,11 @@ async def test_past_the_age_limit_the_actuator_holds_then_goes_safe_with_one_eve
             await asyncio.sleep(0.3)
             watcher.cancel()
     kinds = [e.kind for e in events]
-    assert kinds.count("too_old") == 1, kinds
     assert "stale" in kinds and "safe" in kinds
+    # one event for the backlog that put it safe, not one per old frame; a later batch of the
+    # same backlog may again be just past the limit once a fresh frame got through (a CI
+    # rehearsal on 2026-12-07: frame 1484 at 40.3 ms after going safe), a new episode
+    assert kinds[:kinds.index("safe")].count("too_old") == 1, kinds
     assert cs.guard.state == "safe"  # stays safe: an operator arms again
     assert cs.counters["too_old"] >= 1
     assert cs.counters["late"] > 0  # the old frames were counted late
