@@ -100,7 +100,6 @@ async def mass_exchanges(loop: Loop, cycles: int = 1, window_s: float = 12.0,
 
 
 async def velocity_sweeps(loop: Loop, travel_m: float = 0.08, directions=("down", "up"),
-                          accel_m_per_s2: float = 5e-4, speed_m_per_s: float = 1e-3,
                           settle_s: float = 6.0) -> dict[str, Any]:
     """Velocity mode with the auxiliary mass on: move to the top of the travel, open the
     damping, sweep each way; the velocity error RMS relative to the speed over the
@@ -114,16 +113,22 @@ async def velocity_sweeps(loop: Loop, travel_m: float = 0.08, directions=("down"
     move = await loop.command("servo", "move", z_m=travel_m / 2)
     await loop.run_seconds(move["duration_s"] + 0.5, record=False)
     errors = []
-    t_acc = speed_m_per_s / accel_m_per_s2
     for direction in directions:
         await loop.command("damping", "open")
         sweep = await loop.command("servo", "sweep", direction=direction)
         tr = await loop.run_seconds(sweep["duration_s"] + 0.5)
         await loop.command("damping", "close")
-        t = tr["t_s"] - tr["t_s"][0]
-        cruise = (t > t_acc + 1.0) & (t < sweep["duration_s"] - t_acc - 1.0)
-        v = -speed_m_per_s if direction == "down" else speed_m_per_s
-        errors.append(float(np.sqrt(np.mean((tr["vz_m_per_s"][cruise] - v) ** 2)) / speed_m_per_s))
+        # timed from the servo's reply, as plans.velocity_set does: over the bus the record may
+        # start before the servo took the command (the simulator runs on while a reply is
+        # awaited), and the ramps' duration includes the jerk limit
+        dt_s = 1.0 / loop.rate_hz
+        t_end = sweep["end_frame"] * dt_s
+        t_start = t_end - math.ceil(sweep["duration_s"] / dt_s) * dt_s
+        t_acc = sweep["duration_s"] - abs(sweep["end_m"] - sweep["start_m"]) / sweep["speed_m_per_s"]
+        t = tr["t_s"]
+        cruise = (t > t_start + t_acc + 1.0) & (t < t_end - t_acc - 1.0)
+        v = -sweep["speed_m_per_s"] if direction == "down" else sweep["speed_m_per_s"]
+        errors.append(float(np.sqrt(np.mean((tr["vz_m_per_s"][cruise] - v) ** 2)) / sweep["speed_m_per_s"]))
     back = await loop.command("servo", "move", z_m=0.0)
     await loop.run_seconds(back["duration_s"] + 1.0, record=False)
     await force_mode(loop)
