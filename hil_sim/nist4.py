@@ -295,6 +295,19 @@ def _quant(v, lsb, fs):
     return np.floor(v / lsb + 0.5) * lsb
 
 
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _roll_back(x, x0, eta, eta0, slip, slip0, env, env0, W, W0, fl, fl0, fx, fx0):
+    """Every state array of :func:`_run` back to the block's start: a block that stops early
+    (non-finite state, or too few normals) leaves the plant as it was."""
+    x[:] = x0
+    eta[:] = eta0
+    slip[:] = slip0
+    env[:] = env0
+    W[:] = W0
+    fl[:] = fl0
+    fx[:] = fx0
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, gc,
          nz, nzu, n_frames, n_sub, out, tr, rec, fl, fla, flb, fx, nz2):
@@ -401,13 +414,7 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
             # axes and the trajectory's slow error, each a sum of flicker poles
             if iz2 + 2 * npol + 2 > nz2.shape[0]:
                 nzu[0] = -1
-                x[:] = x0
-                eta[:] = eta0
-                slip[:] = slip0
-                env[:] = env0
-                W[:] = W0
-                fl[:] = fl0
-                fx[:] = fx0
+                _roll_back(x, x0, eta, eta0, slip, slip0, env, env0, W, W0, fl, fl0, fx, fx0)
                 return fr
             for row in range(2):
                 acc = 0.0
@@ -430,11 +437,7 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
             if env[E_TICK] <= 0.0:
                 if iz + 12 > nzn:
                     nzu[0] = -1
-                    x[:] = x0
-                    eta[:] = eta0
-                    slip[:] = slip0
-                    env[:] = env0
-                    W[:] = W0
+                    _roll_back(x, x0, eta, eta0, slip, slip0, env, env0, W, W0, fl, fl0, fx, fx0)
                     return fr
                 for j in range(12):
                     nt[j] = nz[iz + j]
@@ -665,13 +668,7 @@ def _run(x, eta, slip, env, act, P, hyk, hyth, Lam, Geta, Tq, Rq, W, gphi, gL, g
                 ok = False
         if not ok or iz + 15 > nzn:
             nzu[0] = -1 if ok else iz  # (ok: the normals ran out)
-            x[:] = x0
-            eta[:] = eta0
-            slip[:] = slip0
-            env[:] = env0
-            W[:] = W0
-            fl[:] = fl0
-            fx[:] = fx0
+            _roll_back(x, x0, eta, eta0, slip, slip0, env, env0, W, W0, fl, fl0, fx, fx0)
             return fr
         # ---- sensors at frame end
         for j in range(15):
