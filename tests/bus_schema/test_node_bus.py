@@ -157,6 +157,17 @@ class Crashing(ExampleService):
         raise RuntimeError("a bug in the daemon")
 
 
+async def crashed_status(node: BusNode, url: str, instrument: str, match: str) -> Status:
+    """Run ``node`` until it raises (``match``), then its retained status, as anyone connecting
+    after the crash sees it."""
+    async with BusClient(url, instrument) as bus:
+        task = asyncio.create_task(node.run(install_signal_handlers=False))
+        with pytest.raises(RuntimeError, match=match):
+            await asyncio.wait_for(task, 10)
+        async with bus.listen(bus.topics.status(node.name)) as sub:
+            return await sub.expect(Status, timeout_s=5)
+
+
 @pytest.mark.parametrize("kind", ["service", "sim"])
 async def test_crash_is_seen_as_an_offline_status_with_the_reason(kind, broker, instrument, tmp_path):
     """issue 17, finding 5: a node that dies of an exception disconnects cleanly, so the broker
@@ -171,13 +182,7 @@ async def test_crash_is_seen_as_an_offline_status_with_the_reason(kind, broker, 
             await asyncio.sleep(0.3)
             raise RuntimeError("a bug in the simulator")
         node.serve_tasks = lambda: [boom()]
-    async with BusClient(broker.url, instrument) as bus:
-        task = asyncio.create_task(node.run(install_signal_handlers=False))
-        with pytest.raises(RuntimeError, match="a bug in the"):
-            await asyncio.wait_for(task, 10)
-        # the retained status, as anyone connecting now sees it
-        async with bus.listen(bus.topics.status(node.name)) as sub:
-            status = await sub.expect(Status, timeout_s=5)
+    status = await crashed_status(node, broker.url, instrument, "a bug in the")
     assert status.state == "offline" and not status.online
     assert "RuntimeError: a bug in the" in status.detail["exit"]
 
@@ -197,12 +202,7 @@ async def test_crash_with_a_failing_status_still_publishes_offline(kind, broker,
         node.status = broken_status
         raise RuntimeError("a bug in the node")
     node.serve_tasks = lambda: [boom()]
-    async with BusClient(broker.url, instrument) as bus:
-        task = asyncio.create_task(node.run(install_signal_handlers=False))
-        with pytest.raises(RuntimeError, match="a bug in the node"):
-            await asyncio.wait_for(task, 10)
-        async with bus.listen(bus.topics.status(node.name)) as sub:
-            status = await sub.expect(Status, timeout_s=5)
+    status = await crashed_status(node, broker.url, instrument, "a bug in the node")
     assert status.state == "offline" and not status.online
     assert status.session == node.session
     assert "RuntimeError: a bug in the node" in status.detail["exit"]

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from kibble.services.analysis import comparison as cmp
 from kibble.services.analysis.inputfiles import InputFileError, load_comparison
 
+from tests.services.analysis.badinput import line_of, refused
+
 ROOT = Path(__file__).resolve().parents[3]
 CCM = ROOT / "examples" / "ccm-m-k8-2019.toml"
 
@@ -263,36 +265,27 @@ def test_a_result_as_participant():
 # ------------------------------------------------------------------------------ bad input
 
 def _bad(tmp_path, old: str, new: str) -> InputFileError:
-    text = CCM.read_text()
-    assert old in text
-    path = tmp_path / "bad.toml"
-    path.write_text(text.replace(old, new, 1))
-    with pytest.raises(InputFileError) as info:
-        load_comparison(path)
-    return info.value
+    return refused(tmp_path, CCM, old, new, load_comparison)
 
-
-def _line(tmp_path, needle: str) -> int:
-    return next(i for i, line in enumerate((tmp_path / "bad.toml").read_text().splitlines(), 1) if needle in line)
 
 
 def test_missing_uncertainty_names_file_line_and_field(tmp_path):
     e = _bad(tmp_path, "nmi_mg = { value = 0.398, u = 0.0273 }", "nmi_mg = { value = 0.398 }")
-    assert e.line == _line(tmp_path, "nmi_mg = { value = 0.398 }")
+    assert e.line == line_of(tmp_path, "nmi_mg = { value = 0.398 }")
     assert e.field == "participant[3].standard[1].nmi_mg.u" and "uncertainty" in e.message
     assert str(e).startswith(f"{tmp_path / 'bad.toml'}:{e.line}: participant[3].standard[1].nmi_mg.u:")
     e = _bad(tmp_path, "nmi_mg = { value = 0.398, u = 0.0273 }", "nmi_mg = 0.398")
-    assert e.line == _line(tmp_path, "nmi_mg = 0.398") and "uncertainty" in e.message
+    assert e.line == line_of(tmp_path, "nmi_mg = 0.398") and "uncertainty" in e.message
 
 
 def test_a_correlation_matrix_not_positive_semidefinite(tmp_path):
     e = _bad(tmp_path, "  [1.00, 0.98, 0.54, 0.53],\n  [0.98, 1.00, 0.54, 0.55],",
              "  [1.00, 0.98, -0.9, 0.53],\n  [0.98, 1.00, 0.54, 0.55],")
-    assert "symmetric" in e.message and e.line == _line(tmp_path, "correlation = [")
+    assert "symmetric" in e.message and e.line == line_of(tmp_path, "correlation = [")
     e = _bad(tmp_path, "[0.54, 0.54, 1.00, 0.98],\n  [0.53, 0.55, 0.98, 1.00],",
              "[0.54, 0.54, 1.00, -0.98],\n  [0.53, 0.55, -0.98, 1.00],")
     assert "positive semi-definite" in e.message and e.field == "participant[6].correlation"
-    assert e.line == _line(tmp_path, "correlation = [")
+    assert e.line == line_of(tmp_path, "correlation = [")
 
 
 def test_a_participant_twice_and_an_unknown_field(tmp_path):
@@ -300,7 +293,7 @@ def test_a_participant_twice_and_an_unknown_field(tmp_path):
     lines = [i for i, t in enumerate((tmp_path / "bad.toml").read_text().splitlines(), 1) if t == 'name = "NIST"']
     assert "appears twice" in e.message and e.line == lines[1] and e.field == "participant[5].name"
     e = _bad(tmp_path, "id = \"E59\"", "id = \"E59\"\nu_nmi_mg = 0.02")
-    assert "unknown field" in e.message and e.line == _line(tmp_path, "u_nmi_mg = 0.02")
+    assert "unknown field" in e.message and e.line == line_of(tmp_path, "u_nmi_mg = 0.02")
     assert e.field == "participant[4].standard[1].u_nmi_mg"
     e = _bad(tmp_path, "r = 0.264\n", "")
     assert "correlation" in e.message and e.field == "participant[2].r"

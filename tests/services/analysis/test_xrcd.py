@@ -26,6 +26,8 @@ from kibble.services.analysis.comparison import correlated_mean
 from kibble.services.analysis.constants import N_A_PER_MOL
 from kibble.services.analysis.inputfiles import InputFileError, load_sphere
 
+from tests.services.analysis.badinput import line_of, refused
+
 ROOT = Path(__file__).resolve().parents[3]
 SPHERE_A = ROOT / "examples" / "si28kg01a.toml"
 SPHERE_B = ROOT / "examples" / "si28kg01b.toml"
@@ -206,39 +208,30 @@ def test_a_layer_from_thickness_and_density():
 # ------------------------------------------------------------------------------ bad input
 
 def _bad(tmp_path, old: str, new: str, source: Path = SPHERE_A) -> InputFileError:
-    text = source.read_text()
-    assert old in text
-    path = tmp_path / "bad.toml"
-    path.write_text(text.replace(old, new, 1))
-    with pytest.raises(InputFileError) as info:
-        load_sphere(path)
-    return info.value
+    return refused(tmp_path, source, old, new, load_sphere)
 
-
-def _line(tmp_path, needle: str) -> int:
-    return next(i for i, line in enumerate((tmp_path / "bad.toml").read_text().splitlines(), 1) if needle in line)
 
 
 def test_bad_sphere_files(tmp_path):
     e = _bad(tmp_path, "volume_cm3 = { value = 431.0694336, u = 0.0000030 }", "volume_cm3 = { value = 431.0694336 }")
     assert e.field == "investigation[1].volume_cm3.u"
-    assert e.line == _line(tmp_path, "volume_cm3 = { value = 431.0694336 }")
+    assert e.line == line_of(tmp_path, "volume_cm3 = { value = 431.0694336 }")
     e = _bad(tmp_path, 'name = "PTB"', 'name = "NMIJ"')
     assert "appears twice" in e.message and e.field == "investigation[1].name"
     e = _bad(tmp_path, 'name = "oxide"', 'name = "oxide"\ncolour = "blue"')
-    assert "unknown field" in e.message and e.line == _line(tmp_path, "colour")
+    assert "unknown field" in e.message and e.line == line_of(tmp_path, "colour")
     assert e.field == "investigation[0].layer[2].colour"
     e = _bad(tmp_path, '"PTB.sphere_mass"]', '"PTB.sphere_mas"]')
-    assert "unknown input 'PTB.sphere_mas'" in e.message and e.line == _line(tmp_path, "between =")
+    assert "unknown input 'PTB.sphere_mas'" in e.message and e.line == line_of(tmp_path, "between =")
     e = _bad(tmp_path, "r = 0.2500694637",
              "r = 0.9\n[[correlation]]\nbetween = [\"NMIJ.volume\", \"PTB.sphere_mass\"]\n"
              "r = 0.9\n[[correlation]]\nbetween = [\"NMIJ.volume\", \"NMIJ.sphere_mass\"]\nr = -0.9")
     assert "positive semi-definite" in e.message
     e = _bad(tmp_path, "sphere_mass_kg = { value = 1.0001107852, u = 0.0000000061 }", "sphere_mass_kg = 1.0001107852")
     assert e.field == "investigation[1].sphere_mass_kg" and "standard uncertainty" in e.message
-    assert e.line == _line(tmp_path, "sphere_mass_kg = 1.0001107852")
+    assert e.line == line_of(tmp_path, "sphere_mass_kg = 1.0001107852")
     e = _bad(tmp_path, "[[investigation]]\nname = \"PTB\"\n", "[[investigation]]\nname = \"PTB\"\nname = \"X\"\n")
-    assert "not valid TOML" in e.message and e.line == _line(tmp_path, 'name = "X"')
+    assert "not valid TOML" in e.message and e.line == line_of(tmp_path, 'name = "X"')
     e = _bad(tmp_path, "d220_pm = { value = 192.01471272, u = 0.00000040 }",
              "d220_pm = { value = 192.01471272, u = 0.00000040 }\nlattice_parameter_pm = { value = 543.1, u = 0.1 }")
     assert "one of them" in e.message
