@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import ssl
 import time
@@ -511,6 +512,23 @@ def corked(client: aiomqtt.Client) -> Iterator[None]:
 # ============================================================================ receive
 
 
+_READ_BYTES = 65536
+"""The most one ``recv`` of :func:`deliver_directly` takes."""
+_MAX_READS_PER_TICK = 64
+"""The most reads one timed read (``every_s``) makes before it lets the event loop run (4 MiB
+at :data:`_READ_BYTES`)."""
+
+
+def _readable_now(sock: SocketLike) -> bool:
+    """True if ``sock`` (an ``SSLSocket`` or other) holds bytes to read now."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile: the next read reports it
+        return False
+
+
 class _Feed:
     """Stands in for paho's socket reads while paho parses one packet handed to it."""
 
@@ -566,7 +584,8 @@ class _PlainReceiver:
 
 
 def deliver_directly(client: aiomqtt.Client,
-                     on_message: Callable[[str, bytes], None] | Receiver) -> None:
+                     on_message: Callable[[str, bytes], None] | Receiver,
+                     every_s: float | None = None) -> None:
     """Call ``on_message(topic, payload)`` (or a :class:`Receiver`'s ``message``) for every
     incoming message straight from the socket-readable callback, before ``client`` connects.
 
@@ -580,6 +599,13 @@ def deliver_directly(client: aiomqtt.Client,
     the batch. ``on_message`` must not raise (an escaping exception is reported as a lost
     connection); ``client.messages`` stays empty but still raises ``MqttError`` when the
     connection drops.
+
+    ``every_s``: read the socket on a timer, every ``every_s`` seconds, instead of when it
+    becomes readable: each read takes all that arrived since the last. For a follower that
+    only shows what it reads (the operator's views), where waking up for each message costs
+    several times what the message does; messages then wait up to ``every_s`` and a dropped
+    connection is seen within it. The socket's receive buffer must hold ``every_s`` of the
+    traffic (the broker holds the rest, as for any slow reader).
     """
     receiver: Receiver
     if hasattr(on_message, "batch_end"):
@@ -670,7 +696,8 @@ def deliver_directly(client: aiomqtt.Client,
             i = end
         keep(buf[i:], 0)
 
-    def readable() -> None:
+    def readable() -> bool:
+        """Read what is there and deliver it; True if more may be waiting."""
         sock = paho_client._sock
         tx.cork += 1
         receiver.batch_begin()
@@ -681,46 +708,68 @@ def deliver_directly(client: aiomqtt.Client,
                 while received:
                     deliver(*received.popleft())
                 receiver.batch_end()
-                return
+                # more waiting? (asked only on a timer: the event loop's reader asks the selector)
+                return every_s is not None and sock is not None and paho_client._sock is sock \
+                    and _readable_now(sock)
             try:
-                data = sock.recv(65536)
+                data = sock.recv(_READ_BYTES)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:  # paho sees the error on its next read and reports it
                 keep(b"", 0)
                 paho_read(b"", exc)
-                return
+                return False
             if not data:  # end of stream: paho reads b'' and reports the lost connection
                 keep(b"", 0)
                 paho_read(b"", True)
-                return
+                return False
             paho_client._last_bytes_received = time.monotonic()  # paho's keepalive clock
+            more = len(data) == _READ_BYTES
             if rest:
                 rest.append(data)
                 state["have"] += len(data)
                 if state["have"] < state["need"]:
-                    return  # a large packet still coming in
+                    return more  # a large packet still coming in
                 data = b"".join(rest)
             parse(data)
             receiver.batch_end()
+            return more
         except Exception as exc:  # a broken connection, as aiomqtt's own callback reports it
             received.clear()
             keep(b"", 0)
             if not client._disconnected.done():
                 client._disconnected.set_exception(exc)
+            return False
         finally:
             tx.cork -= 1
             if not tx.cork:
                 tx.flush()
             receiver.batch_flushed()
 
+    def read_on_timer(sock: SocketLike) -> None:
+        if paho_client._sock is not sock:
+            return  # that connection is over; the next one starts its own timer
+        for _ in range(_MAX_READS_PER_TICK):
+            if not readable():
+                break
+        assert every_s is not None
+        loop.call_later(every_s, read_on_timer, sock)
+
     aiomqtt_on_open = paho_client.on_socket_open
     assert aiomqtt_on_open is not None  # aiomqtt.Client's constructor set it
+
+    def on_timer_from_now(sock: SocketLike) -> None:
+        loop.remove_reader(sock.fileno())
+        assert every_s is not None
+        loop.call_later(every_s, read_on_timer, sock)
 
     def on_open(pc: paho.Client, userdata: object, sock: SocketLike) -> None:
         keep(b"", 0)
         aiomqtt_on_open(pc, userdata, sock)  # schedules aiomqtt's reader and its keepalive task
-        loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)  # then replaces the reader
+        if every_s is None:  # then replaces the reader
+            loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)
+        else:  # or removes it, for a timer
+            loop.call_soon_threadsafe(on_timer_from_now, sock)
 
     paho_client.on_message = on_paho_message
     paho_client.on_socket_open = on_open

@@ -393,10 +393,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return cli_export(args.run, args.hdf5_path)
 
 
+def _view_process(args: argparse.Namespace) -> None:
+    """Apply a view's process settings (:data:`kibble.services.views.PROCESS` under
+    ``--process``); exits naming a setting the system refuses."""
+    from kibble.bus_schema.process import apply_process_settings, process_settings
+    from kibble.services.views import PROCESS
+
+    try:
+        for line in apply_process_settings(process_settings({**PROCESS, **split_assignments(args.process)})):
+            print(f"{args.command}: process {line}", flush=True)
+    except ValueError as exc:
+        raise SystemExit(f"kibble {args.command}: {exc}") from None
+
+
 async def cmd_dashboard(args: argparse.Namespace) -> int:
     from kibble.services.views.dashboard import read_auth, serve
 
     auth = read_auth(args.user, args.password_file, args.token_file)
+    _view_process(args)
     await serve(args.broker, args.instrument, args.host, args.port, auth,
                 ready=lambda port: print(f"dashboard: http://{args.host}:{port}/ (instrument "
                                          f"{args.instrument} on {redact_url(args.broker)})", flush=True))
@@ -406,7 +420,9 @@ async def cmd_dashboard(args: argparse.Namespace) -> int:
 async def cmd_epics(args: argparse.Namespace) -> int:
     from kibble.services.views.epics import serve, split_fields
 
-    await serve(args.broker, args.instrument, args.prefix, split_fields(args.fields), args.rate,
+    fields = split_fields(args.fields)
+    _view_process(args)
+    await serve(args.broker, args.instrument, args.prefix, fields, args.rate,
                 ready=lambda base: print(f"epics: PVs {base}<service>:<name> of instrument "
                                          f"{args.instrument} on {redact_url(args.broker)}", flush=True))
     return 0
@@ -471,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--instrument", default=_env_instrument(),
                        help="instrument id, first topic level after kb/ (default %(default)s)")
         auth_args(p)
+
+    def view_process_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--process", action="append", default=[], metavar="NAME=VALUE",
+                       help="process setting, as for kibble service (repeatable; default "
+                            "sched_policy=idle: the view runs on what CPU the daemons leave)")
 
     def noise_arg(p: argparse.ArgumentParser, where: str = "") -> None:
         p.add_argument("--noise", type=_noise_profile, default="published", metavar="PROFILE",
@@ -552,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-file", default=None, metavar="PATH", help="HTTP basic auth: password, first line")
     p.add_argument("--token-file", default=None, metavar="PATH",
                    help="require this token (first line): open the page as /?token=TOKEN")
+    view_process_arg(p)
     bus_args_no_timeout(p)
     p.set_defaults(func=cmd_dashboard, is_async=True)
 
@@ -562,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame fields published as PVs (default %(default)s)")
     p.add_argument("--rate", type=float, default=DEFAULT_RATE_HZ,
                    help="update rate of the frame-field PVs in Hz (default %(default)s)")
+    view_process_arg(p)
     bus_args_no_timeout(p)
     p.set_defaults(func=cmd_epics, is_async=True)
 

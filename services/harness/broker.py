@@ -98,6 +98,11 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 

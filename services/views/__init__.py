@@ -10,3 +10,7 @@ DEFAULT_FIELDS = ("daq.coil_z_m", "daq.coil_x_m", "daq.coil_y_m", "daq.coil_thet
 the DAQ frame, or a key of a loop frame's ``values``)."""
 DEFAULT_RATE_HZ = 10.0
 """How often ``kibble epics`` updates the frame-field PVs (Hz)."""
+PROCESS = {"sched_policy": "idle"}
+"""The views' process settings unless told others (``--process``, as for ``kibble service``):
+Linux's ``SCHED_IDLE``, so that a view runs on what CPU the daemons leave and a daemon that
+wakes takes the CPU from it at once (measured with ``kibble bench --only views``)."""

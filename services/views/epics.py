@@ -285,7 +285,9 @@ async def serve(url: str, instrument: str, prefix: str = "KB:",
     """Run the Channel Access server until cancelled (its port and interfaces from the EPICS
     environment: ``EPICS_CA_SERVER_PORT``, ``EPICS_CAS_INTF_ADDR_LIST``, ...); ``ready(base)``
     once it runs (``base``: ``<prefix><instrument>:``)."""
-    async with BusView(url, instrument) as view:
+    # the frames are read once per update of their PVs, and at least every 0.1 s (a slow
+    # rate must not leave a second of frames in the socket)
+    async with BusView(url, instrument, traces=False, read_every_s=min(1.0 / rate_hz, 0.1)) as view:
         mirror = EpicsMirror(view, prefix, fields, rate_hz)
         ctx = Context(mirror.pvdb)
         server = asyncio.create_task(ctx.run())

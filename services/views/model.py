@@ -5,10 +5,12 @@ server.
 lost brokers; the retained statuses and parameters arrive again on every connection) and keeps,
 in memory, what a view shows: every daemon's last status and parameter list, the newest frame
 of every ``<service>/frame`` topic, the events (newest last, bounded), and the traces of
-:data:`TRACES` averaged into display bins. It never waits for a view: the views read this
-state on their own clocks (the dashboard's pushes, the EPICS server's updates), so a slow or
-stopped browser or Channel Access client cannot hold up the reading of the bus. Requests
-(``param.set``, commands) go out on a connection of their own.
+:data:`TRACES` averaged into display bins (or, with ``traces=False``, for a view that shows
+only the newest frames, no traces, and only the newest frame of each topic decoded per read).
+It never waits for a view: the views read this state on their own clocks (the dashboard's
+pushes, the EPICS server's updates), so a slow or stopped browser or Channel Access client
+cannot hold up the reading of the bus. Requests (``param.set``, commands) go out on a
+connection of their own.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import asyncio
 import collections
 import contextlib
 import math
+import operator
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import aiomqtt
 import msgspec
@@ -41,6 +44,11 @@ BIN_HZ = 20.0
 it)."""
 HISTORY_S = 3600.0
 """How far back the traces go (the dashboard's longest window)."""
+READ_EVERY_S = 0.05
+"""How often the frames are read off the socket by default (all that arrived since the last
+read, in one wake-up; a wake-up per frame would cost several times the frame's own handling):
+a display bin (:data:`BIN_HZ`), a fifth of the dashboard's push period. At 1 kHz a read takes
+about 100 frames (20 kB), well within a socket's receive buffer."""
 BAND_HZ = 0.1
 """The band of the band-limited coil z (the null figure's bandwidth, docs/architecture.md
 section 7)."""
@@ -71,7 +79,8 @@ class Trace:
     """Ring buffers of display bins for a set of columns sharing one time axis (UTC s).
 
     A bin is the mean of the samples added while their time fell in it; a bin is closed (and
-    shown) when the first sample of a later bin arrives.
+    shown) when the first sample of a later bin arrives. The open bin's samples are kept as
+    they came and averaged once, when it closes (a sample costs a list append).
     """
 
     def __init__(self, columns: tuple[str, ...], bin_hz: float = BIN_HZ,
@@ -85,10 +94,9 @@ class Trace:
         self.closed = -1
         """The newest closed bin's absolute number."""
         self._open = -1
-        self._sum = np.zeros(len(columns))
-        self._n = 0
+        self._samples: list[Sequence[float]] = []
 
-    def add(self, t_utc_s: float, values: list[float]) -> None:
+    def add(self, t_utc_s: float, values: Sequence[float]) -> None:
         """One sample of every column at ``t_utc_s``."""
         b = int(t_utc_s * self.bin_hz)
         if b != self._open:
@@ -96,17 +104,15 @@ class Trace:
                 return  # older than the open bin: the bin is closed for display
             self._close()
             self._open = b
-        self._sum += values
-        self._n += 1
+        self._samples.append(values)
 
     def _close(self) -> None:
-        if self._n:
+        if self._samples:
             slot = self._open % self.capacity
             self.index[slot] = self._open
-            self.data[:, slot] = self._sum / self._n
+            self.data[:, slot] = np.mean(self._samples, axis=0)
             self.closed = self._open
-        self._sum[:] = 0.0
-        self._n = 0
+            self._samples = []
 
     def series(self, after: int, k: int) -> tuple[int, list[float], dict[str, list[float | None]]]:
         """The closed bins newer than bin ``after`` averaged in groups of ``k`` bins (group g
@@ -144,16 +150,20 @@ class BusView:
     """Follows ``kb/<instrument>/...`` (see the module docstring). Use as
     ``async with BusView(url, instrument) as view``.
 
-    ``frame_hooks``: callables given ``(service, frame message)`` for every frame decoded (the
-    EPICS server takes its frame fields from them); they must not block.
+    ``traces``: build the traces from every frame (the dashboard); False decodes, of each
+    read of the frames, only the newest frame of each topic, and builds no traces (the EPICS
+    server, which shows the newest values). ``read_every_s``: how often the frames are read
+    (:data:`READ_EVERY_S`).
     """
 
     def __init__(self, url: str, instrument: str, bin_hz: float = BIN_HZ, history_s: float = HISTORY_S,
-                 max_events: int = 500, client_id: str | None = None) -> None:
+                 max_events: int = 500, client_id: str | None = None, traces: bool = True,
+                 read_every_s: float = READ_EVERY_S) -> None:
         self.url = url
         self.topics = Topics(instrument)
         self.instrument = instrument
         self.client_id = client_id
+        self.read_every_s = read_every_s
         self.statuses: dict[str, Seen] = {}
         self.params: dict[str, Seen] = {}
         self.frames: dict[str, Seen] = {}
@@ -161,13 +171,14 @@ class BusView:
         self.events_seen = 0
         """Events received since the start (the index of the next one)."""
         self.traces = {src: Trace(cols + ((BAND_LIMITED[1],) if src == "daq" else ()), bin_hz, history_s)
-                       for src, cols in TRACES.items()}
+                       for src, cols in TRACES.items()} if traces else {}
         self.counters: collections.Counter[str] = collections.Counter()
-        """``messages`` received, ``undecodable`` ones, ``frames`` decoded, ``lost`` broker."""
+        """``messages`` received and decoded (or not: ``undecodable``), of them ``frames``,
+        ``superseded`` frames (received, not decoded: a newer one of the same topic came in
+        the same read; ``traces=False`` only), ``lost`` broker."""
         self.connection = "connecting"
         self.params_version = 0
         """Incremented at every parameter list received."""
-        self.frame_hooks: list[Callable[[str, Any], None]] = []
         self._band: list[float] | None = None
         self._band_t = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -216,13 +227,13 @@ class BusView:
 
     async def _follow_frames(self, pattern: str, retry_s: float = 0.5) -> None:
         """The frames (QoS 0, up to two per hardware frame) on the transport's direct receive
-        path (:func:`~kibble.bus_schema.transport.deliver_directly`: parsed in the socket's
-        callback, no queue or task per message, a third of the CPU of a ``follow``), across
-        lost connections."""
+        path (:func:`~kibble.bus_schema.transport.deliver_directly`: no queue or task per
+        message), read every ``read_every_s``, across lost connections."""
         up = True
         while True:
             client = make_client(self.url, new_client_id("view"))
-            deliver_directly(client, lambda topic, payload: self._deliver(topic, payload, self._on_frame))
+            deliver_directly(client, _EveryFrame(self) if self.traces else _NewestFrames(self),
+                             every_s=self.read_every_s)
             try:
                 async with client:
                     await client.subscribe(pattern, qos=0)
@@ -256,14 +267,11 @@ class BusView:
         trace = self.traces.get(service)
         if trace is not None:
             if service == "daq":
-                values = [getattr(msg, c) for c in TRACES["daq"]]
-                values.append(self._band_limited(msg.coil_z_m, msg.sim_time_s))
+                values = [*_DAQ_TRACES(msg), self._band_limited(msg.coil_z_m, msg.sim_time_s)]
             else:
                 got = msg.values
                 values = [got.get(c, math.nan) for c in TRACES[service]]
             trace.add(msg.t_utc_s, values)
-        for hook in self.frame_hooks:
-            hook(service, msg)
 
     def _band_limited(self, z: float, t_s: float) -> float:
         if self._band is None or t_s < self._band_t:  # first frame, or a new hardware session
@@ -298,6 +306,52 @@ class BusView:
         except (BusError, ValueError) as exc:
             return {"ok": False, "result": {}, "error": str(exc)}
         return {"ok": reply.ok, "result": msgspec.to_builtins(reply.result), "error": reply.error}
+
+
+_DAQ_TRACES = operator.attrgetter(*TRACES["daq"])
+
+
+class _EveryFrame:
+    """The frames' :class:`~kibble.bus_schema.transport.Receiver` for traces: every frame."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: BusView) -> None:
+        self.view = view
+
+    def message(self, topic: str, payload: bytes) -> None:
+        self.view._deliver(topic, payload, self.view._on_frame)
+
+    def batch_begin(self) -> None:
+        pass
+
+    def batch_end(self) -> None:
+        pass
+
+    def batch_flushed(self) -> None:
+        pass
+
+
+class _NewestFrames(_EveryFrame):
+    """The frames' receiver without traces: of each read, the newest frame of each topic."""
+
+    __slots__ = ("newest",)
+
+    def __init__(self, view: BusView) -> None:
+        super().__init__(view)
+        self.newest: dict[str, bytes] = {}
+
+    def message(self, topic: str, payload: bytes) -> None:
+        newest = self.newest
+        if topic in newest:
+            self.view.counters["superseded"] += 1
+        newest[topic] = payload
+
+    def batch_end(self) -> None:
+        view, newest = self.view, self.newest
+        for topic, payload in newest.items():
+            view._deliver(topic, payload, view._on_frame)
+        newest.clear()
 
 
 def finite_only(value: Any) -> Any:

@@ -133,10 +133,12 @@ async def test_publish_when_not_connected_is_false(broker):
     assert publish_now(client, "kb/x/y/frame", b"1", qos=1) is False
 
 
-async def test_direct_delivery_of_a_burst(broker):
+@pytest.mark.parametrize("every_s", [None, 0.05], ids=["on-readable", "on-timer"])
+async def test_direct_delivery_of_a_burst(broker, every_s):
     """deliver_directly parses QoS 0 itself and hands everything else to paho: a burst of
     small, large (several reads) and QoS 1 messages comes out intact and in order, and a
-    handler's corked replies go out."""
+    handler's corked replies go out; the same when the socket is read on a timer (several
+    reads per tick, megabytes waiting between ticks)."""
     inst = f"fast{os.getpid()}"
     topic, echo = f"kb/{inst}/d/frame", f"kb/{inst}/d/echo"
     received: list[tuple[str, bytes]] = []
@@ -148,7 +150,7 @@ async def test_direct_delivery_of_a_burst(broker):
         received.append((t, payload))
         publish_now(rx_client, echo, payload[:16])
 
-    deliver_directly(rx_client, on_message)
+    deliver_directly(rx_client, on_message, every_s=every_s)
     burst = []
     for k in range(400):
         size = (5, 300, 20_000, 150_000)[k % 4]
@@ -170,3 +172,48 @@ async def test_direct_delivery_of_a_burst(broker):
     assert sorted(p for _, p in received) == sorted(p for _, p in burst)
     assert all(t == topic for t, _ in received)
     assert [m.payload for m in echoes] == [p[:16] for _, p in received]
+
+
+class _Batches:
+    """A Receiver that keeps the messages of each batch (one read) apart."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.batches: list[list[bytes]] = []
+
+    def message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topic:
+            self.batches[-1].append(payload)
+
+    def batch_begin(self) -> None:
+        self.batches.append([])
+
+    def batch_end(self) -> None:
+        pass
+
+    def batch_flushed(self) -> None:
+        pass
+
+
+async def test_a_timed_read_takes_what_arrived_since_the_last(broker):
+    """With ``every_s`` the socket is read on a timer, not when it becomes readable: 30
+    messages sent 10 ms apart (0.3 s) over reads every 0.1 s come in a handful of reads, in
+    order (read as they become readable, they come in one read each)."""
+    inst = f"timed{os.getpid()}"
+    topic = f"kb/{inst}/d/frame"
+    got = {}
+    for every_s in (None, 0.1):
+        rx = _Batches(topic)
+        client = make_client(broker.url, f"rxt-{os.getpid()}-{every_s}")
+        deliver_directly(client, rx, every_s=every_s)
+        async with client, make_client(broker.url, f"txt-{os.getpid()}") as tx:
+            await client.subscribe(topic, qos=0)
+            await asyncio.sleep(0.3)
+            for k in range(30):
+                assert publish_now(tx, topic, k.to_bytes(2, "big"))
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+        got[every_s] = [b for b in rx.batches if b]
+        assert [p for b in got[every_s] for p in b] == [k.to_bytes(2, "big") for k in range(30)]
+    assert len(got[None]) >= 20  # a read per message (a loaded machine may join a few)
+    assert len(got[0.1]) <= 6

@@ -13,10 +13,12 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -35,12 +37,16 @@ async def stack(broker, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dashboard(stack, subprocess_env):
+def dashboard_process(stack, subprocess_env):
     proc, line = start_view(["dashboard", "--broker", stack.broker_url, "--instrument", stack.instrument,
                              "--port", "0"], subprocess_env, "http://")
-    url = line.split()[1]
-    yield url
+    yield proc, line.split()[1]
     stop_view(proc)
+
+
+@pytest.fixture(scope="module")
+def dashboard(dashboard_process):
+    return dashboard_process[1]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -207,45 +213,13 @@ async def test_read_auth_refuses_half_a_configuration(tmp_path):
         read_auth(None, None, str(tmp_path / "missing"))
 
 
-# ------------------------------------------------------------------------ the traces, in process
-
-
-async def test_band_limited_z_is_two_first_order_low_passes():
-    """A unit step through :func:`band_step` against the analytic step response of two
-    cascaded first-order low-passes, 1 - exp(-t/tau) (1 + t/tau), tau = 1 / (2 pi 0.1 Hz), on
-    the hardware's clock whatever its frame period."""
-    from kibble.services.views.model import BAND_HZ, band_step
-
-    tau = 1.0 / (2 * np.pi * BAND_HZ)
-    for dt, tol in ((1e-3, 1e-3), (1e-2, 1e-2)):
-        state = [0.0, 0.0]
-        t = np.arange(1, int(10.0 / dt) + 1) * dt
-        y = np.array([band_step(state, 1.0, dt) for _ in t])
-        assert np.max(np.abs(y - (1 - np.exp(-t / tau) * (1 + t / tau)))) < tol
-
-
-async def test_trace_bins_and_groups():
-    """Samples averaged into bins of 1 / BIN_HZ by their UTC time, bins into groups of k,
-    only whole groups, and the next call continues where the last stopped."""
-    from kibble.services.views.model import Trace
-
-    trace = Trace(("a", "b"), bin_hz=10.0, history_s=100.0)
-    rng = np.random.default_rng(1)
-    t = 1000.0 + np.sort(rng.uniform(0, 3.0, 600))
-    a, b = rng.normal(size=600), rng.normal(size=600)
-    for ti, ai, bi in zip(t, a, b):
-        trace.add(ti, [ai, bi])
-    bins = np.floor(t * 10).astype(int)
-    closed = bins.max() - 1                       # the newest bin is still open
-    last, times, cols = trace.series(-1, 4)
-    assert last == (closed + 1) // 4 * 4 - 1
-    groups = np.unique(bins[bins <= last] // 4)
-    want = [np.mean([a[bins == k].mean() for k in range(g * 4, g * 4 + 4) if (bins == k).any()])
-            for g in groups]
-    assert np.allclose(cols["a"], want)
-    assert np.allclose(times, (groups * 4 + 2) / 10.0)
-    trace.add(t[-1] + 1.0, [5.0, 0.0])            # closes the open bin
-    trace.add(t[-1] + 2.0, [0.0, 0.0])            # and this one
-    again, times2, cols2 = trace.series(last, 4)
-    assert again > last and times2[0] > times[-1]
-    assert cols2["a"][-1] == 5.0                  # the group of the lone sample: its mean
+async def test_a_view_runs_on_what_cpu_the_daemons_leave(dashboard_process, subprocess_env):
+    """A view's process is SCHED_IDLE unless told otherwise (``--process``), and a setting the
+    system refuses stops it with a message naming the setting."""
+    proc, _ = dashboard_process
+    assert os.sched_getscheduler(proc.pid) == os.SCHED_IDLE
+    refused = subprocess.run([str(Path(sys.executable).with_name("kibble")), "dashboard", "--process",
+                              "sched_policy=fifo", "--broker", "mqtt://127.0.0.1:1"],
+                             env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "sched_priority" in refused.stderr, refused.stderr
