@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -36,10 +37,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import aiomqtt
+import numpy as np
 
 from kibble.bus_schema.codec import decode
 from kibble.bus_schema.messages import SimTruth
@@ -115,11 +117,30 @@ async def _window(truth: _NewestTruth, seconds: float, pids: dict[str, int | Non
     return out
 
 
-async def _measure(seconds: float, rounds: int, say: Callable[[str], None]) -> dict[str, Any]:
+def _ca_env() -> dict[str, str]:
+    """Channel Access on one free loopback port (the server's and the monitor's)."""
+    return {"EPICS_CA_SERVER_PORT": str(_free_port()), "EPICS_CA_ADDR_LIST": "127.0.0.1",
+            "EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+            "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1"}
+
+
+async def _views(bus: list[str], env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
+                                                                 asyncio.subprocess.Process, str]:
+    """``kibble dashboard`` and ``kibble epics`` started (their processes, the page's URL)."""
+    dash, line = await _start("dashboard", *bus, "--port", "0", env=env, word="http://")
+    epics, _ = await _start("epics", *bus, env=env, word="epics: PVs")
+    return dash, epics, line.split()[1]
+
+
+async def _stop(*procs: asyncio.subprocess.Process) -> None:
+    for proc in procs:
+        proc.terminate()
+        await proc.wait()
+
+
+async def _lockstep(seconds: float, rounds: int, say: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {"views_seconds": seconds, "views_rounds": rounds}
-    ca = {"EPICS_CA_SERVER_PORT": str(_free_port()), "EPICS_CA_ADDR_LIST": "127.0.0.1",
-          "EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-          "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1"}
+    ca = _ca_env()
     env = {**os.environ, **ca, "PYTHONUNBUFFERED": "1"}
     without: list[dict[str, float]] = []
     with_views: list[dict[str, Any]] = []
@@ -140,15 +161,13 @@ async def _measure(seconds: float, rounds: int, say: Callable[[str], None]) -> d
                 without.append(await _window(truth, seconds, {"broker": broker.pid}, stack))
                 say(f"  without the views: {without[-1]['steps']:.0f} steps/s")
                 for _ in range(rounds):
-                    dash, line = await _start("dashboard", *bus, "--port", "0", env=env, word="http://")
-                    epics, _ = await _start("epics", *bus, env=env, word="epics: PVs")
+                    dash, epics, url = await _views(bus, env)
                     try:
                         pids = {"broker": broker.pid, "dashboard": dash.pid, "epics": epics.pid}
-                        with_views.append(await _with_views(truth, seconds, line.split()[1], pids, stack, ca))
+                        with_views.append(await _with_views(
+                            functools.partial(_window, truth, seconds, pids, stack), url, stack, ca))
                     finally:
-                        for proc in (dash, epics):
-                            proc.terminate()
-                            await proc.wait()
+                        await _stop(dash, epics)
                     got = with_views[-1]
                     say(f"  with them: {got['steps']:.0f} steps/s, dashboard {got['dashboard']:.3f} "
                         f"cores, epics {got['epics']:.3f} cores")
@@ -178,7 +197,6 @@ async def _measure(seconds: float, rounds: int, say: Callable[[str], None]) -> d
     out["views_dashboard_frames_per_s"] = mean(with_views, "frames_per_s")
     out["views_dashboard_dropped"] = sum(row["dropped"] for row in with_views)
     out["views_epics_z_updates_per_s"] = mean(with_views, "z_updates_per_s")
-    out["views_loadavg_1min"] = os.getloadavg()[0]
     say(f"  steps/s with the views / without: {out['views_steps_ratio']:.3f} (rounds: "
         f"{', '.join(f'{r:.3f}' for r in out['views_steps_ratio_rounds'])}); dashboard "
         f"{out['views_dashboard_cpu_load']:.3f} cores, epics {out['views_epics_cpu_load']:.3f} cores, "
@@ -188,11 +206,11 @@ async def _measure(seconds: float, rounds: int, say: Callable[[str], None]) -> d
     return out
 
 
-async def _with_views(truth: _NewestTruth, seconds: float, url: str, pids: dict[str, int | None],
-                      stack: Stack, ca: dict[str, str]) -> dict[str, Any]:
-    """One window with the views (see :func:`_window`), a browser's websocket and a CA monitor
-    reading them: also ``frames_per_s`` the dashboard read, its ``dropped`` pushes and the
-    monitor's ``z_updates_per_s``."""
+async def _with_views(window: Callable[[], Awaitable[dict[str, Any]]], url: str, stack: Stack,
+                      ca: dict[str, str]) -> dict[str, Any]:
+    """One ``window`` with the views, a browser's websocket and a CA monitor reading them:
+    also ``frames_per_s`` the dashboard read, its ``dropped`` pushes and the monitor's
+    ``z_updates_per_s``."""
     os.environ.update(ca)
     from caproto.threading.client import Context
 
@@ -220,7 +238,7 @@ async def _with_views(truth: _NewestTruth, seconds: float, url: str, pids: dict[
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # the views settle
         t0 = time.monotonic()
-        out: dict[str, Any] = await _window(truth, seconds, pids, stack)
+        out = await window()
         t1 = time.monotonic()
         reader.cancel()
     sub.clear()
@@ -233,6 +251,88 @@ async def _with_views(truth: _NewestTruth, seconds: float, url: str, pids: dict[
     return out
 
 
-def run(seconds: float = 10.0, rounds: int = 5, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """The figures of the module docstring (about two and a half minutes)."""
-    return asyncio.run(_measure(seconds, rounds, say))
+async def _realtime(seconds: float, rounds: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """The real-time part (see the module docstring): figures ``views_rt_...``."""
+    from kibble.services.bench.realtime import Observer, analyze, force_mode
+    from kibble.services.instruments import instrument
+
+    spec = instrument("nist4")
+    ca = _ca_env()
+    env = {**os.environ, **ca, "PYTHONUNBUFFERED": "1"}
+    windows: list[tuple[bool, float, float, dict[str, float]]] = []
+
+    async def window(pids: dict[str, int | None]) -> dict[str, Any]:
+        c0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        t1 = time.monotonic()
+        return {"t0": t0, "t1": t1, **{name: (proc_cpu_s(pid) - c0[name]) / (t1 - t0)
+                                         for name, pid in pids.items()}}
+
+    with tempfile.TemporaryDirectory(prefix="kibble-viewsbench-rt-") as tmp:
+        async with Broker() as broker, Observer(broker.url, "nist4", spec.devices, Path(tmp) / "obs.pkl") as obs:
+            async with Stack("nist4", clock="realtime", rate_hz=RATE_HZ, broker_url=broker.url,
+                             run_dir=Path(tmp), progress=lambda s: None) as stack:
+                await force_mode(stack, "nist4", 5.0, lambda s: None)
+                bus = ["--broker", broker.url, "--instrument", stack.instrument]
+                got = await window({"broker": broker.pid})
+                windows.append((False, got.pop("t0"), got.pop("t1"), got))
+                for _ in range(rounds):
+                    dash, epics, url = await _views(bus, env)
+                    try:
+                        pids = {"broker": broker.pid, "dashboard": dash.pid, "epics": epics.pid}
+                        got = await _with_views(functools.partial(window, pids), url, stack, ca)
+                    finally:
+                        await _stop(dash, epics)
+                    windows.append((True, got.pop("t0"), got.pop("t1"), got))
+                    await asyncio.sleep(1.0)
+                    got = await window({"broker": broker.pid})
+                    windows.append((False, got.pop("t0"), got.pop("t1"), got))
+                await asyncio.sleep(1.0)
+                rec = await obs.records()
+    rows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for views_on, t0, t1, cpu in windows:
+        fig = analyze(rec, t0, t1, spec.devices, spec.daemons, spec.actuators)
+        row = {**cpu, "answered_steps_per_s": fig["answered"] * fig["frames"] / (t1 - t0)}
+        row.update({key: fig[key] for key in ("answered", "p99_ms", "max_ms", "frames_lost", "trips")})
+        rows[views_on].append(row)
+        say(f"  real time, {'with' if views_on else 'without'} the views: {row['answered_steps_per_s']:.0f} "
+            f"answered steps/s ({row['answered']:.4f}), p99 {row['p99_ms']:.2f} ms, max "
+            f"{row['max_ms']:.1f} ms, {row['frames_lost']} lost, {row['trips']} trips"
+            + (f"; dashboard {row['dashboard']:.3f} cores, epics {row['epics']:.3f}" if views_on else ""))
+
+    def mean(views_on: bool, key: str) -> float:
+        return float(np.mean([row[key] for row in rows[views_on]]))
+
+    out: dict[str, Any] = {}
+    for when, views_on in (("without", False), ("with", True)):
+        for key in ("answered_steps_per_s", "answered", "p99_ms", "broker"):
+            out[f"views_rt_{key}_{when}"] = mean(views_on, key)
+        out[f"views_rt_max_ms_{when}"] = max(row["max_ms"] for row in rows[views_on])
+        out[f"views_rt_frames_lost_{when}"] = sum(row["frames_lost"] for row in rows[views_on])
+        out[f"views_rt_trips_{when}"] = sum(row["trips"] for row in rows[views_on])
+    out["views_rt_steps_ratio"] = (out["views_rt_answered_steps_per_s_with"]
+                                   / out["views_rt_answered_steps_per_s_without"])
+    out["views_rt_dashboard_cpu_load"] = mean(True, "dashboard")
+    out["views_rt_epics_cpu_load"] = mean(True, "epics")
+    say(f"  real time: answered steps/s with the views / without: {out['views_rt_steps_ratio']:.4f}, p99 "
+        f"{out['views_rt_p99_ms_without']:.2f} -> {out['views_rt_p99_ms_with']:.2f} ms; dashboard "
+        f"{out['views_rt_dashboard_cpu_load']:.3f} cores, epics {out['views_rt_epics_cpu_load']:.3f}")
+    return out
+
+
+async def _measure(seconds: float, rounds: int, rt_seconds: float, rt_rounds: int,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    say("  lockstep")
+    out = await _lockstep(seconds, rounds, say)
+    say("  real time")
+    out.update(await _realtime(rt_seconds, rt_rounds, say))
+    out["views_rt_seconds"], out["views_rt_rounds"] = rt_seconds, rt_rounds
+    out["views_loadavg_1min"] = os.getloadavg()[0]
+    return out
+
+
+def run(seconds: float = 10.0, rounds: int = 5, rt_seconds: float = 20.0, rt_rounds: int = 3,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The figures of the module docstring (about five minutes)."""
+    return asyncio.run(_measure(seconds, rounds, rt_seconds, rt_rounds, say))

@@ -44,11 +44,12 @@ BIN_HZ = 20.0
 it)."""
 HISTORY_S = 3600.0
 """How far back the traces go (the dashboard's longest window)."""
-READ_EVERY_S = 0.05
+READ_EVERY_S = 0.1
 """How often the frames are read off the socket by default (all that arrived since the last
 read, in one wake-up; a wake-up per frame would cost several times the frame's own handling):
-a display bin (:data:`BIN_HZ`), a fifth of the dashboard's push period. At 1 kHz a read takes
-about 100 frames (20 kB), well within a socket's receive buffer."""
+two display bins (:data:`BIN_HZ`; a bin is placed by its frames' UTC stamps, not by their
+arrival), under half the dashboard's push period. At 1 kHz a read takes about 200 frames
+(40 kB), well within a socket's receive buffer (Linux's default 128 kB, grown as needed)."""
 BAND_HZ = 0.1
 """The band of the band-limited coil z (the null figure's bandwidth, docs/architecture.md
 section 7)."""
@@ -261,8 +262,8 @@ class BusView:
                             "data": finite_only(msgspec.to_builtins(msg.data))})
         self.events_seen += 1
 
-    def _on_frame(self, service: str, topic: str, msg: Any) -> None:
-        self.frames[service] = Seen(msg)
+    def _trace(self, service: str, msg: Any) -> None:
+        """A frame into the traces (and the count)."""
         self.counters["frames"] += 1
         trace = self.traces.get(service)
         if trace is not None:
@@ -312,46 +313,60 @@ _DAQ_TRACES = operator.attrgetter(*TRACES["daq"])
 
 
 class _EveryFrame:
-    """The frames' :class:`~kibble.bus_schema.transport.Receiver` for traces: every frame."""
+    """The frames' :class:`~kibble.bus_schema.transport.Receiver` for traces: every frame into
+    the traces, and at the end of each read the newest of each service into ``frames``."""
 
-    __slots__ = ("view",)
+    __slots__ = ("view", "newest")
 
     def __init__(self, view: BusView) -> None:
         self.view = view
+        self.newest: dict[str, Any] = {}
 
     def message(self, topic: str, payload: bytes) -> None:
-        self.view._deliver(topic, payload, self.view._on_frame)
+        self.view._deliver(topic, payload, self._frame)
+
+    def _frame(self, service: str, topic: str, msg: Any) -> None:
+        self.view._trace(service, msg)
+        self.newest[service] = msg
 
     def batch_begin(self) -> None:
         pass
 
     def batch_end(self) -> None:
-        pass
+        frames = self.view.frames
+        for service, msg in self.newest.items():
+            frames[service] = Seen(msg)
+        self.newest.clear()
 
     def batch_flushed(self) -> None:
         pass
 
 
 class _NewestFrames(_EveryFrame):
-    """The frames' receiver without traces: of each read, the newest frame of each topic."""
+    """The frames' receiver without traces: of each read, only the newest frame of each topic
+    is decoded."""
 
-    __slots__ = ("newest",)
+    __slots__ = ("payloads",)
 
     def __init__(self, view: BusView) -> None:
         super().__init__(view)
-        self.newest: dict[str, bytes] = {}
+        self.payloads: dict[str, bytes] = {}
 
     def message(self, topic: str, payload: bytes) -> None:
-        newest = self.newest
-        if topic in newest:
+        payloads = self.payloads
+        if topic in payloads:
             self.view.counters["superseded"] += 1
-        newest[topic] = payload
+        payloads[topic] = payload
+
+    def _frame(self, service: str, topic: str, msg: Any) -> None:
+        self.view.counters["frames"] += 1
+        self.newest[service] = msg
 
     def batch_end(self) -> None:
-        view, newest = self.view, self.newest
-        for topic, payload in newest.items():
-            view._deliver(topic, payload, view._on_frame)
-        newest.clear()
+        for topic, payload in self.payloads.items():
+            self.view._deliver(topic, payload, self._frame)
+        self.payloads.clear()
+        super().batch_end()
 
 
 def finite_only(value: Any) -> Any:

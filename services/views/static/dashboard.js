@@ -6,7 +6,7 @@ const CHARTS = [
   {title: "coil z (link z)", src: "daq", cols: ["coil_z_m", "coil_z_0p1hz_m"], names: ["z", "z 0.1 Hz"]},
   {title: "servo error", src: "servo", cols: ["error_m"], names: ["error"]},
   {title: "servo force", src: "servo", cols: ["force_n"], names: ["force"]},
-  {title: "main coil and counter-mass current", src: "daq", cols: ["main_coil_current_a", "counter_mass_current_a"],
+  {title: "currents", src: "daq", cols: ["main_coil_current_a", "counter_mass_current_a"],
    names: ["main coil", "counter mass"]},
   {title: "coil voltage (EFB: HV)", src: "daq", cols: ["coil_voltage_v"], names: ["U"]},
   {title: "x, y", src: "daq", cols: ["coil_x_m", "coil_y_m"], names: ["x", "y"]},
