@@ -206,43 +206,65 @@ async def _lockstep(seconds: float, rounds: int, say: Callable[[str], None]) -> 
     return out
 
 
+_MONITOR = """
+import sys, time
+from caproto.threading.client import Context
+
+(pv,) = Context().get_pvs(sys.argv[1], timeout=10.0)
+sub = pv.subscribe(data_type="time")
+
+
+def on_update(sub, response):  # caproto holds callbacks weakly: this name keeps it
+    print(time.monotonic(), flush=True)
+
+
+sub.add_callback(on_update)
+print("monitoring", flush=True)
+while True:
+    time.sleep(1.0)
+"""
+"""A Channel Access monitor (caproto's threading client) in a process of its own, as a CA
+client is: one line per update, its receipt on ``time.monotonic()`` (the same clock here)."""
+
+
 async def _with_views(window: Callable[[], Awaitable[dict[str, Any]]], url: str, stack: Stack,
                       ca: dict[str, str]) -> dict[str, Any]:
     """One ``window`` with the views, a browser's websocket and a CA monitor reading them:
     also ``frames_per_s`` the dashboard read, its ``dropped`` pushes and the monitor's
     ``z_updates_per_s``."""
-    os.environ.update(ca)
-    from caproto.threading.client import Context
-
-    ctx = Context()
-    # the threading client blocks while it searches: off the event loop, whose MQTT client
-    # must go on answering the broker's keepalive
-    (z,) = await asyncio.to_thread(ctx.get_pvs, f"KB:{stack.instrument}:daq:frame:coil_z_m", timeout=10.0)
+    monitor = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MONITOR, f"KB:{stack.instrument}:daq:frame:coil_z_m",
+        env={**os.environ, **ca}, stdout=asyncio.subprocess.PIPE)
+    assert monitor.stdout is not None
     updates: list[float] = []
-
-    def on_update(sub, response) -> None:  # caproto holds callbacks weakly: this name keeps it
-        updates.append(time.monotonic())
-
-    sub = await asyncio.to_thread(z.subscribe, data_type="time")
-    sub.add_callback(on_update)
     pushes: list[tuple[float, dict[str, Any]]] = []
-    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}ws") as ws:
-        async def read() -> None:
-            async for msg in ws:
-                pushes.append((time.monotonic(), json.loads(msg.data)))
-        reader = asyncio.create_task(read())
-        deadline = time.monotonic() + 10.0
-        while not pushes:
-            if time.monotonic() > deadline:
-                raise RuntimeError("views bench: the dashboard pushed nothing to its websocket in 10 s")
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # the views settle
-        t0 = time.monotonic()
-        out = await window()
-        t1 = time.monotonic()
-        reader.cancel()
-    sub.clear()
-    ctx.disconnect()
+    try:
+        if b"monitoring" not in await asyncio.wait_for(monitor.stdout.readline(), 20.0):
+            raise RuntimeError("views bench: the CA monitor did not connect to the z PV")
+
+        async def monitored() -> None:
+            assert monitor.stdout is not None
+            async for line in monitor.stdout:
+                updates.append(float(line))
+
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}ws") as ws:
+            async def read() -> None:
+                async for msg in ws:
+                    pushes.append((time.monotonic(), json.loads(msg.data)))
+            readers = [asyncio.create_task(read()), asyncio.create_task(monitored())]
+            deadline = time.monotonic() + 10.0
+            while not pushes:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("views bench: the dashboard pushed nothing to its websocket in 10 s")
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # the views settle
+            t0 = time.monotonic()
+            out = await window()
+            t1 = time.monotonic()
+            for task in readers:
+                task.cancel()
+    finally:
+        await _stop(monitor)
     inside = [(t, push) for t, push in pushes if t0 <= t <= t1]
     (ta, a), (tb, b) = inside[0], inside[-1]
     out["frames_per_s"] = (b["counters"].get("frames", 0) - a["counters"].get("frames", 0)) / (tb - ta)

@@ -267,6 +267,7 @@ class EpicsMirror:
         """Bring the PVs up to date: frame fields every ``1 / rate_hz``, statuses every
         :data:`STATUS_EVERY_S`, parameters when a list arrived."""
         period = 1.0 / self.rate_hz
+        due = time.monotonic()
         while True:
             now = time.time()
             if self.view.params_version != self._params_version:
@@ -276,7 +277,14 @@ class EpicsMirror:
                 self._status_t = now
                 await self._update_statuses(now)
             await self._update_frames()
-            await asyncio.sleep(period)
+            # on a schedule, not a sleep after the work: a late wake-up (a view runs on what
+            # CPU the daemons leave) must not lower the rate; more than a period late, the
+            # schedule starts again from now rather than catching up in a burst
+            due += period
+            late = time.monotonic() - due
+            if late > period:
+                due += late
+            await asyncio.sleep(max(0.0, -late))
 
 
 async def serve(url: str, instrument: str, prefix: str = "KB:",
@@ -285,9 +293,11 @@ async def serve(url: str, instrument: str, prefix: str = "KB:",
     """Run the Channel Access server until cancelled (its port and interfaces from the EPICS
     environment: ``EPICS_CA_SERVER_PORT``, ``EPICS_CAS_INTF_ADDR_LIST``, ...); ``ready(base)``
     once it runs (``base``: ``<prefix><instrument>:``)."""
-    # the frames are read once per update of their PVs, and at least every 0.1 s (a slow
-    # rate must not leave a second of frames in the socket)
-    async with BusView(url, instrument, traces=False, read_every_s=min(1.0 / rate_hz, 0.1)) as view:
+    # the frames are read twice per update of their PVs, so that every update finds a newer
+    # frame (reading once per update on a clock of its own, it would beat against the
+    # updates and skip some), and at least every 0.05 s (a slow rate must not leave seconds
+    # of frames in the socket)
+    async with BusView(url, instrument, traces=False, read_every_s=min(0.5 / rate_hz, 0.05)) as view:
         mirror = EpicsMirror(view, prefix, fields, rate_hz)
         ctx = Context(mirror.pvdb)
         server = asyncio.create_task(ctx.run())

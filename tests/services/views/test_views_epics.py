@@ -113,6 +113,7 @@ async def test_puts_through_param_set_with_caproto_and_pyepics(epics, stack):
         assert chan.wait_for_connection(5.0)
         chan.get_ctrlvars()
         chan.put(kp["value"], wait=True, timeout=10.0)
+        chan.put(kp["max"] * 10, wait=True, timeout=10.0)  # refused: pyepics reports no reason
         return chan.get(use_monitor=False), chan.units
 
     value, units = await loop.run_in_executor(None, with_pyepics)
@@ -127,6 +128,32 @@ async def test_z_updates_with_its_frame_time(epics):
     assert second.metadata.timestamp > first.metadata.timestamp
     assert abs(second.metadata.timestamp - time.time()) < 10.0  # UTC, not the simulated time
     assert abs(second.data[0]) < 1e-6                      # the null held
+
+
+async def test_z_monitor_updates_at_the_rate(epics):
+    """A monitor of the z PV sees the default 10 Hz (each update a newer frame)."""
+    from caproto.threading.client import Context
+
+    ctx = Context()
+    try:
+        (z,) = await asyncio.to_thread(ctx.get_pvs, f"{epics}daq:frame:coil_z_m", timeout=10.0)
+        stamps: list[float] = []
+
+        def on_update(sub, response) -> None:
+            stamps.append(response.metadata.timestamp)
+
+        sub = await asyncio.to_thread(z.subscribe, data_type="time")
+        sub.add_callback(on_update)
+        await asyncio.sleep(1.0)
+        n0 = len(stamps)
+        await asyncio.sleep(3.0)
+        rate = (len(stamps) - n0) / 3.0
+        sub.clear()
+    finally:
+        ctx.disconnect()
+    print(f"z monitor: {rate:.1f} Hz")
+    assert 8.0 <= rate <= 11.0
+    assert all(b > a for a, b in zip(stamps, stamps[1:]))
 
 
 async def test_state_goes_major_on_a_trip(epics, stack):
