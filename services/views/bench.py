@@ -1,28 +1,41 @@
 """``kibble bench --only views``: what the operator's views cost a running stack.
 
-A NIST-4 stack in lockstep at 1 kHz in force mode (:class:`~kibble.services.harness.up.Stack` on a
-broker of its own) runs as fast as it can; its steps per second (``hil_fullstack_steps_per_s``
-of the ``loop`` group) are read from the simulator's own stamps: the frame number and
-``t_mono_s`` of the newest ``sim/truth`` at the start and at the end of a window, so that an
-observer that falls behind does not change the figure. Windows of ``seconds`` alternate: without
-the views, then with ``kibble dashboard`` (one browser's websocket reading its pushes) and
-``kibble epics`` (a Channel Access client monitoring the z PV) running as child processes
-(started before the window, stopped after it), then without again, ``rounds`` times: the
-lockstep rate of a two-core machine wanders by several per cent over a minute, and each
-window with the views is compared with its neighbours. Keys:
+Windows alternate: without the views, then with ``kibble dashboard`` (one browser's websocket
+reading its pushes) and ``kibble epics`` (a Channel Access monitor of the z PV, in a process of
+its own) running as child processes (started before the window, stopped after it), then
+without again, ``rounds`` times: a stack's rate on a two-core machine wanders by several per
+cent over a minute, and each window with the views is compared with its neighbours. Two parts,
+the NIST-4 stack (:class:`~kibble.services.harness.up.Stack`, on a broker of its own) at 1 kHz in
+force mode in each.
+
+**Lockstep**, as fast as the stack goes: its steps per second (``hil_fullstack_steps_per_s``
+of the ``loop`` group) read from the simulator's own stamps, the frame number and ``t_mono_s``
+of the newest ``sim/truth`` at each end of a window (an observer that falls behind does not
+change them). Keys:
 
 - ``views_steps_per_s_without`` and ``views_steps_per_s_with``: the means of the windows;
   ``views_steps_ratio`` (with / without; target >= 0.95); ``views_steps_ratio_rounds``: each
   window with the views over the mean of the two beside it;
 - ``views_dashboard_cpu_load`` and ``views_epics_cpu_load`` (cores: the process's CPU seconds
   from ``/proc/<pid>/stat`` per wall second over the windows with the views; target < 0.10
-  each); ``views_broker_cpu_load_without`` and ``_with``: the broker's, which sends every
-  frame to each view too;
+  each); ``views_broker_cpu_load_without`` and ``_with`` (the broker, which sends every frame
+  to each view too), ``views_stack_cpu_load_...`` (the simulator and the daemons),
+  ``views_observer_cpu_load_...`` (this process: the truth follower, and the browser's
+  websocket);
 - ``views_dashboard_frames_per_s`` (frames the dashboard read per second, from its pushes'
   counters: the DAQ's and the servo's, two per step), ``views_dashboard_dropped`` (pushes
   dropped; 0 with a reading browser), ``views_epics_z_updates_per_s`` (the monitor's
-  updates), ``views_seconds``, ``views_rounds``, ``views_loadavg_1min`` (the machine's at the
-  end).
+  updates), ``views_seconds``, ``views_rounds``.
+
+**Real time**, watched by :mod:`~kibble.services.bench.realtime`'s outside observer (a process
+of its own subscribed to ``kb/#``): the clock makes 1000 steps/s whatever happens, so what the
+views could take away is answers. Keys (``_without`` / ``_with``, means over the windows):
+``views_rt_answered_steps_per_s_...`` (sensor frames per second that every lockstep device
+answered), ``views_rt_steps_ratio`` (with / without), ``views_rt_answered_...``,
+``views_rt_p99_ms_...``, ``views_rt_broker_...``; ``views_rt_max_ms_...`` (the largest),
+``views_rt_frames_lost_...`` and ``views_rt_trips_...`` (sums); ``views_rt_dashboard_cpu_load``,
+``views_rt_epics_cpu_load``, ``views_rt_epics_z_updates_per_s``; ``views_rt_seconds``,
+``views_rt_rounds``. And ``views_loadavg_1min``, the machine's at the end.
 """
 
 from __future__ import annotations
@@ -337,6 +350,7 @@ async def _realtime(seconds: float, rounds: int, say: Callable[[str], None]) -> 
                                    / out["views_rt_answered_steps_per_s_without"])
     out["views_rt_dashboard_cpu_load"] = mean(True, "dashboard")
     out["views_rt_epics_cpu_load"] = mean(True, "epics")
+    out["views_rt_epics_z_updates_per_s"] = mean(True, "z_updates_per_s")
     say(f"  real time: answered steps/s with the views / without: {out['views_rt_steps_ratio']:.4f}, p99 "
         f"{out['views_rt_p99_ms_without']:.2f} -> {out['views_rt_p99_ms_with']:.2f} ms; dashboard "
         f"{out['views_rt_dashboard_cpu_load']:.3f} cores, epics {out['views_rt_epics_cpu_load']:.3f}")
