@@ -73,6 +73,12 @@ if TYPE_CHECKING:
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 KEEPALIVE_S = 2
 """Short keepalive so a silently dead broker is noticed within a few seconds."""
+OPERATION_TIMEOUT_S = 3.0
+"""How long a connect, subscribe or acknowledged publish waits for the broker's answer. aiomqtt
+does not watch the connection while it waits (a broker that drops it before its CONNACK or
+SUBACK, as amqtt now and then does with a new client, leaves the wait to run out), so this is
+also how soon such a client gives up and connects again; a round trip on the lab's network
+takes milliseconds."""
 TCP_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
@@ -285,7 +291,7 @@ def make_client(url: str, client_id: str, will: aiomqtt.Will | None = None,
         username=spec.username, password=password,
         tls_context=spec.ssl_context() if spec.tls else None,
         socket_options=TCP_NODELAY, protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
-        timeout=10.0, max_queued_incoming_messages=100_000)
+        timeout=OPERATION_TIMEOUT_S, max_queued_incoming_messages=100_000)
     _keep_writer_in_step(client)
     _tx_for(client)
     if spec.tls:

@@ -302,6 +302,12 @@ async def test_reconnects_after_broker_restart(broker, config):
     try:
         async with running(svc), tool(config) as bus0:
             assert (await bus0.request("example", "param.set", {"name": "gain", "value": 2.0})).ok
+            # the follower up before the broker goes (on a slow broker it may still be
+            # connecting, and a connect that fails is not a lost broker)
+            deadline = time.monotonic() + 5
+            while not seen and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert seen, "the follower saw no status"
             t_stop = time.monotonic()
             t_stop_utc = time.time()
             await asyncio.to_thread(broker.stop)
