@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HwDevice", "HW_DEVICES", "INSTRUMENTS", "SENSOR_CHANNELS", "hw_devices", "lockstep_devices"]
+__all__ = ["DAQ_FIELDS", "HwDevice", "HW_DEVICES", "INSTRUMENTS", "SENSOR_CHANNELS", "hw_devices",
+           "lockstep_devices"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,19 @@ SENSOR_CHANNELS: dict[str, dict[str, str]] = {
 }
 """What each list of :class:`~kibble.bus_schema.messages.HwSensorFrame` holds, per instrument
 (channel order)."""
+
+_POSE = ("coil_x_m", "coil_y_m", "coil_z_m", "coil_theta_x_rad", "coil_theta_y_rad", "coil_theta_z_rad")
+DAQ_FIELDS: dict[str, tuple[str, ...]] = {
+    "nist4": _POSE + ("coil_vx_m_per_s", "coil_vy_m_per_s", "coil_vz_m_per_s", "coil_wx_rad_per_s",
+                      "coil_wy_rad_per_s", "coil_wz_rad_per_s", "counter_mass_z_m", "coil_voltage_v",
+                      "main_coil_current_a", "counter_mass_current_a", "temperature_k", "pressure_pa"),
+    "efb": ("coil_z_m", "coil_vz_m_per_s", "coil_voltage_v", "capacitance_f", "temperature_k",
+            "pressure_pa"),
+}
+"""The :class:`~kibble.bus_schema.messages.DaqFrame` fields each instrument's daq measures (the
+EFB's ``coil_z_m`` is its link's z, its ``coil_voltage_v`` the applied high voltage); the
+others stay at their defaults. For the readers of the frame that show or publish it (the
+operator's views)."""
 
 
 def hw_devices(instrument: str) -> tuple[HwDevice, ...]:

@@ -420,7 +420,7 @@ async def cmd_dashboard(args: argparse.Namespace) -> int:
 async def cmd_epics(args: argparse.Namespace) -> int:
     from kibble.services.views.epics import serve, split_fields
 
-    fields = split_fields(args.fields)
+    fields = split_fields(args.fields) if args.fields is not None else None
     _view_process(args)
     await serve(args.broker, args.instrument, args.prefix, fields, args.rate,
                 ready=lambda base: print(f"epics: PVs {base}<service>:<name> of instrument "
@@ -580,8 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("epics", help="serve the bus as EPICS Channel Access PVs (parameters, status, "
                                      "frame fields, commands)")
     p.add_argument("--prefix", default="KB:", help="PV name prefix (default %(default)s)")
-    p.add_argument("--fields", default=",".join(DEFAULT_FIELDS), metavar="SERVICE.FIELD,...",
-                   help="frame fields published as PVs (default %(default)s)")
+    p.add_argument("--fields", default=None, metavar="SERVICE.FIELD,...",
+                   help="frame fields published as PVs (default: those of " + ",".join(DEFAULT_FIELDS)
+                        + " that the instrument measures)")
     p.add_argument("--rate", type=float, default=DEFAULT_RATE_HZ,
                    help="update rate of the frame-field PVs in Hz (default %(default)s)")
     view_process_arg(p)

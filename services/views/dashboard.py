@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 from aiohttp import WSMsgType, web
 
-from kibble.services.views.model import BIN_HZ, STALE_AFTER_S, BusView, trace_units
+from kibble.services.views.model import BIN_HZ, STALE_AFTER_S, BusView, trace_units, unmeasured
 
 STATIC = Path(__file__).with_name("static")
 PUSH_S = 0.25
@@ -257,6 +257,7 @@ class Dashboard:
             out["params"] = {s: msgspec.to_builtins(view.param_specs(s)) for s in sorted(view.params)}
             out["commands"] = list(COMMANDS)
             out["units"] = trace_units()
+            out["unmeasured"] = unmeasured(view.instrument)
             out["windows_s"] = list(WINDOWS_S)
         return out
 

@@ -39,7 +39,7 @@ from caproto.asyncio.server import Context
 from kibble.bus_schema.messages import State
 from kibble.bus_schema.units import unit_of
 from kibble.services.views import DEFAULT_FIELDS, DEFAULT_RATE_HZ
-from kibble.services.views.model import BusView
+from kibble.services.views.model import BusView, unmeasured
 
 STATES = get_args(State)
 MODES = ("idle", "force", "velocity", "erase", "gradient", "hold")
@@ -115,7 +115,11 @@ class EpicsMirror:
             raise ValueError(f"--rate {rate_hz} Hz outside 0.1..1000 Hz")
         self.view = view
         self.base = f"{prefix}{view.instrument}:"
-        self.fields = split_fields(",".join(DEFAULT_FIELDS)) if fields is None else fields
+        if fields is None:  # the defaults this instrument measures
+            skip = set(unmeasured(view.instrument))
+            fields = tuple(f for f in split_fields(",".join(DEFAULT_FIELDS))
+                           if not (f[0] == "daq" and f[1] in skip))
+        self.fields = fields
         self.rate_hz = rate_hz
         self.pvdb: dict[str, Any] = {}
         self._params: dict[tuple[str, str], Any] = {}

@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 
 from kibble.bus_schema.codec import DecodeError, decode
+from kibble.bus_schema.instruments import DAQ_FIELDS
 from kibble.bus_schema.messages import Event, ParamList, Status
 from kibble.bus_schema.topics import Topics, message_type_for
 from kibble.bus_schema.units import unit_of
@@ -379,6 +380,19 @@ def finite_only(value: Any) -> Any:
     if isinstance(value, list):
         return [finite_only(v) for v in value]
     return value
+
+
+def unmeasured(instrument: str) -> list[str]:
+    """The trace columns ``instrument`` does not measure (its DAQ frame leaves them at their
+    defaults: :data:`kibble.bus_schema.instruments.DAQ_FIELDS`); [] for an instrument id that
+    is not one of the models (every column shown)."""
+    measured = DAQ_FIELDS.get(instrument)
+    if measured is None:
+        return []
+    out = [c for c in TRACES["daq"] if c not in measured]
+    if BAND_LIMITED[0] in out:
+        out.append(BAND_LIMITED[1])
+    return out
 
 
 def trace_units() -> dict[str, str]:

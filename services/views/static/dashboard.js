@@ -32,13 +32,15 @@ function esc(s) { return String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": 
 function ago(s) { return s === null || s === undefined ? "–" : s < 100 ? `${s.toFixed(1)} s` : `${(s / 60).toFixed(0)} min`; }
 function hhmmss(t) { return new Date(t * 1000).toISOString().substr(11, 8); }
 
-const state = {window_s: 10, units: {}, data: {}, charts: [], params: {}, tab: null, commands: [], statuses: [],
+const state = {window_s: 10, units: {}, unmeasured: [], data: {}, charts: [], params: {}, tab: null, commands: [], statuses: [],
                now: 0, eventsShown: 0};
 
 function buildCharts() {
   const host = document.getElementById("traces");
   host.innerHTML = "";
-  state.charts = CHARTS.map((c, i) => {
+  // a chart of what this instrument does not measure (the EFB's currents, x, y, tilts) is left out
+  const shown = CHARTS.filter(c => c.cols.some(col => !state.unmeasured.includes(col)));
+  state.charts = shown.map((c, i) => {
     const div = document.createElement("div");
     div.className = "chart";
     div.innerHTML = `<h3>${esc(c.title)}<span class="now" id="now-${i}"></span></h3>`;
@@ -228,6 +230,7 @@ function connect() {
     document.getElementById("clock").textContent = hhmmss(msg.now_utc_s) + " UTC";
     if (msg.units) {
       state.units = msg.units; state.commands = msg.commands; windows = msg.windows_s;
+      state.unmeasured = msg.unmeasured;
       if (!state.charts.length) buildCharts();
       drawWindows();
     }

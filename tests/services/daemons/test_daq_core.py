@@ -54,3 +54,23 @@ def test_efb_takes_z_from_its_interferometer_and_passes_the_hv_and_the_bridge_on
     pose, cm_z, dvm, i_main, i_cm, cap = conv.convert(hw, [4e-6], last, 0.25, VALUES)
     assert pose == [1.0, 2.0, 4e-6, 4.0, 5.0, 6.0] and last[2] == 3.0       # the last pose is kept
     assert (cm_z, dvm, i_main, i_cm, cap) == (0.25, 101.5, 0.0, 0.0, 28e-12)  # no PJVS on the EFB
+
+
+@pytest.mark.parametrize("model", ["nist4", "efb"])
+def test_an_instrument_measures_the_daq_fields_it_declares(model):
+    """``bus_schema.instruments.DAQ_FIELDS`` (what the views show of an instrument) against its
+    conversion: from a zero last pose, random readings on every channel reach exactly the
+    declared fields among those the conversion fills."""
+    from kibble.bus_schema.instruments import DAQ_FIELDS
+
+    rng = np.random.default_rng(3)
+    conv = instrument(model).sensor_map(settings(model))
+    hw = HwSensorFrame(frame=1, psd_v=rng.uniform(-1, 1, conv.n_psd).tolist(), dvm_v=[0.5],
+                       current_monitor_v=[1.0, 2.0], capacitance_f=[28e-12])
+    disp = rng.uniform(-1e-6, 1e-6, conv.n_fringe).tolist()
+    pose, cm_z, dvm, i_main, i_cm, cap = conv.convert(hw, disp, [0.0] * 6, 0.0, VALUES)
+    filled = dict(zip(("coil_x_m", "coil_y_m", "coil_z_m", "coil_theta_x_rad", "coil_theta_y_rad",
+                       "coil_theta_z_rad"), pose))
+    filled.update(counter_mass_z_m=cm_z, coil_voltage_v=dvm, main_coil_current_a=i_main,
+                  counter_mass_current_a=i_cm, capacitance_f=cap)
+    assert {name for name, value in filled.items() if value != 0.0} == set(DAQ_FIELDS[model]) & set(filled)

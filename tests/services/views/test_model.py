@@ -7,7 +7,7 @@ import numpy as np
 
 from kibble.bus_schema.codec import encode
 from kibble.bus_schema.messages import DaqFrame, LoopFrame
-from kibble.services.views.model import BAND_HZ, BusView, Trace, _NewestFrames, band_step
+from kibble.services.views.model import BAND_HZ, BusView, Trace, _NewestFrames, band_step, unmeasured
 
 
 def test_band_limited_z_is_two_first_order_low_passes():
@@ -68,3 +68,19 @@ def test_a_view_without_traces_decodes_the_newest_frame_of_each_topic_per_read()
     rx.message(daq, b"\xc1 not a frame")
     rx.batch_end()
     assert view.counters["undecodable"] == 1 and view.frames["daq"].msg.frame == 49
+
+
+def test_what_an_instrument_does_not_measure_is_left_out():
+    """The EFB's DAQ frame leaves the coil's x, y, tilts and the currents at zero: the
+    dashboard's charts of them and the EPICS server's default PVs of them are left out; an
+    instrument id that is not a model shows everything."""
+    from kibble.services.views.epics import EpicsMirror
+
+    efb = set(unmeasured("efb"))
+    assert {"coil_x_m", "coil_theta_x_rad", "main_coil_current_a", "counter_mass_current_a"} <= efb
+    assert not {"coil_z_m", "coil_z_0p1hz_m", "coil_voltage_v", "temperature_k"} & efb
+    assert unmeasured("nist4") == [] and unmeasured("lab2-balance") == []
+    names = set(EpicsMirror(BusView("mqtt://127.0.0.1:1", "efb", traces=False)).pvdb)
+    assert "KB:efb:daq:frame:coil_z_m" in names and "KB:efb:servo:frame:force_n" in names
+    assert "KB:efb:daq:frame:coil_x_m" not in names and "KB:efb:daq:frame:main_coil_current_a" not in names
+    assert "KB:nist4:daq:frame:coil_x_m" in EpicsMirror(BusView("mqtt://127.0.0.1:1", "nist4", traces=False)).pvdb
