@@ -112,20 +112,29 @@ class _NewestTruth:
                 pass
 
 
+async def _cpu_window(seconds: float, groups: dict[str, list[int | None]]) -> tuple[float, float, dict[str, float]]:
+    """Wait ``seconds``: its start and end on ``time.monotonic()``, and the CPU load (cores,
+    from ``/proc/<pid>/stat``) of each named group of processes over it."""
+    def cpu() -> dict[str, float]:
+        return {name: sum(proc_cpu_s(pid) for pid in pids) for name, pids in groups.items()}
+
+    c0, t0 = cpu(), time.monotonic()
+    await asyncio.sleep(seconds)
+    c1, t1 = cpu(), time.monotonic()
+    return t0, t1, {name: (c1[name] - c0[name]) / (t1 - t0) for name in groups}
+
+
 async def _window(truth: _NewestTruth, seconds: float, pids: dict[str, int | None],
                   stack: Stack) -> dict[str, float]:
     """``steps`` per second of the stack over ``seconds``, the CPU load (cores) of each of
     ``pids``, of the ``stack``'s processes and of this one (``observer``: the truth follower,
-    and with the views, their browser and CA client)."""
-    pids = {**pids, "observer": os.getpid()}
-    stack_pids = [child.proc.pid for child in stack.children.values() if child.proc is not None]
-    c0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
-    s0_cpu = sum(proc_cpu_s(pid) for pid in stack_pids)
-    (f0, s0), t0 = truth.stamp(), time.monotonic()
-    await asyncio.sleep(seconds)
-    (f1, s1), wall = truth.stamp(), time.monotonic() - t0
-    out = {name: (proc_cpu_s(pid) - c0[name]) / wall for name, pid in pids.items()}
-    out["stack"] = (sum(proc_cpu_s(pid) for pid in stack_pids) - s0_cpu) / wall
+    and with the views, their browser's websocket)."""
+    groups = {name: [pid] for name, pid in pids.items()}
+    groups["observer"] = [os.getpid()]
+    groups["stack"] = [child.proc.pid for child in stack.children.values() if child.proc is not None]
+    f0, s0 = truth.stamp()
+    _, _, out = await _cpu_window(seconds, groups)
+    f1, s1 = truth.stamp()
     out["steps"] = (f1 - f0) / (s1 - s0)
     return out
 
@@ -297,12 +306,8 @@ async def _realtime(seconds: float, rounds: int, say: Callable[[str], None]) -> 
     windows: list[tuple[bool, float, float, dict[str, float]]] = []
 
     async def window(pids: dict[str, int | None]) -> dict[str, Any]:
-        c0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
-        t0 = time.monotonic()
-        await asyncio.sleep(seconds)
-        t1 = time.monotonic()
-        return {"t0": t0, "t1": t1, **{name: (proc_cpu_s(pid) - c0[name]) / (t1 - t0)
-                                         for name, pid in pids.items()}}
+        t0, t1, loads = await _cpu_window(seconds, {name: [pid] for name, pid in pids.items()})
+        return {"t0": t0, "t1": t1, **loads}
 
     with tempfile.TemporaryDirectory(prefix="kibble-viewsbench-rt-") as tmp:
         async with Broker() as broker, Observer(broker.url, "nist4", spec.devices, Path(tmp) / "obs.pkl") as obs:
